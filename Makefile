@@ -1,0 +1,39 @@
+# `make test` and `make bench` set themselves up on a fresh machine: they create .venv when it
+# is missing and install the project with its test dependencies, then run.
+# `make test PYTHON=python3` runs against an environment that already has torch and triton
+# (GPU machines often have no package registry) and installs nothing.
+VENV ?= .venv
+# The CPU build of torch lies on the development machines' disk; a GPU machine brings its own.
+TORCH_SPEC ?= torch==2.13.0
+TRITON_SPEC ?= triton>=3.6
+PYTEST_ARGS ?=
+BENCH_ARGS ?= --quick
+
+ifeq ($(origin PYTHON), command line)
+PY := $(PYTHON)
+SETUP :=
+else
+PY := $(VENV)/bin/python
+SETUP := $(VENV)/.installed
+endif
+
+.PHONY: test bench kernel-report clean
+
+$(VENV)/.installed: setup.py
+	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip setuptools wheel
+	$(VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" "$(TRITON_SPEC)"
+	$(VENV)/bin/python -m pip install -q -e '.[test]'
+	touch $@
+
+test: $(SETUP)
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+bench: $(SETUP)
+	$(PY) -m benchmarks $(BENCH_ARGS)
+
+kernel-report: $(SETUP)
+	$(PY) -m benchmarks.kernel_report --arch sm_90
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,9 @@
+"""adapterops: fused kernels for parameter-efficient fine-tuning adapters.
+
+Importing it initialises no CUDA, compiles no kernel and imports no Triton: backends load what
+they need on first use.
+"""
+from .ops import lowrank_linear
+
+__version__ = "0.1.0"
+__all__ = ["lowrank_linear", "__version__"]

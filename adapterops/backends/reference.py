@@ -1,0 +1,51 @@
+"""The `torch` backend: plain PyTorch, runs on every device and dtype, and is the test oracle.
+
+Each function is the op's math written as directly as PyTorch allows; kernels are judged by
+their agreement with it (in float64 for tests). Low-rank linear (methods.md §1, §2):
+
+    h1 = x A^T,  h2 = h1 S^T (h2 = h1 without S),  y = x W^T + bias + s h2 B^T
+    g = s dY B,  dB = s dY^T h2,  dS = g^T h1,  dx = dY W + (g S) A,  dA = (g S)^T x
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import Backend
+
+
+def lowrank_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
+                    lora_B: Tensor, lora_S: Optional[Tensor], scaling: float):
+    """Returns (y, h1, h2); h2 is an empty tensor when there is no S (then h2 = h1)."""
+    h1 = F.linear(x, lora_A)
+    h2 = F.linear(h1, lora_S) if lora_S is not None else h1
+    y = torch.addmm(F.linear(x, weight, bias), h2, lora_B.t(), alpha=scaling)
+    return y, h1, (h2 if lora_S is not None else x.new_empty(0))
+
+
+def lowrank_backward(grad_y: Tensor, x: Optional[Tensor], h1: Optional[Tensor],
+                     h2: Optional[Tensor], weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+                     lora_S: Optional[Tensor], scaling: float, need_x: bool, need_A: bool,
+                     need_B: bool, need_S: bool):
+    """Returns (dx, dA, dB, dS), each None when not asked for.
+
+    Needs x for dA, h2 (h1 without S) for dB and h1 for dS; the caller saves only those.
+    """
+    g = torch.mm(grad_y, lora_B).mul_(scaling)
+    dB = torch.mm(grad_y.t(), h2).mul_(scaling) if need_B else None
+    dS = torch.mm(g.t(), h1) if need_S else None
+    gS = torch.mm(g, lora_S) if lora_S is not None else g
+    dx = torch.addmm(torch.mm(grad_y, weight), gS, lora_A) if need_x else None
+    dA = torch.mm(gS.t(), x) if need_A else None
+    return dx, dA, dB, dS
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def lowrank_reasons(self, **inputs) -> list[str]:
+        return []
+
+    lowrank_forward = staticmethod(lowrank_forward)
+    lowrank_backward = staticmethod(lowrank_backward)

@@ -1,0 +1,46 @@
+"""The `triton` backend: CUDA tensors on sm_80 or newer, or CPU tensors under the Triton
+interpreter (`TRITON_INTERPRET=1` set before adapterops first imports its kernels).
+
+Nothing here imports triton until a call needs it, so `import adapterops` stays light.
+"""
+import functools
+from typing import Optional
+
+from ..base import Backend
+
+
+@functools.cache
+def _triton_import_error() -> Optional[str]:
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # any failure to import is a reason, never a crash
+        return f"triton is not importable ({type(exc).__name__}: {exc})"
+    return None
+
+
+class TritonBackend(Backend):
+    name = "triton"
+
+    def unavailable_reason(self) -> Optional[str]:
+        return _triton_import_error()
+
+    def lowrank_reasons(self, **inputs) -> list[str]:
+        from . import lowrank
+        return lowrank.reasons(**inputs)
+
+    def lowrank_forward(self, *args):
+        from . import lowrank
+        return lowrank.forward(*args)
+
+    def lowrank_backward(self, *args):
+        from . import lowrank
+        return lowrank.backward(*args)
+
+
+def kernel_configurations():
+    """Every (kernel, dtype, tile configuration) the dispatcher can launch, for the kernel report.
+
+    Returns a list of `KernelConfig`s; see `adapterops.backends.triton.common`.
+    """
+    from . import lowrank
+    return lowrank.kernel_configurations()

@@ -1,0 +1,109 @@
+"""What the Triton launchers of every op family share: device support, numerics flags,
+autotuning and the description of kernel configurations for the kernel report."""
+import dataclasses
+import os
+from typing import Any, Callable, Optional
+
+import torch
+import triton
+
+MIN_CAPABILITY = (8, 0)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TRITON_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def interpreting(kernel) -> bool:
+    """True when `kernel` was built by the Triton interpreter (TRITON_INTERPRET=1 at import)."""
+    return not isinstance(kernel, triton.runtime.JITFunction)
+
+
+def device_reasons(device: torch.device, kernel) -> list[str]:
+    """Why Triton cannot run `kernel` on `device`; empty when it can."""
+    if device.type == "cuda":
+        if interpreting(kernel):
+            return []
+        capability = torch.cuda.get_device_capability(device)
+        if capability < MIN_CAPABILITY:
+            return [f"the Triton kernels need compute capability >= {MIN_CAPABILITY}, "
+                    f"{device} has {capability}"]
+        return []
+    if device.type == "cpu":
+        if interpreting(kernel):
+            return []
+        return ["CPU tensors run Triton only under TRITON_INTERPRET=1, set before adapterops "
+                "first imports its kernels"]
+    return [f"the Triton kernels do not run on {device.type} tensors"]
+
+
+def dtype_reasons(dtype: torch.dtype) -> list[str]:
+    if dtype not in DTYPES:
+        return [f"the Triton kernels support {', '.join(map(str, DTYPES))}, not {dtype}"]
+    return []
+
+
+def rank_block(rank: int) -> int:
+    """The rank's tile size: a power of two >= 16 (a GPU `tl.dot` needs tiles of at least 16).
+
+    Only this bucket is compile-time; the rank itself is a runtime size, so ranks 1..16 share
+    one compiled kernel, 17..32 the next, and so on.
+    """
+    return max(16, triton.next_power_of_2(rank))
+
+
+def numerics_flags(dtype: torch.dtype, kernel) -> dict:
+    """UPCAST and INPUT_PRECISION for `kernels.common.mma` (see its docstring)."""
+    interp = interpreting(kernel)
+    if dtype == torch.float32 and not interp and torch.get_float32_matmul_precision() != "highest":
+        precision = "tf32"  # the user allowed TF32 for fp32 matmuls; follow torch's setting
+    elif dtype == torch.float32:
+        precision = "ieee"
+    else:
+        precision = "tf32"  # Triton's default; it only affects fp32 tiles
+    return {"UPCAST": interp and dtype == torch.bfloat16, "INPUT_PRECISION": precision}
+
+
+def autotune_enabled() -> bool:
+    return os.environ.get("ADAPTEROPS_AUTOTUNE", "1") != "0"
+
+
+_best_configs: dict[tuple, dict] = {}
+
+
+def pick_config(key: tuple, configs: list[dict], default: dict, launch: Callable[[dict], Any],
+                kernel) -> dict:
+    """The fastest of `configs` for `key`, timed once per key with `launch(config)`.
+
+    Pinned to `default` when ADAPTEROPS_AUTOTUNE=0 or under the interpreter (timing a CPU
+    emulation says nothing about a GPU). A config that does not fit the device (shared memory,
+    registers) is skipped.
+    """
+    if not autotune_enabled() or interpreting(kernel):
+        return default
+    if key not in _best_configs:
+        timings = {}
+        for index, config in enumerate(configs):
+            try:
+                timings[index] = triton.testing.do_bench(lambda: launch(config), warmup=5, rep=20)
+            except triton.runtime.errors.OutOfResources:
+                continue
+        _best_configs[key] = configs[min(timings, key=timings.get)] if timings else default
+    return _best_configs[key]
+
+
+def bucket(n: int) -> int:
+    """Autotuning key for a size that varies call to call (token counts): its power of two."""
+    return triton.next_power_of_2(max(n, 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """One compilable kernel configuration, as the kernel report compiles it."""
+    kernel: str                    # the kernel's name in adapterops.kernels
+    fn: Any                        # the @triton.jit function
+    label: str                     # a short human description (dtype, tiles, flags)
+    signature: dict                # arg name -> Triton type string ("*bf16", "i32", "fp32", "constexpr")
+    constexprs: dict               # constexpr arg name -> value
+    num_warps: int
+    num_stages: int
+    default: bool                  # the configuration used with ADAPTEROPS_AUTOTUNE=0
+    dtype: Optional[torch.dtype] = None

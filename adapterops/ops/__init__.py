@@ -1,0 +1,5 @@
+"""Ops: argument checks, the `torch.library` custom ops (schema, fake, autograd) and the call
+into dispatch. One file per op family."""
+from .lowrank import lowrank_linear
+
+__all__ = ["lowrank_linear"]

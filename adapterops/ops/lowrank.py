@@ -1,0 +1,151 @@
+"""The fused low-rank linear: LoRA, PiSSA (LoRA with an SVD init) and LaMDA.
+
+    h1 = x A^T          (M x r)      A = lora_A (r, in)
+    h2 = h1 S^T         (M x r)      S = lora_S (r, r), optional (h2 = h1 without it)
+    y  = x W^T + bias + s h2 B^T     W = weight (out, in), B = lora_B (out, r), s = scaling
+
+x is (..., in) and is flattened to M = prod(leading dims) tokens; y is (..., out) in x's
+dtype (fp32, fp16 or bf16; every backend accumulates in fp32). Gradients (methods.md §2):
+
+    g = s dY B,  dB = s dY^T h2,  dS = g^T h1,  dx = dY W + (g S) A,  dA = (g S)^T x,
+    dW = dY^T x,  dbias = sum over tokens of dY
+
+Memory contract (decided here, computed by whichever backend runs): backward saves x only
+when lora_A or weight needs a gradient (LoRA mode); otherwise (LaMDA: W and A frozen) it saves
+only the M x r activations h1 (for dS) and h2 (for dB), each only when that gradient is
+needed. With lora_B frozen, backward does not compute dB at all.
+
+Both halves are `torch.library` custom ops (`adapterops::lowrank_linear_fwd` and
+`adapterops::lowrank_linear_bwd`), so `torch.compile(fullgraph=True)` traces through them.
+Double backward is not supported.
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import dispatch
+from .checks import (check_dim, check_same_dtype_and_device, check_scaling, check_tensor)
+
+
+def _serving_backend(backend, x, weight, lora_A):
+    return dispatch.select("lowrank", backend, x=x, weight=weight, lora_A=lora_A)
+
+
+@torch.library.custom_op("adapterops::lowrank_linear_fwd", mutates_args=())
+def lowrank_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
+                       lora_B: Tensor, lora_S: Optional[Tensor], scaling: float,
+                       backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, h1, h2) for 2-D x; h2 is empty when there is no S."""
+    chosen = _serving_backend(backend, x, weight, lora_A)
+    return chosen.lowrank_forward(x, weight, bias, lora_A, lora_B, lora_S, scaling)
+
+
+@lowrank_linear_fwd.register_fake
+def _(x, weight, bias, lora_A, lora_B, lora_S, scaling, backend):
+    M, r = x.shape[0], lora_A.shape[0]
+    return (x.new_empty((M, weight.shape[0])), x.new_empty((M, r)),
+            x.new_empty((M, r)) if lora_S is not None else x.new_empty(0))
+
+
+@torch.library.custom_op("adapterops::lowrank_linear_bwd", mutates_args=())
+def lowrank_linear_bwd(grad_y: Tensor, x: Optional[Tensor], h1: Optional[Tensor],
+                       h2: Optional[Tensor], weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+                       lora_S: Optional[Tensor], scaling: float, need_x: bool, need_A: bool,
+                       need_B: bool, need_S: bool, backend: Optional[str]
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dA, dB, dS); a gradient that was not asked for comes back as an empty tensor."""
+    chosen = _serving_backend(backend, grad_y, weight, lora_A)
+    grads = chosen.lowrank_backward(grad_y, x, h1, h2, weight, lora_A, lora_B, lora_S, scaling,
+                                    need_x, need_A, need_B, need_S)
+    return tuple(g if g is not None else grad_y.new_empty(0) for g in grads)
+
+
+@lowrank_linear_bwd.register_fake
+def _(grad_y, x, h1, h2, weight, lora_A, lora_B, lora_S, scaling, need_x, need_A, need_B,
+      need_S, backend):
+    M, K, r = grad_y.shape[0], weight.shape[1], lora_A.shape[0]
+    shapes = ((M, K), (r, K), tuple(lora_B.shape), (r, r))
+    return tuple(grad_y.new_empty(shape if need else 0)
+                 for shape, need in zip(shapes, (need_x, need_A, need_B, need_S)))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, lora_S, scaling, backend = inputs
+    _, h1, h2 = output
+    need_x, need_W, need_bias, need_A, need_B, need_S = (ctx.needs_input_grad[i] for i in range(6))
+    if lora_S is None:
+        h2 = h1
+    ctx.flags = (need_x, need_W, need_bias, need_A, need_B, need_S)
+    ctx.has_bias = bias is not None
+    ctx.scaling, ctx.backend = scaling, backend
+    # The memory contract: x only for dA or dW; h1 only for dS; h2 only for dB.
+    ctx.save_for_backward(x if (need_A or need_W) else None,
+                          h1 if need_S else None,
+                          h2 if need_B else None,
+                          weight, lora_A, lora_B, lora_S)
+
+
+def _backward(ctx, grad_y, _grad_h1, _grad_h2):
+    need_x, need_W, need_bias, need_A, need_B, need_S = ctx.flags
+    x, h1, h2, weight, lora_A, lora_B, lora_S = ctx.saved_tensors
+    dx = dA = dB = dS = dW = dbias = None
+    if need_x or need_A or need_B or need_S:
+        dx, dA, dB, dS = lowrank_linear_bwd(grad_y, x, h1, h2, weight, lora_A, lora_B, lora_S,
+                                            ctx.scaling, need_x, need_A, need_B, need_S,
+                                            ctx.backend)
+        dx, dA, dB, dS = (g if need else None
+                          for g, need in zip((dx, dA, dB, dS), (need_x, need_A, need_B, need_S)))
+    # The frozen base layer's own gradients, when a user trains it too: plain GEMMs.
+    if need_W:
+        dW = grad_y.t().mm(x)
+    if need_bias:
+        dbias = grad_y.sum(0)
+    return dx, dW, dbias, dA, dB, dS, None, None
+
+
+lowrank_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def check_lowrank_args(x, weight, bias, lora_A, lora_B, scaling, lora_S) -> float:
+    """Validates every argument of `lowrank_linear`; returns scaling as a float."""
+    check_tensor("x", x)
+    if x.dim() < 1:
+        raise ValueError(f"x must have at least 1 dimension (..., in_features), got shape {tuple(x.shape)}")
+    check_tensor("weight", weight, ndim=2)
+    check_tensor("bias", bias, ndim=1, optional=True)
+    check_tensor("lora_A", lora_A, ndim=2)
+    check_tensor("lora_B", lora_B, ndim=2)
+    check_tensor("lora_S", lora_S, ndim=2, optional=True)
+    check_same_dtype_and_device("x", x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B,
+                                lora_S=lora_S)
+    out_features, in_features = weight.shape
+    check_dim("x", x, -1, in_features, "weight's in_features (weight.shape[1])")
+    rank = lora_A.shape[0]
+    if rank == 0:
+        raise ValueError(f"lora_A has shape {tuple(lora_A.shape)}: the rank (lora_A.shape[0]) must be >= 1")
+    check_dim("lora_A", lora_A, 1, in_features, "in_features (weight.shape[1])")
+    check_dim("lora_B", lora_B, 0, out_features, "out_features (weight.shape[0])")
+    check_dim("lora_B", lora_B, 1, rank, "the rank (lora_A.shape[0])")
+    if bias is not None:
+        check_dim("bias", bias, 0, out_features, "out_features (weight.shape[0])")
+    if lora_S is not None:
+        check_dim("lora_S", lora_S, 0, rank, "the rank (lora_A.shape[0])")
+        check_dim("lora_S", lora_S, 1, rank, "the rank (lora_A.shape[0])")
+    return check_scaling(scaling)
+
+
+def lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
+                   lora_B: Tensor, scaling: float, lora_S: Optional[Tensor] = None, *,
+                   backend: Optional[str] = None) -> Tensor:
+    """y = x W^T + bias + scaling * ((x A^T) S^T) B^T; see this module's docstring.
+
+    backend: None picks the first backend that supports the input (`ADAPTEROPS_BACKEND`
+    overrides); "triton" or "torch" forces one, and raises ValueError if it cannot serve.
+    """
+    scaling = check_lowrank_args(x, weight, bias, lora_A, lora_B, scaling, lora_S)
+    dispatch.check_backend_name(backend)
+    leading = x.shape[:-1]
+    y, _, _ = lowrank_linear_fwd(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B,
+                                 lora_S, scaling, backend)
+    return y.reshape(*leading, weight.shape[0])

@@ -1,0 +1,198 @@
+"""Kernels of the fused low-rank linear (LoRA, PiSSA, LaMDA).
+
+    h1 = x A^T                    (M x r)
+    h2 = h1 S^T                   (M x r; h2 = h1 without S)
+    y  = x W^T + bias + s h2 B^T
+
+Forward = `lowrank_shrink_kernel` (h1, h2) then `gemm_lowrank_kernel` (the base GEMM whose
+accumulator is seeded with s h2 B^T). Backward = `lowrank_grad_pass_kernel` (one pass over dY:
+g = s dY B, dB = s dY^T h2, dS = g^T h1, gS = g S) then the same `gemm_lowrank_kernel` for
+dx = dY W + (g S) A.
+
+Why a shrink pass and a seeded accumulator, not x A^T fused into the base GEMM's K-loop
+(analysis for an H100, bf16, M = 8192, K = N = 4096, r = 16; not yet measured on a GPU):
+- The base GEMM is 2 M K N = 275 GFLOP, about 390 us at ~700 TFLOP/s.
+- K-loop fusion repeats x A^T in every N-tile: the extra tensor-core work is r_pad / BLOCK_N
+  (6.3% at BLOCK_N = 256, 12.5% at 128). It also adds a second accumulator and a second
+  B-operand stream to the hot loop, which costs registers and pipeline stages, and only one
+  N-tile could store the M x r activations that backward needs.
+- The shrink pass reads x once more: 2 M K bytes = 64 MiB, about 22 us at 3 TB/s, i.e.
+  F / (BW * N) ~ 5.6% of the GEMM, shrinking as N grows (2.1% at N = 11008); it also produces
+  h1 and h2, which LaMDA saves for backward anyway. The main loop stays a plain GEMM, so it
+  runs at the floor's speed, and the seeded low-rank term costs one [BLOCK_M, r] x [r, BLOCK_N]
+  MMA per output tile (r / K = 0.4% of the tile's work).
+So the shrink design is the one whose overhead is bounded by a memory pass that can only get
+cheaper relative to the GEMM, and it is the simpler kernel. The benchmark suite measures both
+costs against the floor on a GPU; revisit this if the measured shrink overhead exceeds 5%.
+
+Conventions: every tensor is addressed through (row, column) strides, so transposed views
+(W^T, B^T, A^T) need no copies; offsets are 64-bit; every load and store is masked. The rank
+is a runtime size R; BLOCK_R (a power of two >= 16, since `tl.dot` needs tiles of at least 16
+on a GPU) is the only rank-dependent compile-time value.
+"""
+import triton
+import triton.language as tl
+
+from .common import mma
+
+
+@triton.jit
+def lowrank_shrink_kernel(
+    x_ptr, a_ptr, s_ptr, h1_ptr, h2_ptr,
+    M, K, R,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_si, stride_sj, stride_h1m, stride_h2m,
+    HAS_S: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """h1 = x A^T and (with S) h2 = h1 S^T for one block of BLOCK_M rows; one read of x."""
+    pid = tl.program_id(0)
+    offs_m = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_m = offs_m < M
+    mask_r = offs_r < R
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    # A^T tile: element (k, r) = A[r, k].
+    at_ptrs = a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = offs_k < K - k0
+        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        at = tl.load(at_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+        acc = mma(x, at, acc, UPCAST, INPUT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        at_ptrs += BLOCK_K * stride_ak
+    h1 = acc.to(h1_ptr.dtype.element_ty)
+    mask_h = mask_m[:, None] & mask_r[None, :]
+    tl.store(h1_ptr + offs_m[:, None] * stride_h1m + offs_r[None, :], h1, mask=mask_h)
+    if HAS_S:
+        # h2 from the rounded h1, as the unfused composition and the saved h1 (used by dS) see it.
+        # S^T tile: element (i, j) = S[j, i].
+        st = tl.load(s_ptr + offs_r[:, None] * stride_sj + offs_r[None, :] * stride_si,
+                     mask=mask_r[:, None] & mask_r[None, :], other=0.0)
+        h2 = mma(h1, st, tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), UPCAST, INPUT_PRECISION)
+        tl.store(h2_ptr + offs_m[:, None] * stride_h2m + offs_r[None, :],
+                 h2.to(h2_ptr.dtype.element_ty), mask=mask_h)
+
+
+@triton.jit
+def gemm_lowrank_kernel(
+    a_ptr, b_ptr, h_ptr, c_ptr, bias_ptr, out_ptr,
+    M, N, K, R, scale,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_hm, stride_hr, stride_cr, stride_cn,
+    stride_om, stride_on,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """out = a @ b + bias + scale * h @ c   with a (M, K), b (K, N), h (M, R), c (R, N).
+
+    Forward: a = x, b = W^T, h = h2, c = B^T. Backward: a = dY, b = W, h = g S, c = A.
+    The accumulator is seeded with scale * h @ c, so the low-rank term costs no extra pass
+    over the output and the K-loop is a plain GEMM.
+    """
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    # Grouped ordering: GROUP_M row blocks walk the N tiles together so b stays in L2.
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    mask_r = offs_r < R
+
+    h = tl.load(h_ptr + offs_m[:, None] * stride_hm + offs_r[None, :] * stride_hr,
+                mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+    c = tl.load(c_ptr + offs_r[:, None] * stride_cr + offs_n[None, :] * stride_cn,
+                mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+    # Scale h, not the product: one [BLOCK_M, BLOCK_R] multiply, and the MMA accumulates
+    # straight into the GEMM's accumulator (no second BLOCK_M x BLOCK_N fp32 tile in registers).
+    h = (h.to(tl.float32) * scale).to(h_ptr.dtype.element_ty)
+    acc = mma(h, c, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, INPUT_PRECISION)
+
+    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = mma(a, b, acc, UPCAST, INPUT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+             acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def lowrank_grad_pass_kernel(
+    dy_ptr, b_ptr, h1_ptr, h2_ptr, s_ptr, gs_ptr, db_ptr, ds_ptr,
+    M, N, R, scale,
+    stride_dym, stride_dyn, stride_bn, stride_br, stride_h1m, stride_h2m, stride_si, stride_sj,
+    stride_gsm,
+    HAS_S: tl.constexpr, COMPUTE_DB: tl.constexpr, COMPUTE_DS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """One pass over a BLOCK_M-row block of dY:
+
+        g  = s dY B            (kept for this block only)
+        dB += s dY_blk^T h2_blk   (fp32 atomics into db, N x R)     if COMPUTE_DB
+        dS += g^T h1_blk          (fp32 atomics into ds, R x R)     if COMPUTE_DS
+        gS = g S   (or g without S), stored for the dx GEMM
+
+    dB and dS are sums over row blocks, hence the atomics: their fp32 summation order varies
+    from run to run (differences at the fp32 rounding level, far below the output dtype's).
+    """
+    pid = tl.program_id(0)
+    offs_m = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_m = offs_m < M
+    mask_r = offs_r < R
+    mask_mr = mask_m[:, None] & mask_r[None, :]
+    if COMPUTE_DB:
+        h2 = tl.load(h2_ptr + offs_m[:, None] * stride_h2m + offs_r[None, :], mask=mask_mr, other=0.0)
+        # Fold s into h2 once instead of into every dB tile.
+        h2 = (h2.to(tl.float32) * scale).to(h2_ptr.dtype.element_ty)
+
+    dy_ptrs = dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn
+    b_ptrs = b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br
+    g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        mask_n = offs_n < N - n0
+        dy = tl.load(dy_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=mask_n[:, None] & mask_r[None, :], other=0.0)
+        g = mma(dy, b, g, UPCAST, INPUT_PRECISION)
+        if COMPUTE_DB:
+            db = mma(tl.trans(dy), h2, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32),
+                     UPCAST, INPUT_PRECISION)
+            tl.atomic_add(db_ptr + (n0 + offs_n)[:, None] * R + offs_r[None, :], db,
+                          mask=mask_n[:, None] & mask_r[None, :])
+        dy_ptrs += BLOCK_N * stride_dyn
+        b_ptrs += BLOCK_N * stride_bn
+
+    g = (g * scale).to(gs_ptr.dtype.element_ty)
+    if HAS_S:
+        mask_rr = mask_r[:, None] & mask_r[None, :]
+        if COMPUTE_DS:
+            h1 = tl.load(h1_ptr + offs_m[:, None] * stride_h1m + offs_r[None, :], mask=mask_mr, other=0.0)
+            ds = mma(tl.trans(g), h1, tl.zeros((BLOCK_R, BLOCK_R), dtype=tl.float32),
+                     UPCAST, INPUT_PRECISION)
+            tl.atomic_add(ds_ptr + offs_r[:, None] * R + offs_r[None, :], ds, mask=mask_rr)
+        s = tl.load(s_ptr + offs_r[:, None] * stride_si + offs_r[None, :] * stride_sj,
+                    mask=mask_rr, other=0.0)
+        g = mma(g, s, tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32),
+                UPCAST, INPUT_PRECISION).to(gs_ptr.dtype.element_ty)
+    tl.store(gs_ptr + offs_m[:, None] * stride_gsm + offs_r[None, :], g, mask=mask_mr)
