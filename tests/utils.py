@@ -1,0 +1,27 @@
+"""Comparison helpers for kernel tests.
+
+The rule (after flash-attention's tests): a kernel's error against the float64 reference may be
+at most twice plain PyTorch's error in the same dtype, plus one unit of the dtype's rounding
+at the reference's scale (so an exact baseline does not demand an exact kernel).
+"""
+import torch
+
+
+def max_abs_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_close_to_reference(name: str, actual: torch.Tensor, reference64: torch.Tensor,
+                              baseline: torch.Tensor) -> None:
+    """actual: the result under test; reference64: float64 reference; baseline: plain PyTorch
+    (the torch backend) in actual's dtype, on the same inputs."""
+    assert actual.shape == reference64.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(reference64.shape)}"
+    assert actual.dtype == baseline.dtype, f"{name}: dtype {actual.dtype} != baseline's {baseline.dtype}"
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
+    scale = reference64.abs().max().item() if reference64.numel() else 0.0
+    ulp = torch.finfo(actual.dtype).eps * scale
+    err = max_abs_err(actual, reference64)
+    base_err = max_abs_err(baseline, reference64)
+    bound = 2 * base_err + ulp
+    assert err <= bound, (f"{name}: max abs error {err:.3e} vs float64 exceeds 2 x torch's "
+                          f"{base_err:.3e} + 1 ulp {ulp:.3e} (reference scale {scale:.3e}, dtype {actual.dtype})")
