@@ -1,0 +1,149 @@
+"""LaMDA utilities (methods.md §2): the spectral init, gradual freezing of B, and LaMDA++ rank
+allocation.
+
+LaMDA layers are recognised by duck typing (a module with `lora_A`, `lora_S` and `lora_B`), so
+this module does not import the module classes (imports point down).
+"""
+import math
+from typing import Iterable, Mapping, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from .pissa import top_singular_triplets
+
+
+def svd_factors(weight: Tensor, rank: int, scaling: float):
+    """The "svd" init **[ours: the paper says the projections come from W's spectral
+    decomposition; the released code does not do it]**:
+
+        A = Vh_r (orthonormal rows),  S = diag(Σ_r) / s,  B = U_r,  W_res = W - U_r diag(Σ_r) Vh_r
+
+    Returns (A, S, B, W_res) in weight's dtype; s B S A + W_res = W up to rounding.
+    """
+    U, sigma, Vh = top_singular_triplets(weight, rank)
+    w_res = weight.detach().to(U.dtype) - (U * sigma[None, :]) @ Vh
+    S = torch.diag(sigma / scaling)
+    return tuple(t.to(weight.dtype) for t in (Vh, S, U, w_res))
+
+
+def lamda_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules()
+            if all(isinstance(getattr(m, n, None), nn.Parameter) for n in ("lora_A", "lora_S", "lora_B"))]
+
+
+class BFreezeSchedule:
+    """Gradually freezes every LaMDA layer's B (lora_B) over the first eta * T optimizer steps.
+
+    **[ours: the released schedule only ever zeroes 3 of 64 columns, which reads as a bug; the
+    paper says B is fully frozen early]** After step t, the first
+    `min(r, floor(r * t / (eta * T)))` columns of B (the largest singular directions under the
+    "svd" init) get zero gradient; at `t >= eta * T` B is frozen (`requires_grad = False`,
+    its gradient dropped), so the fused backward stops computing dB altogether.
+
+    Call `step()` once per optimizer step, after `loss.backward()` and before
+    `optimizer.step()`, so the columns are zeroed in the gradient that step applies:
+
+        loss.backward(); schedule.step(); optimizer.step(); optimizer.zero_grad()
+
+    A zero gradient alone does not stop a momentum optimizer (Adam keeps moving an entry on its
+    first moment). Pass `optimizer` and the schedule also zeroes the frozen columns of its
+    `exp_avg` / `momentum_buffer` state, which makes Adam's and SGD-momentum's step on them
+    exactly zero.
+    """
+
+    def __init__(self, model: nn.Module, total_steps: int, eta: float = 0.3,
+                 optimizer: Optional[torch.optim.Optimizer] = None):
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+            raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
+        if not 0.0 < eta <= 1.0:
+            raise ValueError(f"eta must be in (0, 1], got {eta!r}")
+        self.layers = lamda_layers(model)
+        if not self.layers:
+            raise ValueError("the model has no LaMDA layers (modules with lora_A, lora_S and lora_B "
+                             "parameters, such as adapterops.FusedLaMDALinear)")
+        self.total_steps, self.eta, self.optimizer = total_steps, eta, optimizer
+        self.step_count = 0
+
+    def frozen_columns(self, rank: int, step: Optional[int] = None) -> int:
+        """How many leading columns of a rank-`rank` B are frozen after `step` (default: now)."""
+        t = self.step_count if step is None else step
+        return min(rank, math.floor(rank * t / (self.eta * self.total_steps)))
+
+    def step(self) -> None:
+        self.step_count += 1
+        for layer in self.layers:
+            B = layer.lora_B
+            if not B.requires_grad:
+                continue
+            frozen = self.frozen_columns(B.shape[1])
+            if frozen >= B.shape[1]:
+                B.requires_grad_(False)
+                B.grad = None
+                continue
+            if frozen and B.grad is not None:
+                B.grad[:, :frozen] = 0
+            if frozen and self.optimizer is not None:
+                state = self.optimizer.state.get(B, {})
+                for key in ("exp_avg", "momentum_buffer"):
+                    if isinstance(state.get(key), Tensor):
+                        state[key][:, :frozen] = 0
+
+    def state_dict(self) -> dict:
+        return {"step_count": self.step_count, "total_steps": self.total_steps, "eta": self.eta}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_count, self.total_steps, self.eta = state["step_count"], state["total_steps"], state["eta"]
+        for layer in self.layers:
+            if self.frozen_columns(layer.lora_B.shape[1]) >= layer.lora_B.shape[1]:
+                layer.lora_B.requires_grad_(False)
+
+
+def effective_rank(weight: Tensor) -> float:
+    """exp(entropy) of the normalised singular values p_i = σ_i / Σσ (1 for a rank-1 matrix,
+    min(shape) for a matrix with a flat spectrum)."""
+    sigma = torch.linalg.svdvals(weight.detach().to(torch.float64 if weight.dtype == torch.float64
+                                                    else torch.float32))
+    total = sigma.sum()
+    if total <= 0:
+        return 1.0
+    p = sigma / total
+    p = p[p > 0]
+    return math.exp(-(p * p.log()).sum().item())
+
+
+def allocate_ranks(named_weights: Union[Mapping[str, Tensor], Iterable[tuple[str, Tensor]]],
+                   mean_rank: int, min_rank: int, max_rank: int, multiple_of: int = 8) -> dict[str, int]:
+    """LaMDA++ rank allocation **[ours: the formula is not published]**.
+
+    Each layer's score is the effective rank of its weight (`effective_rank`). Ranks are
+    proportional to the scores, scaled to the budget `mean_rank * n_layers`, rounded to a
+    multiple of `multiple_of` (kernel friendly), clipped to [min_rank, max_rank] rounded inward
+    to multiples, and never above the weight's min(shape).
+    """
+    items = list(named_weights.items() if isinstance(named_weights, Mapping) else named_weights)
+    if not items:
+        raise ValueError("named_weights is empty")
+    for name, value in (("mean_rank", mean_rank), ("min_rank", min_rank), ("max_rank", max_rank),
+                        ("multiple_of", multiple_of)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if not min_rank <= mean_rank <= max_rank:
+        raise ValueError(f"need min_rank <= mean_rank <= max_rank, got {min_rank}, {mean_rank}, {max_rank}")
+    low = math.ceil(min_rank / multiple_of) * multiple_of
+    high = (max_rank // multiple_of) * multiple_of
+    if low > high:
+        raise ValueError(f"no multiple of {multiple_of} lies in [min_rank, max_rank] = [{min_rank}, {max_rank}]")
+    for name, weight in items:
+        if not isinstance(weight, Tensor) or weight.dim() != 2:
+            raise ValueError(f"weight {name!r} must be a 2-D tensor, got "
+                             f"{tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__}")
+    scores = {name: effective_rank(weight) for name, weight in items}
+    budget = mean_rank * len(items)
+    total = sum(scores.values())
+    ranks = {}
+    for name, weight in items:
+        raw = budget * scores[name] / total
+        rank = min(max(round(raw / multiple_of) * multiple_of, low), high)
+        ranks[name] = min(rank, min(weight.shape))
+    return ranks

@@ -1,0 +1,4 @@
+"""nn.Modules built on the ops."""
+from .lowrank import FusedLaMDALinear, FusedLoRALinear
+
+__all__ = ["FusedLoRALinear", "FusedLaMDALinear"]

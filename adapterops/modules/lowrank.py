@@ -1,0 +1,187 @@
+"""Drop-in `nn.Linear` replacements with a fused low-rank adapter: LoRA/PiSSA and LaMDA.
+
+    FusedLoRALinear:   y = x W^T + bias + s (x A^T) B^T            A, B trainable
+    FusedLaMDALinear:  y = x W^T + bias + s ((x A^T) S^T) B^T      S, B trainable, A frozen
+
+W (`weight`) and `bias` are frozen; s = `scaling` = alpha / rank. Both run
+`adapterops.lowrank_linear`, so LaMDA keeps only M x r activations for backward.
+
+Dropout (`dropout > 0`, training mode only) applies to the adapter's input, as in PEFT. That
+path is NOT fused: it runs the plain PyTorch composition, which saves the dropped x for
+backward, so LaMDA's memory saving does not hold with dropout on.
+"""
+import math
+import re
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import dispatch
+from ..lamda import svd_factors
+from ..ops import lowrank_linear
+from ..pissa import pissa_factors
+
+
+class _FusedLowRankLinear(nn.Module):
+    """Shared parameters, validation, dropout and merge of the two adapter modules."""
+
+    INITS: tuple[str, ...] = ()
+    has_S = False
+
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float,
+                 bias: bool = True, init: str = "lora", dropout: float = 0.0,
+                 device=None, dtype=None, backend: Optional[str] = None):
+        super().__init__()
+        for name, value in (("in_features", in_features), ("out_features", out_features), ("rank", rank)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha == 0:
+            raise ValueError(f"alpha must be a finite non-zero number, got {alpha!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        self._parse_init(init, rank, in_features, out_features)
+        dispatch.check_backend_name(backend)
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.alpha, self.init, self.backend = alpha, init, backend
+        self.scaling = alpha / rank
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
+        self.bias = (nn.Parameter(torch.empty(out_features, **factory), requires_grad=False)
+                     if bias else None)
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, **factory))
+        self.lora_S = nn.Parameter(torch.empty(rank, rank, **factory)) if self.has_S else None
+        self.lora_B = nn.Parameter(torch.empty(out_features, rank, **factory))
+        with torch.no_grad():
+            # The base layer starts as nn.Linear would; from_linear overwrites it.
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+            if self.bias is not None:
+                bound = 1 / math.sqrt(in_features)
+                nn.init.uniform_(self.bias, -bound, bound)
+        self.reset_adapter()
+
+    def _parse_init(self, init, rank, in_features, out_features) -> None:
+        if not isinstance(init, str) or not any(re.fullmatch(p, init) for p in self.INITS):
+            raise ValueError(f"init must be one of {', '.join(self.INITS)}, got {init!r}")
+        if init != "lora" and rank > min(in_features, out_features):
+            raise ValueError(f"init {init!r} takes the top-{rank} singular directions of a "
+                             f"{out_features} x {in_features} weight: rank must be <= {min(in_features, out_features)}")
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, rank: int, alpha: float, init: str = "lora",
+                    dropout: float = 0.0, backend: Optional[str] = None):
+        """A layer computing `linear` plus an adapter initialised with `init`; `linear` itself
+        is left untouched (its weight is copied)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        layer = cls(linear.in_features, linear.out_features, rank, alpha, bias=linear.bias is not None,
+                    init="lora", dropout=dropout, device=linear.weight.device,
+                    dtype=linear.weight.dtype, backend=backend)
+        layer._parse_init(init, rank, linear.in_features, linear.out_features)
+        layer.init = init
+        with torch.no_grad():
+            layer.weight.copy_(linear.weight)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        layer.reset_adapter()
+        return layer
+
+    def reset_adapter(self) -> None:
+        """Initialises the adapter per `self.init`; inits that rewrite the frozen weight keep
+        the layer's output unchanged."""
+        raise NotImplementedError
+
+    def _adapter_input(self, x: Tensor) -> Optional[Tensor]:
+        """The dropped-out adapter input in training with dropout, else None (fused path)."""
+        if self.dropout is not None and self.training:
+            return self.dropout(x)
+        return None
+
+    def forward(self, x: Tensor) -> Tensor:
+        dropped = self._adapter_input(x)
+        if dropped is None:
+            return lowrank_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
+                                  self.lora_S, backend=self.backend)
+        h = F.linear(dropped, self.lora_A)
+        if self.lora_S is not None:
+            h = F.linear(h, self.lora_S)
+        return F.linear(x, self.weight, self.bias) + self.scaling * F.linear(h, self.lora_B)
+
+    def delta_weight(self) -> Tensor:
+        """s B S A (s B A for LoRA) in fp32 or better: the adapter as an out x in matrix."""
+        dtype = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        B = self.lora_B.detach().to(dtype)
+        if self.lora_S is not None:
+            B = B @ self.lora_S.detach().to(dtype)
+        return self.scaling * (B @ self.lora_A.detach().to(dtype))
+
+    @torch.no_grad()
+    def merge(self) -> nn.Linear:
+        """A plain `nn.Linear` computing the same function: W' = W + s B S A (computed in fp32
+        or better, then rounded once to the weight's dtype)."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=self.weight.device, dtype=self.weight.dtype)
+        delta = self.delta_weight()
+        linear.weight.copy_(self.weight.to(delta.dtype) + delta)
+        if self.bias is not None:
+            linear.bias.copy_(self.bias)
+        return linear
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"alpha={self.alpha}, init={self.init!r}, dropout={self.dropout.p if self.dropout else 0.0}, "
+                f"bias={self.bias is not None}, backend={self.backend or 'auto'}")
+
+
+class FusedLoRALinear(_FusedLowRankLinear):
+    """LoRA / PiSSA linear. Inits (methods.md §1):
+
+    - "lora": A kaiming-uniform (a = sqrt(5)), B = 0.
+    - "pissa": exact SVD of W in fp32; A = sqrt(Σ_r/s) Vh_r, B = U_r sqrt(Σ_r/s), W <- W - s B A.
+    - "pissa_niter_K": the same from `torch.svd_lowrank(W, q=r, niter=K)` (fast, randomised).
+    """
+
+    INITS = ("lora", "pissa", r"pissa_niter_\d+")
+
+    @torch.no_grad()
+    def reset_adapter(self) -> None:
+        if self.init == "lora":
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
+            return
+        niter = int(self.init.rsplit("_", 1)[1]) if self.init.startswith("pissa_niter_") else None
+        A, B, w_res = pissa_factors(self.weight, self.rank, self.scaling, niter)
+        self.lora_A.copy_(A)
+        self.lora_B.copy_(B)
+        self.weight.copy_(w_res)
+
+
+class FusedLaMDALinear(_FusedLowRankLinear):
+    """LaMDA linear: A (`lora_A`) frozen, S (`lora_S`, r x r) and B (`lora_B`) trainable; B is
+    frozen gradually by `adapterops.lamda.BFreezeSchedule`. Inits (methods.md §2):
+
+    - "lora" (the released code): A kaiming-uniform, S as `nn.Linear(r, r)`'s weight, B = 0.
+    - "svd" **[ours]**: A = Vh_r, S = diag(Σ_r) / s, B = U_r, W <- W - U_r diag(Σ_r) Vh_r.
+    """
+
+    INITS = ("lora", "svd")
+    has_S = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lora_A.requires_grad_(False)
+
+    @torch.no_grad()
+    def reset_adapter(self) -> None:
+        if self.init == "lora":
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(self.lora_S, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
+            return
+        A, S, B, w_res = svd_factors(self.weight, self.rank, self.scaling)
+        self.lora_A.copy_(A)
+        self.lora_S.copy_(S)
+        self.lora_B.copy_(B)
+        self.weight.copy_(w_res)
