@@ -1,0 +1,185 @@
+"""FusedLoRALinear and FusedLaMDALinear: inits, merge, dropout, training, compile, bad input.
+
+The modules run the default dispatch (Triton under the interpreter on CPU, compiled Triton on
+a GPU); op-level numerics are tested in test_lowrank.py.
+"""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import adapterops
+from adapterops import FusedLaMDALinear, FusedLoRALinear
+
+ALL_INITS = [(FusedLoRALinear, "lora"), (FusedLoRALinear, "pissa"), (FusedLoRALinear, "pissa_niter_4"),
+             (FusedLaMDALinear, "lora"), (FusedLaMDALinear, "svd")]
+
+
+def _rel_err(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+@pytest.mark.parametrize("cls,init", ALL_INITS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_output_unchanged_at_init(cls, init, dtype, device):
+    linear = nn.Linear(40, 24, device=device, dtype=dtype)
+    original = linear.weight.detach().clone()
+    layer = cls.from_linear(linear, rank=6, alpha=12.0, init=init)
+    x = torch.randn(2, 5, 40, device=device, dtype=dtype)
+    # Only rounding separates W_res + s B S A from W: a few ulps of the dtype.
+    bound = 64 * torch.finfo(dtype).eps
+    assert _rel_err(layer(x), linear(x)) <= bound, (cls.__name__, init)
+    assert torch.equal(linear.weight, original), "from_linear must not modify the source layer"
+    if init in ("lora",):
+        assert torch.count_nonzero(layer.lora_B) == 0
+
+
+@pytest.mark.parametrize("cls", [FusedLoRALinear, FusedLaMDALinear])
+def test_parameters_and_trainability(cls, device):
+    layer = cls(30, 20, rank=4, alpha=8, device=device)
+    assert layer.scaling == 2.0
+    assert layer.weight.shape == (20, 30) and layer.bias.shape == (20,)
+    assert layer.lora_A.shape == (4, 30) and layer.lora_B.shape == (20, 4)
+    trainable = {n for n, p in layer.named_parameters() if p.requires_grad}
+    if cls is FusedLaMDALinear:
+        assert layer.lora_S.shape == (4, 4)
+        assert trainable == {"lora_S", "lora_B"}
+    else:
+        assert layer.lora_S is None
+        assert trainable == {"lora_A", "lora_B"}
+    text = repr(layer)
+    for piece in ("rank=4", "alpha=8", "init='lora'", "backend=auto"):
+        assert piece in text, (piece, text)
+
+
+def test_pissa_factors_are_the_principal_directions():
+    w = torch.randn(24, 40, dtype=torch.float64)
+    layer = FusedLoRALinear.from_linear(nn.Linear(40, 24, dtype=torch.float64).requires_grad_(False)
+                                        .to(torch.float64), 5, 10.0, init="pissa")
+    # rebuild from a known weight
+    linear = nn.Linear(40, 24, dtype=torch.float64)
+    with torch.no_grad():
+        linear.weight.copy_(w)
+    layer = FusedLoRALinear.from_linear(linear, 5, 10.0, init="pissa")
+    U, sigma, Vh = torch.linalg.svd(w, full_matrices=False)
+    top = (U[:, :5] * sigma[:5]) @ Vh[:5]
+    torch.testing.assert_close(layer.scaling * layer.lora_B @ layer.lora_A, top, rtol=0, atol=1e-12)
+    torch.testing.assert_close(layer.weight + top, w, rtol=0, atol=1e-12)
+
+
+def test_lamda_svd_init_structure():
+    linear = nn.Linear(32, 20, dtype=torch.float64)
+    layer = FusedLaMDALinear.from_linear(linear, 6, 3.0, init="svd")
+    torch.testing.assert_close(layer.lora_A @ layer.lora_A.t(), torch.eye(6, dtype=torch.float64),
+                               rtol=0, atol=1e-12)
+    torch.testing.assert_close(layer.lora_B.t() @ layer.lora_B, torch.eye(6, dtype=torch.float64),
+                               rtol=0, atol=1e-12)
+    sigma = torch.linalg.svdvals(linear.weight.detach())[:6]
+    torch.testing.assert_close(torch.diagonal(layer.lora_S) * layer.scaling, sigma, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("cls,init", ALL_INITS)
+def test_merge_matches_after_training_step(cls, init, device):
+    layer = cls.from_linear(nn.Linear(36, 28, device=device), 4, 8.0, init=init)
+    with torch.no_grad():
+        layer.lora_B.add_(0.1 * torch.randn_like(layer.lora_B))  # a trained, non-zero adapter
+    x = torch.randn(7, 36, device=device)
+    merged = layer.merge()
+    assert type(merged) is nn.Linear
+    assert _rel_err(merged(x), layer(x)) <= 64 * torch.finfo(torch.float32).eps
+
+
+@pytest.mark.parametrize("cls", [FusedLoRALinear, FusedLaMDALinear])
+def test_dropout_path(cls, device):
+    layer = cls(24, 16, rank=3, alpha=6.0, dropout=0.5, device=device)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(5, 24, device=device)
+    torch.manual_seed(1)
+    y = layer(x)
+    torch.manual_seed(1)
+    dropped = nn.functional.dropout(x, 0.5, training=True)
+    h = dropped @ layer.lora_A.t()
+    if layer.lora_S is not None:
+        h = h @ layer.lora_S.t()
+    expected = x @ layer.weight.t() + layer.bias + layer.scaling * h @ layer.lora_B.t()
+    torch.testing.assert_close(y, expected)
+    layer.eval()  # no dropout in eval: the fused path
+    expected_eval = x @ layer.weight.t() + layer.bias + layer.scaling * (
+        (x @ layer.lora_A.t()) @ (layer.lora_S.t() if layer.lora_S is not None else torch.eye(3, device=device))
+    ) @ layer.lora_B.t()
+    torch.testing.assert_close(layer(x), expected_eval, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls,init", [(FusedLoRALinear, "lora"), (FusedLaMDALinear, "svd")])
+def test_training_reduces_loss(cls, init, device):
+    """A frozen random base plus a low-rank target shift: the adapter must learn the shift.
+
+    The shift reads x through W's top-8 right singular vectors, the subspace LaMDA's frozen A
+    spans under the "svd" init (a frozen A can only adapt within its row space)."""
+    base = nn.Linear(32, 24, device=device)
+    top_inputs = torch.linalg.svd(base.weight.detach(), full_matrices=False)[2][:8]
+    shift = torch.randn(24, 8, device=device) @ top_inputs / math.sqrt(8)
+    layer = cls.from_linear(base, 8, 16.0, init=init)
+    opt = torch.optim.Adam([p for p in layer.parameters() if p.requires_grad], lr=1e-2)
+    x = torch.randn(64, 32, device=device)
+    target = base(x).detach() + x @ shift.t()
+    losses = []
+    for _ in range(40):
+        loss = nn.functional.mse_loss(layer(x), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0], losses
+
+
+def test_torch_compile_fullgraph_matches_eager(device):
+    model = nn.Sequential(FusedLaMDALinear(24, 32, 4, 8.0, device=device), nn.GELU(),
+                          FusedLoRALinear(32, 16, 4, 8.0, device=device))
+    with torch.no_grad():
+        for m in model:
+            if hasattr(m, "lora_B"):
+                m.lora_B.normal_()
+    x = torch.randn(2, 3, 24, device=device, requires_grad=True)
+    eager_y = model(x)
+    eager_grads = torch.autograd.grad(eager_y.square().sum(), [x] + [p for p in model.parameters() if p.requires_grad])
+    compiled = torch.compile(model, fullgraph=True)
+    y = compiled(x)
+    grads = torch.autograd.grad(y.square().sum(), [x] + [p for p in model.parameters() if p.requires_grad])
+    # Inductor fuses the GELU and square around our ops and rounds them in another order than
+    # eager: allow a few fp32 ulps at each tensor's own scale, no more.
+    for name, got, want in [("y", y, eager_y)] + [(f"grad {i}", g, e) for i, (g, e) in enumerate(zip(grads, eager_grads))]:
+        ulps = 16 * torch.finfo(torch.float32).eps * want.abs().max().item()
+        torch.testing.assert_close(got, want, rtol=0, atol=ulps, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(rank=0), ValueError, "rank must be a positive int"),
+    (dict(alpha=0), ValueError, "alpha must be a finite non-zero"),
+    (dict(dropout=1.0), ValueError, "dropout must be in"),
+    (dict(init="kaiming"), ValueError, "init must be one of"),
+    (dict(init="pissa", rank=25), ValueError, "rank must be <= 20"),
+    (dict(backend="cutlass"), ValueError, "known backends"),
+    (dict(in_features=0), ValueError, "in_features must be a positive int"),
+])
+def test_constructor_bad_input(kwargs, error, match):
+    args = dict(in_features=30, out_features=20, rank=4, alpha=8.0)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        FusedLoRALinear(**args)
+
+
+def test_from_linear_bad_input():
+    with pytest.raises(TypeError, match="nn.Linear"):
+        FusedLaMDALinear.from_linear(nn.Conv1d(3, 3, 1), 2, 4.0)
+    with pytest.raises(ValueError, match="init must be one of"):
+        FusedLaMDALinear.from_linear(nn.Linear(8, 8), 2, 4.0, init="pissa")
+
+
+def test_wrong_input_features_named():
+    layer = FusedLaMDALinear(30, 20, rank=4, alpha=8.0)
+    with pytest.raises(ValueError, match=r"x has shape \(3, 31\).*30"):
+        layer(torch.randn(3, 31))
+    assert adapterops.FusedLaMDALinear is FusedLaMDALinear
