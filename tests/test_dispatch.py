@@ -1,0 +1,151 @@
+"""Tests of backend selection (adapterops/dispatch.py) through `lowrank_linear`.
+
+Default order: triton first (CUDA tensors, or CPU tensors under the Triton interpreter that
+tests/conftest.py turns on without a GPU), then torch. `backend=` and `ADAPTEROPS_BACKEND`
+force one; the argument wins.
+"""
+import pytest
+import torch
+
+from adapterops import dispatch, lowrank_linear
+from adapterops.backends import BACKENDS
+from utils import assert_close_to_reference
+
+
+@pytest.fixture(autouse=True)
+def _no_env_backend(monkeypatch):
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+
+
+def _inputs(device, dtype=torch.float32, M=9, K=20, N=12, r=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def p(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device, dtype)
+
+    return dict(x=p(M, K), weight=p(N, K, scale=K ** -0.5), bias=p(N),
+                lora_A=p(r, K, scale=K ** -0.5), lora_B=p(N, r, scale=r ** -0.5), scaling=0.5,
+                lora_S=p(r, r, scale=r ** -0.5))
+
+
+def _select(args, backend=None):
+    return dispatch.select("lowrank", backend, x=args["x"], weight=args["weight"],
+                           lora_A=args["lora_A"]).name
+
+
+def _spy(monkeypatch):
+    """Records which backend's forward runs (the real forward still runs)."""
+    calls = []
+    for name, b in BACKENDS.items():
+        def forward(*args, _name=name, _real=b.lowrank_forward):
+            calls.append(_name)
+            return _real(*args)
+        monkeypatch.setattr(b, "lowrank_forward", forward)
+    return calls
+
+
+def test_default_picks_triton(device, monkeypatch):
+    args = _inputs(device)
+    assert dispatch.explain("lowrank", x=args["x"], weight=args["weight"],
+                            lora_A=args["lora_A"]) == {"triton": [], "torch": []}
+    assert _select(args) == "triton"
+    calls = _spy(monkeypatch)
+    lowrank_linear(**args)
+    assert calls == ["triton"]
+
+
+def test_float64_falls_back_to_torch(device, monkeypatch):
+    args = _inputs(device, torch.float64)
+    why = dispatch.explain("lowrank", x=args["x"], weight=args["weight"], lora_A=args["lora_A"])
+    assert why["torch"] == []
+    assert len(why["triton"]) == 1 and "torch.float64" in why["triton"][0], why
+    assert _select(args) == "torch"
+    calls = _spy(monkeypatch)
+    lowrank_linear(**args)
+    assert calls == ["torch"]
+
+
+def test_backend_argument_forces_torch(device, monkeypatch):
+    args = _inputs(device)
+    assert _select(args, "torch") == "torch"
+    calls = _spy(monkeypatch)
+    lowrank_linear(**args, backend="torch")
+    assert calls == ["torch"]
+
+
+def test_env_var_forces_and_argument_wins(device, monkeypatch):
+    args = _inputs(device)
+    calls = _spy(monkeypatch)
+    monkeypatch.setenv(dispatch.ENV_VAR, "torch")
+    assert _select(args) == "torch"
+    lowrank_linear(**args)
+    assert calls == ["torch"]
+    assert _select(args, "triton") == "triton"
+    lowrank_linear(**args, backend="triton")
+    assert calls == ["torch", "triton"]
+
+
+def test_env_var_is_read_per_call(device, monkeypatch):
+    args = _inputs(device)
+    monkeypatch.setenv(dispatch.ENV_VAR, "torch")
+    assert _select(args) == "torch"
+    monkeypatch.delenv(dispatch.ENV_VAR)
+    assert _select(args) == "triton"
+    monkeypatch.setenv(dispatch.ENV_VAR, "")  # empty means unset
+    assert _select(args) == "triton"
+
+
+def test_unknown_backend_argument(device):
+    with pytest.raises(ValueError, match=r"backend='cutlass' is not a known backend; "
+                                         r"known backends: triton, torch"):
+        lowrank_linear(**_inputs(device), backend="cutlass")
+
+
+def test_unknown_backend_env_var(device, monkeypatch):
+    monkeypatch.setenv(dispatch.ENV_VAR, "tirton")
+    with pytest.raises(ValueError, match=r"ADAPTEROPS_BACKEND='tirton' is not a known backend; "
+                                         r"known backends: triton, torch"):
+        lowrank_linear(**_inputs(device))
+    # A valid argument does not excuse a bad environment: the typo would silently hide
+    # elsewhere.
+    with pytest.raises(ValueError, match="tirton"):
+        lowrank_linear(**_inputs(device), backend="torch")
+
+
+def test_forcing_triton_on_float64_raises_with_reason(device, monkeypatch):
+    args = _inputs(device, torch.float64)
+    with pytest.raises(ValueError, match=r"backend 'triton' was forced .* not torch\.float64"):
+        lowrank_linear(**args, backend="triton")
+    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+    with pytest.raises(ValueError, match=r"backend 'triton' was forced .* not torch\.float64"):
+        lowrank_linear(**args)
+
+
+def test_rank_above_triton_maximum_falls_back_to_torch(device, monkeypatch):
+    M, K, N, r = 5, 24, 16, 129
+    args = _inputs(device, M=M, K=K, N=N, r=r, seed=3)
+    why = dispatch.explain("lowrank", x=args["x"], weight=args["weight"], lora_A=args["lora_A"])
+    assert why["torch"] == []
+    assert any("rank 129" in reason for reason in why["triton"]), why
+    assert _select(args) == "torch"
+    with pytest.raises(ValueError, match=r"backend 'triton' was forced .*rank 129 exceeds"):
+        lowrank_linear(**args, backend="triton")
+
+    # Auto-dispatch still gives the right answer, forward and backward.
+    def run(dtype, backend=None):
+        t = {k: (v.to(dtype) if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+        t["x"].requires_grad_()
+        t["lora_S"].requires_grad_()
+        t["lora_B"].requires_grad_()
+        y = lowrank_linear(**t, backend=backend)
+        grad_y = torch.randn(M, N, generator=torch.Generator().manual_seed(4),
+                             dtype=torch.float64).to(device, dtype)
+        return (y.detach(), *torch.autograd.grad(y, [t["x"], t["lora_S"], t["lora_B"]], grad_y))
+
+    calls = _spy(monkeypatch)
+    got = run(torch.float32)
+    assert calls == ["torch"]
+    ref = run(torch.float64, "torch")
+    base = run(torch.float32, "torch")
+    for name, a, r64, b in zip(("y", "dx", "dS", "dB"), got, ref, base):
+        assert_close_to_reference(f"rank 129 auto {name}", a, r64, b)

@@ -1,0 +1,474 @@
+"""Tests of `adapterops.lowrank_linear` (adapterops/ops/lowrank.py) on every backend.
+
+    y = x W^T + bias + s ((x A^T) S^T) B^T
+
+1. The oracle: gradcheck of the torch backend in float64 (its backward formulas against
+   numerical derivatives).
+2. Each backend against the float64 reference (the torch backend on float64 copies of the same
+   inputs), forward and every gradient asked for, by the rule in tests/utils.py.
+3. The memory contract: what backward saves, counted with saved_tensors_hooks.
+4. A frozen lora_B: no lora_B.grad, and backward never computes dB.
+5. The custom ops under `torch.library.opcheck` and `torch.compile(fullgraph=True)`.
+6. Bad input raises at the Python boundary, naming the argument and the sizes.
+7. Zero tokens.
+
+Without a GPU the Triton kernels run under the interpreter on CPU tensors (tests/conftest.py);
+with one, the same tests run on CUDA tensors through the `device` fixture.
+"""
+import dataclasses
+from typing import Optional
+
+import pytest
+import torch
+
+from adapterops import lowrank_linear
+from adapterops.backends import BACKENDS
+from utils import assert_close_to_reference
+
+BACKEND_NAMES = ("triton", "torch")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+# Which tensors train in each mode. x trains too unless a case says otherwise (the layer is
+# not the first of the network).
+MODES = {
+    "lora": ("lora_A", "lora_B"),             # no S, weight frozen
+    "lamda": ("lora_S", "lora_B"),            # A and weight frozen
+    "lamda_frozen_b": ("lora_S",),            # LaMDA after its B-freezing step
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    id: str
+    lead: tuple          # x's leading dims; M = their product
+    in_f: int
+    out_f: int
+    rank: int
+    mode: str            # a key of MODES
+    bias: bool = True
+    layout: str = "contiguous"  # "transposed": 2-D x as a (in, M) tensor's .t() view;
+                                # "sliced": 3-D x as every other row of a taller tensor
+    train_base: bool = False    # weight and bias train too
+    x_grad: bool = True
+    scaling: float = 2.0
+    seed: int = 0
+
+
+# The test matrix. Each case below runs in every dtype (fp32, fp16, bf16) on both backends;
+# crossing dtypes and backends is cheap (each Triton case takes well under a second under the
+# interpreter), crossing the shape/mode features is not needed. Every item is covered at least
+# once:
+#   1 token ............................ one-token
+#   sizes not divisible by 16 ........... every case but one-token: odd-* (in=70, out=50, M=37),
+#                                         transposed (40, 36, 33), sliced (56, 44, 21), 3d (M=18)
+#   ranks 1, 5, 16, 64, 128 ............ odd-lora-nobias, odd-lamda, one-token/sliced, 3d, transposed
+#   LoRA / LaMDA / LaMDA with B frozen .. odd-lora-nobias / odd-lamda / transposed
+#   3-D x ............................... 3d-lamda (contiguous), 3d-sliced-lora (row stride 2*in)
+#   non-contiguous x .................... transposed (column stride M), 3d-sliced-lora
+#   bias=None ........................... odd-lora-nobias
+#   weight and bias gradients ........... 3d-sliced-lora (train_base)
+#   x not trainable (dx not asked for) .. 3d-lamda
+CASES = [
+    Case("one-token-lora-r16", (1,), 64, 48, 16, "lora", seed=1),
+    Case("odd-lamda-r5", (37,), 70, 50, 5, "lamda", seed=2),
+    Case("odd-lora-r1-nobias", (37,), 70, 50, 1, "lora", bias=False, seed=3),
+    Case("3d-lamda-r64-nodx", (2, 9), 48, 40, 64, "lamda", x_grad=False, seed=4),
+    Case("transposed-lamda-frozenB-r128", (33,), 40, 36, 128, "lamda_frozen_b",
+         layout="transposed", seed=5),
+    Case("3d-sliced-lora-r16-trainbase", (3, 7), 56, 44, 16, "lora", layout="sliced",
+         train_base=True, seed=6),
+]
+
+
+def make_inputs(case: Case) -> dict:
+    """Float64 CPU tensors with O(1) values: W, A ~ randn / sqrt(in), B, S ~ randn / sqrt(r).
+    x is stored in the layout the case asks for; lora_B is random (not LoRA's zero init) so
+    every gradient is non-trivial. Also the upstream gradient (random, not ones)."""
+    g = torch.Generator().manual_seed(case.seed)
+    K, N, r = case.in_f, case.out_f, case.rank
+
+    def randn(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+
+    if case.layout == "transposed":
+        assert len(case.lead) == 1
+        x_storage = randn(K, case.lead[0])
+    elif case.layout == "sliced":
+        assert len(case.lead) == 2
+        x_storage = randn(case.lead[0], 2 * case.lead[1], K)
+    else:
+        x_storage = randn(*case.lead, K)
+    return {
+        "x": x_storage,
+        "weight": randn(N, K, scale=K ** -0.5),
+        "bias": randn(N) if case.bias else None,
+        "lora_A": randn(r, K, scale=K ** -0.5),
+        "lora_B": randn(N, r, scale=r ** -0.5),
+        "lora_S": randn(r, r, scale=r ** -0.5) if case.mode != "lora" else None,
+        "grad_y": randn(*case.lead, N),
+    }
+
+
+def trainable(case: Case) -> tuple:
+    names = (("x",) if case.x_grad else ()) + MODES[case.mode]
+    if case.train_base:
+        names += ("weight",) + (("bias",) if case.bias else ())
+    return names
+
+
+def run_case(case: Case, inputs: dict, dtype: torch.dtype, device: str, backend: str):
+    """(y, {name: grad}) of lowrank_linear on `inputs` cast to dtype/device."""
+    names = trainable(case)
+    leaves = {}
+    for name, t in inputs.items():
+        if name == "grad_y" or t is None:
+            continue
+        leaves[name] = t.to(device=device, dtype=dtype).requires_grad_(name in names)
+    x = leaves["x"]
+    if case.layout == "transposed":
+        x = x.t()
+    elif case.layout == "sliced":
+        x = x[:, ::2, :]
+    assert x.shape == (*case.lead, case.in_f)
+    assert (case.layout == "contiguous") == x.is_contiguous()
+    y = lowrank_linear(x, leaves["weight"], leaves.get("bias"), leaves["lora_A"],
+                       leaves["lora_B"], case.scaling, leaves.get("lora_S"), backend=backend)
+    grad_y = inputs["grad_y"].to(device=device, dtype=dtype)
+    grads = torch.autograd.grad(y, [leaves[n] for n in names], grad_y)
+    # x's gradient lives on the stored tensor; compare it in x's own (logical) layout.
+    grads = dict(zip(names, grads))
+    if "x" in grads:
+        if case.layout == "transposed":
+            grads["x"] = grads["x"].t()
+        elif case.layout == "sliced":
+            grads["x"] = grads["x"][:, ::2, :]
+    return y.detach(), grads
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_matches_float64_reference(case, backend, dtype, device):
+    inputs = make_inputs(case)
+    # The same values the low-precision run sees, in float64.
+    rounded = {k: (v.to(dtype).double() if v is not None else None) for k, v in inputs.items()}
+    ref_y, ref_grads = run_case(case, rounded, torch.float64, device, "torch")
+    base_y, base_grads = run_case(case, inputs, dtype, device, "torch")
+    y, grads = run_case(case, inputs, dtype, device, backend)
+    where = f"{case.id} {backend} {DTYPE_IDS[dtype]}"
+    assert y.dtype == dtype
+    assert_close_to_reference(f"{where} y", y, ref_y, base_y)
+    assert set(grads) == set(trainable(case))
+    for name, grad in grads.items():
+        assert_close_to_reference(f"{where} d{name}", grad, ref_grads[name], base_grads[name])
+
+
+# 1. The oracle against numerical derivatives.
+
+def _gradcheck_inputs(mode: str, device: str, train_all: bool = False):
+    g = torch.Generator().manual_seed(11)
+    M, K, N, r = 5, 7, 6, 3
+
+    def p(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device)
+
+    x = p(M, K)
+    weight, bias = p(N, K, scale=K ** -0.5), p(N)
+    lora_A, lora_B = p(r, K, scale=K ** -0.5), p(N, r, scale=r ** -0.5)
+    lora_S = p(r, r, scale=r ** -0.5) if mode == "lamda" else None
+    train = {"x", "lora_B"} | ({"lora_A"} if mode == "lora" else {"lora_S"})
+    if train_all:
+        train |= {"weight", "bias", "lora_A"}
+    named = dict(x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B, lora_S=lora_S)
+    for name, t in named.items():
+        if t is not None:
+            t.requires_grad_(name in train)
+    return named
+
+
+@pytest.mark.parametrize("mode,train_all", [("lora", False), ("lamda", False), ("lamda", True)],
+                         ids=["lora", "lamda", "lamda-all-trainable"])
+def test_reference_gradcheck(mode, train_all, device):
+    t = _gradcheck_inputs(mode, device, train_all)
+
+    def f(x, weight, bias, lora_A, lora_B, lora_S):
+        return lowrank_linear(x, weight, bias, lora_A, lora_B, 0.75, lora_S, backend="torch")
+
+    args = tuple(t[n] for n in ("x", "weight", "bias", "lora_A", "lora_B", "lora_S"))
+    assert torch.autograd.gradcheck(f, args)
+
+
+# 3. The memory contract.
+
+def _saved_activations(backend: str, mode: str, device: str):
+    """Runs forward and backward with saved_tensors_hooks; returns (every saved tensor, the
+    activations among them, x, sizes). Activations are the saved tensors that are not one of
+    the parameters (identified by data_ptr). The sizes are chosen so that no parameter has
+    M x in elements."""
+    M, K, N, r = 40, 56, 48, 8
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(M, K, generator=g).to(device).requires_grad_()
+    weight = (torch.randn(N, K, generator=g) / K ** 0.5).to(device)
+    bias = torch.randn(N, generator=g).to(device)
+    lora_A = (torch.randn(r, K, generator=g) / K ** 0.5).to(device)
+    lora_B = (torch.randn(N, r, generator=g) / r ** 0.5).to(device)
+    lora_S = (torch.randn(r, r, generator=g) / r ** 0.5).to(device) if mode != "lora" else None
+    named = dict(lora_A=lora_A, lora_B=lora_B, lora_S=lora_S)
+    for name in MODES[mode]:
+        named[name].requires_grad_()
+    params = {t.data_ptr() for t in (weight, bias, lora_A, lora_B, lora_S) if t is not None}
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = lowrank_linear(x, weight, bias, lora_A, lora_B, 0.5, lora_S, backend=backend)
+    y.backward(torch.randn_like(y))  # the saved tensors suffice for backward
+    activations = [t for t in saved if t.data_ptr() not in params]
+    assert all(t.shape[0] == M for t in activations), [tuple(t.shape) for t in activations]
+    return saved, activations, x, (M, K, N, r)
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_memory_lamda_saves_no_x(backend, device):
+    saved, activations, x, (M, K, N, r) = _saved_activations(backend, "lamda", device)
+    shapes = sorted(tuple(t.shape) for t in activations)
+    assert shapes == [(M, r), (M, r)], f"LaMDA saved activations {shapes}, expected h1 and h2 (M x r)"
+    big = [tuple(t.shape) for t in saved if t.numel() == M * K or tuple(t.shape) == (M, K)]
+    assert not big, f"LaMDA saved {big}: M x in = {M} x {K} elements"
+    total = sum(t.numel() for t in activations)
+    assert total <= 2 * M * r, f"LaMDA saved {total} activation elements > 2 M r = {2 * M * r}"
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_memory_lamda_frozen_b_saves_only_h1(backend, device):
+    _, activations, x, (M, K, N, r) = _saved_activations(backend, "lamda_frozen_b", device)
+    shapes = [tuple(t.shape) for t in activations]
+    assert shapes == [(M, r)], f"LaMDA with B frozen saved {shapes}, expected only h1 (M x r)"
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_memory_lora_saves_x(backend, device):
+    # The other direction: the hook does see x when dA needs it, so the LaMDA checks above
+    # are not vacuous.
+    _, activations, x, (M, K, N, r) = _saved_activations(backend, "lora", device)
+    shapes = [tuple(t.shape) for t in activations]
+    assert (M, K) in shapes, f"LoRA saved {shapes}: x (M x in) is missing"
+    assert any(t.data_ptr() == x.data_ptr() for t in activations), "LoRA did not save x itself"
+
+
+# 4. A frozen lora_B.
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_frozen_b_gets_no_gradient(backend, device):
+    case = Case("frozen-b", (29,), 45, 38, 16, "lamda_frozen_b", seed=31)
+    inputs = make_inputs(case)
+    leaves = {n: t.float().to(device) for n, t in inputs.items() if t is not None}
+    for n in ("x", "lora_S"):
+        leaves[n].requires_grad_()
+    y = lowrank_linear(leaves["x"], leaves["weight"], leaves["bias"], leaves["lora_A"],
+                       leaves["lora_B"], case.scaling, leaves["lora_S"], backend=backend)
+    y.backward(leaves["grad_y"])
+    assert leaves["lora_B"].grad is None
+    assert leaves["lora_A"].grad is None and leaves["weight"].grad is None
+    ref_y, ref_grads = run_case(case, {k: v.double() if v is not None else None
+                                       for k, v in inputs.items()}, torch.float64, device, "torch")
+    base_y, base_grads = run_case(case, inputs, torch.float32, device, "torch")
+    for name in ("x", "lora_S"):
+        assert_close_to_reference(f"{backend} d{name}", leaves[name].grad, ref_grads[name],
+                                  base_grads[name])
+
+    # The backward op itself, given only what the contract saves (no h2, no x): dB comes back
+    # empty, so it was not computed (there was nothing to compute it from).
+    s = case.scaling
+    _, h1, _ = torch.ops.adapterops.lowrank_linear_fwd(
+        leaves["x"].detach(), leaves["weight"], leaves["bias"], leaves["lora_A"],
+        leaves["lora_B"], leaves["lora_S"].detach(), s, backend)
+    dx, dA, dB, dS = torch.ops.adapterops.lowrank_linear_bwd(
+        leaves["grad_y"], None, h1, None, leaves["weight"], leaves["lora_A"], leaves["lora_B"],
+        leaves["lora_S"].detach(), s, True, False, False, True, backend)
+    assert dA.numel() == 0 and dB.numel() == 0
+    assert_close_to_reference(f"{backend} bwd-op dx", dx, ref_grads["x"], base_grads["x"])
+    assert_close_to_reference(f"{backend} bwd-op dS", dS, ref_grads["lora_S"], base_grads["lora_S"])
+
+
+# 5. Custom ops: opcheck and torch.compile.
+
+def _op_samples(device: str, with_s: bool, with_bias: bool, requires_grad: bool):
+    g = torch.Generator().manual_seed(41)
+    M, K, N, r = 19, 24, 20, 4
+
+    def p(*shape):
+        return torch.randn(*shape, generator=g).to(device)
+
+    x, weight, lora_A, lora_B = p(M, K), p(N, K) / K ** 0.5, p(r, K) / K ** 0.5, p(N, r)
+    bias = p(N) if with_bias else None
+    lora_S = p(r, r) if with_s else None
+    if requires_grad:
+        for t in (x, lora_B, lora_S if with_s else lora_A):
+            t.requires_grad_()
+    return x, weight, bias, lora_A, lora_B, lora_S
+
+
+@pytest.mark.parametrize("backend,with_s,with_bias", [("torch", True, True), ("torch", False, False),
+                                                      ("triton", True, False)])
+def test_opcheck_forward(backend, with_s, with_bias, device):
+    x, weight, bias, lora_A, lora_B, lora_S = _op_samples(device, with_s, with_bias, True)
+    torch.library.opcheck(torch.ops.adapterops.lowrank_linear_fwd.default,
+                          (x, weight, bias, lora_A, lora_B, lora_S, 0.5, backend))
+
+
+@pytest.mark.parametrize("backend,with_s,needs", [
+    ("torch", True, (True, False, True, True)),    # LaMDA
+    ("torch", True, (False, False, False, True)),  # LaMDA, B frozen, first layer
+    ("torch", False, (True, True, True, False)),   # LoRA
+    ("triton", True, (True, False, True, True)),
+])
+def test_opcheck_backward(backend, with_s, needs, device):
+    x, weight, bias, lora_A, lora_B, lora_S = _op_samples(device, with_s, False, False)
+    _, h1, h2 = torch.ops.adapterops.lowrank_linear_fwd(x, weight, bias, lora_A, lora_B, lora_S,
+                                                        0.5, "torch")
+    if not with_s:
+        h2 = h1
+    need_x, need_A, need_B, need_S = needs
+    grad_y = torch.randn(x.shape[0], weight.shape[0], device=device)
+    torch.library.opcheck(torch.ops.adapterops.lowrank_linear_bwd.default,
+                          (grad_y, x if need_A else None, h1 if need_S else None,
+                           h2 if need_B else None, weight, lora_A, lora_B, lora_S, 0.5,
+                           need_x, need_A, need_B, need_S, backend))
+
+
+class _Adapter(torch.nn.Module):
+    def __init__(self, in_f: int, out_f: int, rank: int, backend: Optional[str]):
+        super().__init__()
+        g = torch.Generator().manual_seed(51)
+        self.backend = backend
+        self.weight = torch.nn.Parameter(torch.randn(out_f, in_f, generator=g) / in_f ** 0.5,
+                                         requires_grad=False)
+        self.bias = torch.nn.Parameter(torch.randn(out_f, generator=g), requires_grad=False)
+        self.lora_A = torch.nn.Parameter(torch.randn(rank, in_f, generator=g) / in_f ** 0.5,
+                                         requires_grad=False)
+        self.lora_S = torch.nn.Parameter(torch.randn(rank, rank, generator=g) / rank ** 0.5)
+        self.lora_B = torch.nn.Parameter(torch.randn(out_f, rank, generator=g) / rank ** 0.5)
+
+    def forward(self, x):
+        y = lowrank_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, 0.5, self.lora_S,
+                           backend=self.backend)
+        return torch.nn.functional.gelu(y)
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_torch_compile_fullgraph_matches_eager(backend, device):
+    torch._dynamo.reset()
+    model = _Adapter(24, 20, 8, backend).to(device)
+    x = torch.randn(2, 7, 24, device=device)
+    grad_y = torch.randn(2, 7, 20, device=device)
+
+    def run(fn, m, dtype):
+        for p in m.parameters():
+            p.grad = None
+        xi = x.to(dtype).clone().requires_grad_()
+        y = fn(xi)
+        y.backward(grad_y.to(dtype))
+        return y.detach(), xi.grad, m.lora_S.grad, m.lora_B.grad
+
+    compiled = torch.compile(model, fullgraph=True)
+    got = run(compiled, model, torch.float32)
+    eager = run(model, model, torch.float32)
+    model64 = _Adapter(24, 20, 8, "torch").to(device).double()
+    ref = run(model64, model64, torch.float64)
+    for name, a, r, b in zip(("y", "dx", "dS", "dB"), got, ref, eager):
+        assert_close_to_reference(f"compiled {backend} {name}", a, r, b)
+
+
+# 6. Bad input.
+
+@pytest.fixture
+def no_kernels(monkeypatch):
+    """Makes any backend call fail the test: a bad input must be rejected before dispatch."""
+    def reached(*args, **kwargs):
+        raise AssertionError("a bad input reached a backend")
+
+    for b in BACKENDS.values():
+        monkeypatch.setattr(b, "lowrank_forward", reached)
+
+
+def _good(device, M=6, K=10, N=8, r=4):
+    return dict(x=torch.randn(M, K, device=device), weight=torch.randn(N, K, device=device),
+                bias=torch.randn(N, device=device), lora_A=torch.randn(r, K, device=device),
+                lora_B=torch.randn(N, r, device=device), scaling=0.5,
+                lora_S=torch.randn(r, r, device=device))
+
+
+BAD_INPUTS = [
+    # (id, changes to the good arguments, exception, message pattern)
+    ("x-in-features", lambda d: {"x": torch.randn(6, 11, device=d)}, ValueError,
+     r"x has shape \(6, 11\).*11.*in_features.*= 10"),
+    ("A-in-dim", lambda d: {"lora_A": torch.randn(4, 9, device=d)}, ValueError,
+     r"lora_A has shape \(4, 9\).*9.*= 10"),
+    ("B-out-dim", lambda d: {"lora_B": torch.randn(7, 4, device=d)}, ValueError,
+     r"lora_B has shape \(7, 4\).*7.*out_features.*= 8"),
+    ("B-rank", lambda d: {"lora_B": torch.randn(8, 5, device=d)}, ValueError,
+     r"lora_B has shape \(8, 5\).*5.*rank.*= 4"),
+    ("S-shape", lambda d: {"lora_S": torch.randn(4, 3, device=d)}, ValueError,
+     r"lora_S has shape \(4, 3\).*3.*rank.*= 4"),
+    ("S-square-wrong-rank", lambda d: {"lora_S": torch.randn(5, 5, device=d)}, ValueError,
+     r"lora_S has shape \(5, 5\).*rank.*= 4"),
+    ("bias-size", lambda d: {"bias": torch.randn(9, device=d)}, ValueError,
+     r"bias has shape \(9,\).*9.*out_features.*= 8"),
+    ("rank-0", lambda d: {"lora_A": torch.randn(0, 10, device=d), "lora_B": torch.randn(8, 0, device=d),
+                          "lora_S": None}, ValueError, r"lora_A has shape \(0, 10\).*rank"),
+    ("mixed-dtypes", lambda d: {"weight": torch.randn(8, 10, device=d, dtype=torch.float16)}, TypeError,
+     r"weight has dtype torch.float16 but x has torch.float32"),
+    ("int-x", lambda d: {"x": torch.ones(6, 10, device=d, dtype=torch.int64)}, TypeError,
+     r"x must be a floating-point tensor.*int64"),
+    ("weight-not-tensor", lambda d: {"weight": [[0.0] * 10] * 8}, TypeError,
+     r"weight must be a torch.Tensor, got list"),
+    ("scaling-str", lambda d: {"scaling": "0.5"}, TypeError, r"scaling must be a Python float, got str"),
+    ("scaling-tensor", lambda d: {"scaling": torch.tensor(0.5)}, TypeError, r"scaling .* got Tensor"),
+    ("scaling-nan", lambda d: {"scaling": float("nan")}, ValueError, r"scaling must be finite"),
+]
+
+
+@pytest.mark.parametrize("change,exc,match", [b[1:] for b in BAD_INPUTS], ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_raises(change, exc, match, device, no_kernels):
+    args = {**_good(device), **change(device)}
+    with pytest.raises(exc, match=match):
+        lowrank_linear(**args)
+
+
+def test_good_input_reaches_backend(device, no_kernels):
+    # The `no_kernels` fixture is not vacuous: the unchanged arguments do reach a backend.
+    with pytest.raises(AssertionError, match="reached a backend"):
+        lowrank_linear(**_good(device))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="mixed devices need a CUDA device")
+def test_mixed_devices_raise(no_kernels):
+    args = _good("cuda")
+    args["lora_B"] = args["lora_B"].cpu()
+    with pytest.raises(ValueError, match=r"lora_B is on cpu but x is on cuda"):
+        lowrank_linear(**args)
+
+
+# 7. Zero tokens.
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+@pytest.mark.parametrize("lead", [(0,), (3, 0)], ids=["2d", "3d"])
+def test_zero_tokens(lead, backend, device):
+    K, N, r = 20, 12, 4
+    x = torch.randn(*lead, K, device=device, requires_grad=True)
+    weight, bias = torch.randn(N, K, device=device), torch.randn(N, device=device)
+    lora_A = torch.randn(r, K, device=device)
+    lora_B = torch.randn(N, r, device=device, requires_grad=True)
+    lora_S = torch.randn(r, r, device=device, requires_grad=True)
+    y = lowrank_linear(x, weight, bias, lora_A, lora_B, 0.5, lora_S, backend=backend)
+    assert y.shape == (*lead, N) and y.dtype == x.dtype
+    y.backward(torch.randn_like(y))
+    assert x.grad.shape == x.shape
+    # Sums over no tokens: exactly zero.
+    assert lora_B.grad.shape == (N, r) and not lora_B.grad.any()
+    assert lora_S.grad.shape == (r, r) and not lora_S.grad.any()
