@@ -1,0 +1,52 @@
+"""`python -m benchmarks [--quick] [--ops lamda,lora] [--out DIR] [--device cuda|cpu]
+[--dtype bf16|fp16|fp32]`: runs the microbenchmarks, writes DIR/results.csv and
+DIR/summary.md (default DIR: benchmarks/results/<device>-<YYYY-MM-DD>/) and prints the summary.
+
+On CPU the `triton` provider runs only under the Triton interpreter: set TRITON_INTERPRET=1
+before starting (without it its rows carry the reason in `error`).
+"""
+import argparse
+import datetime
+from pathlib import Path
+
+import torch
+
+from . import harness, lowrank
+
+# Adding an op: write its benchmark file (see lowrank.py) and list its BENCHMARKS here.
+BENCHMARKS = {bench.name: bench for bench in lowrank.BENCHMARKS}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="a few small cases (seconds on a GPU, minutes on a CPU)")
+    parser.add_argument("--ops", default=",".join(BENCHMARKS),
+                        help=f"comma-separated, from {', '.join(BENCHMARKS)} (default: all)")
+    parser.add_argument("--out", type=Path, help="output folder")
+    parser.add_argument("--device", choices=("cuda", "cpu"),
+                        default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=tuple(harness.DTYPES), default="bf16")
+    args = parser.parse_args(argv)
+    names = [name for name in args.ops.split(",") if name]
+    unknown = [name for name in names if name not in BENCHMARKS]
+    if unknown or not names:
+        parser.error(f"--ops: unknown {', '.join(unknown) or '(none given)'}; "
+                     f"known: {', '.join(BENCHMARKS)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    out_dir = args.out or (Path(__file__).parent / "results"
+                           / f"{args.device}-{datetime.date.today().isoformat()}")
+    benchmarks = [BENCHMARKS[name] for name in names]
+    rows = harness.run(benchmarks, device=args.device, dtype=harness.DTYPES[args.dtype],
+                       quick=args.quick)
+    summary = harness.summary_markdown(rows, benchmarks)
+    harness.write_results(rows, summary, out_dir)
+    print()
+    print(summary)
+    print(f"Wrote {out_dir / 'results.csv'} and {out_dir / 'summary.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,338 @@
+"""The op-agnostic benchmark harness: timing, measurement, the CSV and the summary.
+
+An op's benchmark file (`benchmarks/lowrank.py` is the model) declares one `OpBenchmark` per
+op: its cases (shapes), its providers (the implementations timed side by side, the floor
+first) and, per provider, a `Workload`: the forward to run, the tensors backward
+differentiates, the weights, and the op's FLOP and byte counts. The harness runs every
+case x provider x mode and writes one long-format row per measurement (`COLUMNS`).
+
+What each column measures:
+- mode: `fwd` is the forward with autograd recording, as in training (it builds the graph and
+  saves what backward needs); `bwd` is backward alone, `torch.autograd.grad(y, inputs, dy,
+  retain_graph=True)` repeated on one retained graph; `fwdbwd` is one forward then its backward.
+- p20_ms, p50_ms, p80_ms: on CUDA from `triton.testing.do_bench` (it flushes the L2 cache
+  before every call); on CPU from a timed loop: warm-up calls (at least one, for lazy
+  initialisation and Triton's first-call work, up to `CPU_WARMUP_S`), then calls until
+  `cpu_budget_s` has passed (at least `CPU_MIN_REPS`, at most `CPU_MAX_REPS`), each timed
+  with `time.perf_counter`.
+- tflops, gbps: the workload's FLOPs and minimum bytes (inputs read once, outputs written once;
+  the op file documents its model) divided by the p50 time. fwdbwd counts fwd + bwd.
+- peak_mem_mb: CUDA only: `torch.cuda.max_memory_allocated` during one call minus what was
+  allocated before it, so inputs, weights and (for bwd) the retained graph are not counted.
+- saved_mb: the bytes autograd saves for backward during one forward, counted with
+  `torch.autograd.graph.saved_tensors_hooks` over distinct storages. The workload's weights are
+  not counted (they live whether or not backward runs); its input activation x is, because in a
+  network x is the previous layer's output, kept alive only if some layer saves it.
+MB means 2^20 bytes throughout.
+
+A provider that cannot run (an unsupported device, a missing package, out of memory) gives
+rows whose `error` column says why, and the sweep goes on.
+"""
+import csv
+import dataclasses
+import datetime
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy
+import torch
+from torch import Tensor
+
+MODES = ("fwd", "bwd", "fwdbwd")
+QUANTILES = (0.2, 0.5, 0.8)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+MB = 2 ** 20
+CPU_WARMUP_S = 0.05
+CPU_MIN_REPS = 3
+CPU_MAX_REPS = 100
+COLUMNS = ("op", "provider", "mode", "M", "K", "N", "r", "heads", "world", "dtype", "device",
+           "device_name", "p20_ms", "p50_ms", "p80_ms", "tflops", "gbps", "peak_mem_mb",
+           "saved_mb", "error", "git_sha", "torch", "triton", "timestamp")
+SHAPE_COLUMNS = ("M", "K", "N", "r", "heads", "world")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One shape: M tokens, K = in_features, N = out_features, rank r; heads (HydraLoRA) and
+    world (HD-PiSSA ranks) only for the ops that have them."""
+    M: int
+    K: int
+    N: int
+    r: int
+    heads: Optional[int] = None
+    world: Optional[int] = None
+
+    def label(self) -> str:
+        return " ".join(f"{name}={getattr(self, name)}" for name in SHAPE_COLUMNS
+                        if getattr(self, name) is not None)
+
+
+@dataclasses.dataclass
+class Workload:
+    """One provider's computation on one case's freshly made tensors."""
+    forward: Callable[[], Tensor]   # returns the output y
+    grad_inputs: tuple[Tensor, ...]  # what backward differentiates (x and the trainable weights)
+    weights: tuple[Tensor, ...]      # every weight it reads: not counted in saved_mb
+    fwd_flops: float
+    bwd_flops: float
+    fwd_bytes: float
+    bwd_bytes: float
+
+    def flops(self, mode: str) -> float:
+        both = self.fwd_flops + self.bwd_flops
+        return {"fwd": self.fwd_flops, "bwd": self.bwd_flops}.get(mode, both)
+
+    def io_bytes(self, mode: str) -> float:
+        both = self.fwd_bytes + self.bwd_bytes
+        return {"fwd": self.fwd_bytes, "bwd": self.bwd_bytes}.get(mode, both)
+
+
+@dataclasses.dataclass(frozen=True)
+class OpBenchmark:
+    """What an op's benchmark file declares.
+
+    cases(quick, device_type) lists the shapes; workload(provider, case, dtype, device) makes
+    fresh tensors and returns the provider's `Workload` (it raises when the provider cannot
+    run: the message becomes the rows' error). `baseline` is the provider every other is
+    divided by in the summary; `speedups` are the (fast, slow) pairs whose ratio it shows.
+    """
+    name: str
+    cases: Callable[[bool, str], list[Case]]
+    providers: tuple[str, ...]
+    workload: Callable[[str, Case, torch.dtype, torch.device], Workload]
+    baseline: str
+    speedups: tuple[tuple[str, str], ...] = ()
+
+
+def _time_cuda(fn: Callable) -> list[float]:
+    from triton.testing import do_bench
+    return list(do_bench(fn, quantiles=list(QUANTILES)))
+
+
+def _time_cpu(fn: Callable, budget_s: float) -> list[float]:
+    start = time.perf_counter()
+    fn()
+    while time.perf_counter() - start < CPU_WARMUP_S:
+        fn()
+    times_ms = []
+    start = time.perf_counter()
+    while len(times_ms) < CPU_MIN_REPS or (len(times_ms) < CPU_MAX_REPS
+                                          and time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        fn()
+        times_ms.append((time.perf_counter() - t0) * 1e3)
+    return [float(q) for q in numpy.quantile(times_ms, QUANTILES)]
+
+
+def _peak_mem_mb(fn: Callable) -> float:
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / MB
+
+
+def _forward_saving(workload: Workload) -> tuple[Tensor, int]:
+    """Runs one forward; returns its output (graph attached) and the bytes autograd saved."""
+    weights = {w.untyped_storage().data_ptr() for w in workload.weights}
+    saved: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = workload.forward()
+    return y, sum(saved.values())
+
+
+def _mode_fn(mode: str, workload: Workload, y: Tensor, dy: Tensor) -> Callable:
+    if mode == "fwd":
+        return workload.forward
+    if mode == "bwd":
+        return lambda: torch.autograd.grad(y, workload.grad_inputs, dy, retain_graph=True)
+    return lambda: torch.autograd.grad(workload.forward(), workload.grad_inputs, dy)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".replace("\n", " ")
+
+
+def _git_sha() -> str:
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short=12", "HEAD"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "diff", "--quiet", "HEAD"]).returncode != 0
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha + ("-dirty" if dirty else "")
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _environment(device: torch.device, dtype: torch.dtype) -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = ""
+    if device.type == "cuda":
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device_name = _cpu_name()
+    return {"dtype": next(k for k, v in DTYPES.items() if v == dtype), "device": device.type,
+            "device_name": device_name, "git_sha": _git_sha(), "torch": torch.__version__,
+            "triton": triton_version,
+            "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def _measure(bench: OpBenchmark, provider: str, case: Case, dtype: torch.dtype,
+             device: torch.device, cpu_budget_s: float, base_row: dict) -> list[dict]:
+    """The rows of one (case, provider): one per mode."""
+    rows = [{**base_row, "provider": provider, "mode": mode} for mode in MODES]
+    # Any exception is a reason to record, not a crash: a sweep over many cases must finish,
+    # and a provider that cannot serve a case must still show up in the table.
+    try:
+        torch.manual_seed(0)  # every provider sees the same values
+        workload = bench.workload(provider, case, dtype, device)
+        y, saved = _forward_saving(workload)
+        dy = torch.randn_like(y)
+    except Exception as exc:
+        for row in rows:
+            row["error"] = _describe(exc)
+        return rows
+    for row in rows:
+        mode = row["mode"]
+        row["saved_mb"] = saved / MB
+        try:
+            fn = _mode_fn(mode, workload, y, dy)
+            if device.type == "cuda":
+                p20, p50, p80 = _time_cuda(fn)
+                row["peak_mem_mb"] = _peak_mem_mb(fn)
+            else:
+                p20, p50, p80 = _time_cpu(fn, cpu_budget_s)
+        except Exception as exc:
+            row["error"] = _describe(exc)
+            continue
+        row.update(p20_ms=p20, p50_ms=p50, p80_ms=p80,
+                   tflops=workload.flops(mode) / (p50 * 1e-3) / 1e12,
+                   gbps=workload.io_bytes(mode) / (p50 * 1e-3) / 1e9)
+    return rows
+
+
+def run(benchmarks: Sequence[OpBenchmark], *, device: str, dtype: torch.dtype, quick: bool,
+        cpu_budget_s: float = 0.3) -> list[dict]:
+    """Measures every case of every benchmark with every provider in every mode; prints one
+    progress line per case and returns the rows (dicts keyed by `COLUMNS`)."""
+    device = torch.device(device)
+    env = _environment(device, dtype)
+    plan = [(bench, case) for bench in benchmarks for case in bench.cases(quick, device.type)]
+    print(f"{len(plan)} cases on {env['device']} ({env['device_name']}), {env['dtype']}, torch "
+          f"{env['torch']}, triton {env['triton'] or '-'}, TRITON_INTERPRET="
+          f"{os.environ.get('TRITON_INTERPRET', '')!r}", flush=True)
+    rows = []
+    for index, (bench, case) in enumerate(plan, 1):
+        start = time.perf_counter()
+        base_row = {column: None for column in COLUMNS}
+        base_row.update(env, op=bench.name, **dataclasses.asdict(case))
+        case_rows = []
+        for provider in bench.providers:
+            case_rows += _measure(bench, provider, case, dtype, device, cpu_budget_s, base_row)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # the next provider's tensors start from a clean pool
+        errors = sum(row["error"] is not None for row in case_rows)
+        print(f"[{index}/{len(plan)}] {bench.name} {case.label()}: {len(case_rows)} rows, "
+              f"{errors} errors, {time.perf_counter() - start:.1f} s", flush=True)
+        rows += case_rows
+    return rows
+
+
+def _cell(value: Optional[float], fmt: str = ".4g") -> str:
+    return "" if value is None else format(value, fmt)
+
+
+def summary_markdown(rows: Sequence[dict], benchmarks: Sequence[OpBenchmark]) -> str:
+    """One table per (op, mode): per shape, each provider's p50 ms and its ratio to the
+    baseline, the declared speed-ups, and each provider's saved MB."""
+    if not rows:
+        return "# Benchmark summary\n\nNo rows.\n"
+    first = rows[0]
+    lines = ["# Benchmark summary", "",
+             f"{first['device']} ({first['device_name']}), {first['dtype']}, "
+             f"torch {first['torch']}, "
+             f"triton {first['triton'] or '-'}, git {first['git_sha']}, {first['timestamp']}", "",
+             "Cells: p50 ms (ratio to the baseline). 'a vs b': p50 of b / p50 of a (above 1: a is "
+             "faster). saved MB: activations autograd keeps for backward.", ""]
+    for bench in benchmarks:
+        for mode in MODES:
+            table = [row for row in rows if row["op"] == bench.name and row["mode"] == mode]
+            if not table:
+                continue
+            shape_columns = [c for c in SHAPE_COLUMNS if any(row[c] is not None for row in table)]
+            by_shape: dict[tuple, dict[str, dict]] = {}
+            for row in table:
+                by_shape.setdefault(tuple(row[c] for c in shape_columns), {})[row["provider"]] = row
+            header = (shape_columns + list(bench.providers)
+                      + [f"{fast} vs {slow}" for fast, slow in bench.speedups]
+                      + [f"saved MB {p}" for p in bench.providers])
+            lines += [f"## {bench.name} {mode}", "", "| " + " | ".join(header) + " |",
+                      "|" + "---|" * len(header)]
+            for shape, by_provider in by_shape.items():
+                p50 = {p: by_provider[p]["p50_ms"] for p in bench.providers if p in by_provider}
+                base = p50.get(bench.baseline)
+                cells = [str(v) for v in shape]
+                for provider in bench.providers:
+                    if provider not in by_provider:
+                        cells.append("")
+                    elif p50[provider] is None:
+                        cells.append("error")
+                    elif provider == bench.baseline or base is None:
+                        cells.append(_cell(p50[provider]))
+                    else:
+                        cells.append(f"{_cell(p50[provider])} ({p50[provider] / base:.3g}x)")
+                for fast, slow in bench.speedups:
+                    ok = p50.get(fast) is not None and p50.get(slow) is not None
+                    cells.append(f"{p50[slow] / p50[fast]:.3g}x" if ok else "")
+                cells += [_cell(by_provider.get(p, {}).get("saved_mb"), ".3g")
+                          for p in bench.providers]
+                lines.append("| " + " | ".join(cells) + " |")
+            lines.append("")
+    errors: dict[tuple, int] = {}
+    for row in rows:
+        if row["error"] is not None:
+            key = (row["op"], row["provider"], row["error"])
+            errors[key] = errors.get(key, 0) + 1
+    if errors:
+        lines += ["## Errors", ""]
+        lines += [f"- {op} / {provider} ({count} rows): {error}"
+                  for (op, provider, error), count in errors.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_results(rows: Sequence[dict], summary: str, out_dir: Path) -> None:
+    """Writes `results.csv` (one row per measurement, `COLUMNS`, empty for None) and
+    `summary.md` into out_dir, replacing earlier ones."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
+    (out_dir / "summary.md").write_text(summary)

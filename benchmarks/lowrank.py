@@ -1,0 +1,125 @@
+"""Benchmarks of `adapterops.lowrank_linear` (adapterops/ops/lowrank.py), as two ops:
+
+- `lamda`: W and A frozen, S and B trainable (methods.md §2);
+- `lora`: W frozen, A and B trainable, no S (methods.md §1).
+
+x requires a gradient in both (a layer inside a network passes dx on). W and bias are frozen.
+
+Providers, timed side by side:
+- `floor`: the frozen base layer alone, `F.linear(x, W, b)`; its backward is the one base GEMM
+  dX = dY W (autograd computes nothing else: W and b are frozen).
+- `torch_eager`: the unfused composition a PEFT-style layer runs, autograd through plain ops:
+  `F.linear(x, W, b) + F.linear(F.linear(F.linear(x, A), S), B) * s`.
+- `addmm`: the strongest simple alternative: cuBLAS GEMMs and one in-place accumulate,
+  `F.linear(x, W, b).addmm_(h2, B^T, alpha=s)`.
+- `torch`, `triton`: adapterops.lowrank_linear with backend="torch" (the reference) and
+  backend="triton" (the fused kernels).
+
+FLOP model (M tokens, K = in, N = out, rank r; 2 FLOPs per multiply-add; bias, scaling and
+elementwise adds not counted):
+- forward: base x W^T 2MKN; x A^T 2MrK; h1 S^T 2Mr^2 (lamda only); h2 B^T 2MrN.
+- backward: W is frozen, so the base costs dX = dY W alone, 2MKN (not the 2x of a layer
+  that trains W). Adapter: g = dY B 2MNr; dB = dY^T h2 2MNr; (g S) A into dX 2MrK; plus for
+  lamda g S 2Mr^2 and dS = g^T h1 2Mr^2, for lora dA = g^T x 2MrK.
+- floor: 2MKN forward, 2MKN backward.
+Byte model (the minimum: each input read once, each output written once, in the dtype):
+- forward reads x, W, bias, A, S (lamda), B and writes y.
+- backward reads dY, W, A, S (lamda), B and what the gradients need (lamda: h1, h2; lora: x,
+  h1) and writes dX and the weight gradients (lamda: dS, dB; lora: dA, dB).
+- floor: forward reads x, W, bias and writes y; backward reads dY, W and writes dX.
+"""
+import functools
+
+import torch
+import torch.nn.functional as F
+
+import adapterops
+
+from .harness import Case, OpBenchmark, Workload
+
+PROVIDERS = ("floor", "torch_eager", "addmm", "torch", "triton")
+SCALING = 0.5
+# (in, out) of LLaMA-7B-like projections: square attention, MLP up, MLP down.
+FULL_FEATURES = ((4096, 4096), (4096, 11008), (11008, 4096))
+FULL_TOKENS = (16, 512, 2048, 8192)
+FULL_RANKS = (8, 16, 64, 128)
+# The quick CPU cases must finish within minutes with triton under the interpreter, which runs
+# a 128 x 256 x 256 fused forward in about 2 s on this project's 2-core development machine.
+QUICK = {"cuda": (((4096, 4096),), (512, 8192), (16,)),
+         "cpu": (((256, 256),), (16, 128), (16,))}
+
+
+def cases(quick: bool, device_type: str) -> list[Case]:
+    features, tokens, ranks = (QUICK[device_type] if quick
+                               else (FULL_FEATURES, FULL_TOKENS, FULL_RANKS))
+    return [Case(M=M, K=K, N=N, r=r) for K, N in features for M in tokens for r in ranks]
+
+
+def _flops(case: Case, provider: str, lamda: bool) -> tuple[float, float]:
+    M, K, N, r = case.M, case.K, case.N, case.r
+    base = 2 * M * K * N
+    if provider == "floor":
+        return base, base
+    forward = base + 2 * M * r * (K + N) + (2 * M * r * r if lamda else 0)
+    backward = base + 4 * M * N * r + 2 * M * r * K + (4 * M * r * r if lamda else 2 * M * r * K)
+    return forward, backward
+
+
+def _bytes(case: Case, provider: str, lamda: bool, element_size: int) -> tuple[float, float]:
+    M, K, N, r = case.M, case.K, case.N, case.r
+    x, y, W = M * K, M * N, N * K
+    if provider == "floor":
+        return (x + W + N + y) * element_size, (y + W + x) * element_size
+    adapter = r * K + N * r + (r * r if lamda else 0)        # A, B and S: read once
+    saved = 2 * M * r if lamda else x + M * r                 # lamda: h1, h2; lora: x, h1
+    grads = r * r + N * r if lamda else r * K + N * r         # dS, dB or dA, dB
+    forward = x + W + N + adapter + y
+    backward = y + W + adapter + saved + x + grads
+    return forward * element_size, backward * element_size
+
+
+def workload(provider: str, case: Case, dtype: torch.dtype, device: torch.device, *,
+             lamda: bool) -> Workload:
+    """Fresh tensors for `case` and the provider's forward on them."""
+    M, K, N, r = case.M, case.K, case.N, case.r
+
+    def make(*shape, fan_in, trainable=False):
+        # Scaled by 1/sqrt(fan_in) so that y stays O(1) and finite in bf16.
+        t = torch.randn(*shape, dtype=dtype, device=device) / fan_in ** 0.5
+        return t.requires_grad_(trainable)
+
+    x = make(M, K, fan_in=1, trainable=True)
+    weight, bias = make(N, K, fan_in=K), make(N, fan_in=1)
+    lora_A = make(r, K, fan_in=K, trainable=not lamda)
+    lora_S = make(r, r, fan_in=r, trainable=True) if lamda else None
+    lora_B = make(N, r, fan_in=r, trainable=True)
+    adapter = tuple(t for t in (lora_A, lora_S, lora_B) if t is not None)
+
+    def shrink():
+        h = F.linear(x, lora_A)
+        return F.linear(h, lora_S) if lamda else h
+
+    forwards = {
+        "floor": lambda: F.linear(x, weight, bias),
+        "torch_eager": lambda: F.linear(x, weight, bias) + F.linear(shrink(), lora_B) * SCALING,
+        "addmm": lambda: F.linear(x, weight, bias).addmm_(shrink(), lora_B.t(), alpha=SCALING),
+        "torch": lambda: adapterops.lowrank_linear(x, weight, bias, lora_A, lora_B, SCALING,
+                                                   lora_S, backend="torch"),
+        "triton": lambda: adapterops.lowrank_linear(x, weight, bias, lora_A, lora_B, SCALING,
+                                                    lora_S, backend="triton"),
+    }
+    uses_adapter = provider != "floor"
+    fwd_flops, bwd_flops = _flops(case, provider, lamda)
+    fwd_bytes, bwd_bytes = _bytes(case, provider, lamda, x.element_size())
+    return Workload(
+        forward=forwards[provider],
+        grad_inputs=(x,) + (tuple(t for t in adapter if t.requires_grad) if uses_adapter else ()),
+        weights=(weight, bias) + (adapter if uses_adapter else ()),
+        fwd_flops=fwd_flops, bwd_flops=bwd_flops, fwd_bytes=fwd_bytes, bwd_bytes=bwd_bytes)
+
+
+BENCHMARKS = tuple(
+    OpBenchmark(name=name, cases=cases, providers=PROVIDERS,
+                workload=functools.partial(workload, lamda=name == "lamda"), baseline="floor",
+                speedups=(("triton", "torch_eager"), ("triton", "addmm")))
+    for name in ("lamda", "lora"))
