@@ -25,10 +25,18 @@ So the shrink design is the one whose overhead is bounded by a memory pass that 
 cheaper relative to the GEMM, and it is the simpler kernel. The benchmark suite measures both
 costs against the floor on a GPU; revisit this if the measured shrink overhead exceeds 5%.
 
+The backward pass sums dB and dS over row blocks with fp32 atomics: (M / BLOCK_M) N r_pad
+adds for dB, 8.4M at M = 8192, N = 4096, r = 16, BLOCK_M = 64, next to a 64 MiB read of dY.
+Whether they stay hidden behind that read is the first thing to measure on a GPU; a larger
+BLOCK_M halves them at the price of fewer programs streaming dY.
+
 Conventions: every tensor is addressed through (row, column) strides, so transposed views
 (W^T, B^T, A^T) need no copies; offsets are 64-bit; every load and store is masked. The rank
-is a runtime size R; BLOCK_R (a power of two >= 16, since `tl.dot` needs tiles of at least 16
-on a GPU) is the only rank-dependent compile-time value.
+is a runtime size R. Every contraction over the rank runs in chunks of R_CHUNK (16, the
+smallest `tl.dot` tile a GPU takes): on the fp32 path `tl.dot` lowers to FMAs that hold the
+whole contraction in registers, and a 128-wide one spilled tens of KB (sm_90 kernel report).
+So the GEMM has no rank-dependent compile-time value at all, and the two passes only BLOCK_R
+(the rank padded to a power of two >= 16) for their M x r accumulators.
 """
 import triton
 import triton.language as tl
@@ -37,12 +45,35 @@ from .common import mma
 
 
 @triton.jit
+def _rows_times_square(rows_ptr, stride_rows, offs_m, mask_m, q_ptr, stride_qi, stride_qj, R,
+                       BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr,
+                       UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """rows[offs_m, :R] @ Q[:R, :R] as a [BLOCK_M, BLOCK_R] fp32 tile.
+
+    `rows` (unit column stride) was just written by this program; the caller puts a barrier
+    between that store and this call. Re-reading it R_CHUNK columns at a time (from L1/L2)
+    keeps the contraction R_CHUNK wide, which is what bounds registers on the fp32 path.
+    """
+    offs_c = tl.arange(0, R_CHUNK)
+    offs_r = tl.arange(0, BLOCK_R)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for c0 in range(0, R, R_CHUNK):
+        cols = c0 + offs_c
+        a = tl.load(rows_ptr + offs_m[:, None] * stride_rows + cols[None, :],
+                    mask=mask_m[:, None] & (cols[None, :] < R), other=0.0)
+        q = tl.load(q_ptr + cols[:, None] * stride_qi + offs_r[None, :] * stride_qj,
+                    mask=(cols[:, None] < R) & (offs_r[None, :] < R), other=0.0)
+        acc = mma(a, q, acc, UPCAST, INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
 def lowrank_shrink_kernel(
     x_ptr, a_ptr, s_ptr, h1_ptr, h2_ptr,
     M, K, R,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_si, stride_sj, stride_h1m, stride_h2m,
     HAS_S: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    R_CHUNK: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """h1 = x A^T and (with S) h2 = h1 S^T for one block of BLOCK_M rows; one read of x."""
     pid = tl.program_id(0)
@@ -66,11 +97,11 @@ def lowrank_shrink_kernel(
     mask_h = mask_m[:, None] & mask_r[None, :]
     tl.store(h1_ptr + offs_m[:, None] * stride_h1m + offs_r[None, :], h1, mask=mask_h)
     if HAS_S:
-        # h2 from the rounded h1, as the unfused composition and the saved h1 (used by dS) see it.
-        # S^T tile: element (i, j) = S[j, i].
-        st = tl.load(s_ptr + offs_r[:, None] * stride_sj + offs_r[None, :] * stride_si,
-                     mask=mask_r[:, None] & mask_r[None, :], other=0.0)
-        h2 = mma(h1, st, tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), UPCAST, INPUT_PRECISION)
+        # h2 from the stored (rounded) h1, as the unfused composition and dS (which uses the
+        # saved h1) see it. S^T has element (i, j) = S[j, i].
+        tl.debug_barrier()
+        h2 = _rows_times_square(h1_ptr, stride_h1m, offs_m, mask_m, s_ptr, stride_sj, stride_si, R,
+                                BLOCK_M, BLOCK_R, R_CHUNK, UPCAST, INPUT_PRECISION)
         tl.store(h2_ptr + offs_m[:, None] * stride_h2m + offs_r[None, :],
                  h2.to(h2_ptr.dtype.element_ty), mask=mask_h)
 
@@ -82,7 +113,7 @@ def gemm_lowrank_kernel(
     stride_am, stride_ak, stride_bk, stride_bn, stride_hm, stride_hr, stride_cr, stride_cn,
     stride_om, stride_on,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, UPCAST: tl.constexpr,
+    GROUP_M: tl.constexpr, R_CHUNK: tl.constexpr, UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     """out = a @ b + bias + scale * h @ c   with a (M, K), b (K, N), h (M, R), c (R, N).
@@ -105,19 +136,21 @@ def gemm_lowrank_kernel(
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    offs_r = tl.arange(0, BLOCK_R)
+    offs_c = tl.arange(0, R_CHUNK)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    mask_r = offs_r < R
 
-    h = tl.load(h_ptr + offs_m[:, None] * stride_hm + offs_r[None, :] * stride_hr,
-                mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-    c = tl.load(c_ptr + offs_r[:, None] * stride_cr + offs_n[None, :] * stride_cn,
-                mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-    # Scale h, not the product: one [BLOCK_M, BLOCK_R] multiply, and the MMA accumulates
-    # straight into the GEMM's accumulator (no second BLOCK_M x BLOCK_N fp32 tile in registers).
-    h = (h.to(tl.float32) * scale).to(h_ptr.dtype.element_ty)
-    acc = mma(h, c, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, INPUT_PRECISION)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, R_CHUNK):
+        ranks = r0 + offs_c
+        h = tl.load(h_ptr + offs_m[:, None] * stride_hm + ranks[None, :] * stride_hr,
+                    mask=mask_m[:, None] & (ranks[None, :] < R), other=0.0)
+        c = tl.load(c_ptr + ranks[:, None] * stride_cr + offs_n[None, :] * stride_cn,
+                    mask=(ranks[:, None] < R) & mask_n[None, :], other=0.0)
+        # Scale h, not the product: a [BLOCK_M, R_CHUNK] multiply, and the MMA accumulates
+        # straight into the GEMM's accumulator (no second BLOCK_M x BLOCK_N fp32 tile).
+        h = (h.to(tl.float32) * scale).to(h_ptr.dtype.element_ty)
+        acc = mma(h, c, acc, UPCAST, INPUT_PRECISION)
 
     a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
@@ -142,7 +175,7 @@ def lowrank_grad_pass_kernel(
     stride_dym, stride_dyn, stride_bn, stride_br, stride_h1m, stride_h2m, stride_si, stride_sj,
     stride_gsm,
     HAS_S: tl.constexpr, COMPUTE_DB: tl.constexpr, COMPUTE_DS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr,
     UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """One pass over a BLOCK_M-row block of dY:
@@ -183,16 +216,24 @@ def lowrank_grad_pass_kernel(
         dy_ptrs += BLOCK_N * stride_dyn
         b_ptrs += BLOCK_N * stride_bn
 
-    g = (g * scale).to(gs_ptr.dtype.element_ty)
+    # g goes to the gS buffer first: without S it is the result; with S, dS and gS re-read it
+    # R_CHUNK columns at a time (see `_rows_times_square`) and gS then overwrites it.
+    gs_ptrs = gs_ptr + offs_m[:, None] * stride_gsm + offs_r[None, :]
+    tl.store(gs_ptrs, (g * scale).to(gs_ptr.dtype.element_ty), mask=mask_mr)
     if HAS_S:
-        mask_rr = mask_r[:, None] & mask_r[None, :]
+        tl.debug_barrier()
         if COMPUTE_DS:
             h1 = tl.load(h1_ptr + offs_m[:, None] * stride_h1m + offs_r[None, :], mask=mask_mr, other=0.0)
-            ds = mma(tl.trans(g), h1, tl.zeros((BLOCK_R, BLOCK_R), dtype=tl.float32),
-                     UPCAST, INPUT_PRECISION)
-            tl.atomic_add(ds_ptr + offs_r[:, None] * R + offs_r[None, :], ds, mask=mask_rr)
-        s = tl.load(s_ptr + offs_r[:, None] * stride_si + offs_r[None, :] * stride_sj,
-                    mask=mask_rr, other=0.0)
-        g = mma(g, s, tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32),
-                UPCAST, INPUT_PRECISION).to(gs_ptr.dtype.element_ty)
-    tl.store(gs_ptr + offs_m[:, None] * stride_gsm + offs_r[None, :], g, mask=mask_mr)
+            offs_c = tl.arange(0, R_CHUNK)
+            for c0 in range(0, R, R_CHUNK):
+                rows = c0 + offs_c
+                g_cols = tl.load(gs_ptr + offs_m[:, None] * stride_gsm + rows[None, :],
+                                 mask=mask_m[:, None] & (rows[None, :] < R), other=0.0)
+                ds = mma(tl.trans(g_cols), h1, tl.zeros((R_CHUNK, BLOCK_R), dtype=tl.float32),
+                         UPCAST, INPUT_PRECISION)
+                tl.atomic_add(ds_ptr + rows[:, None] * R + offs_r[None, :], ds,
+                              mask=(rows[:, None] < R) & mask_r[None, :])
+        gs = _rows_times_square(gs_ptr, stride_gsm, offs_m, mask_m, s_ptr, stride_si, stride_sj, R,
+                                BLOCK_M, BLOCK_R, R_CHUNK, UPCAST, INPUT_PRECISION)
+        tl.debug_barrier()  # every thread has read g before any thread overwrites it
+        tl.store(gs_ptrs, gs.to(gs_ptr.dtype.element_ty), mask=mask_mr)

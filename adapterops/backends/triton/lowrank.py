@@ -3,8 +3,8 @@
 Forward: shrink pass (h1, h2), then the base GEMM seeded with s h2 B^T.
 Backward: one pass over dY (g, dB, dS, gS), then the dx GEMM seeded with (g S) A; dA (LoRA
 mode only) is a plain cuBLAS/ATen GEMM (g S)^T x.
-Tile configurations are data below; the GEMM is autotuned per (token-count bucket, N, K, rank
-bucket, dtype), the two memory-bound passes use one configuration each.
+Tile configurations are data below; the GEMM is autotuned per (token-count bucket, N, K, rank,
+dtype), the two memory-bound passes use one configuration per element size.
 """
 from typing import Optional
 
@@ -17,8 +17,10 @@ from .common import (DTYPES, TRITON_DTYPE_NAMES, KernelConfig, bucket, device_re
                      dtype_reasons, interpreting, numerics_flags, pick_config, rank_block)
 
 MAX_RANK = 128
+RANK_CHUNK = 16  # the width of every contraction over the rank (see adapterops.kernels.lowrank)
 
-# GEMM tiles by element size. fp32 halves BLOCK_K so three stages fit in shared memory.
+# Tiles by element size (2: fp16/bf16 on tensor cores; 4: fp32, FMAs or TF32).
+# fp32 GEMMs halve BLOCK_K so three stages fit in shared memory.
 GEMM_CONFIGS = {
     2: [
         {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 4},
@@ -27,11 +29,27 @@ GEMM_CONFIGS = {
     ],
     4: [
         {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
-        {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 4},
+        {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 4},
     ],
 }
-SHRINK_CONFIG = {"BLOCK_M": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
-GRAD_PASS_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+# The two memory-bound passes: one configuration each per numerics class ("16bit": fp16/bf16
+# on tensor cores; "tf32"; "ieee": full fp32 on FMAs, which hold whole operand rows in
+# registers, hence the small tiles). Each was chosen so that no rank bucket spills in the
+# sm_90 kernel report: 4 warps spilled the 16-bit grad pass at rank 128 with S (364 bytes);
+# the fp32 grad pass spilled at rank 64 with 32-row tiles (660 bytes at 4 warps, 16 at 8);
+# the TF32 shrink spilled 8-28 bytes at rank 128 with 16- or 32-row tiles.
+# BLOCK_K = 32 keeps the fp32 shrink's pipeline inside an A100's shared memory (BLOCK_K = 128
+# needed 196,608 bytes at rank 128).
+SHRINK_CONFIGS = {
+    "16bit": {"BLOCK_M": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},
+    "tf32": {"BLOCK_M": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
+    "ieee": {"BLOCK_M": 32, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
+}
+GRAD_PASS_CONFIGS = {
+    "16bit": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
+    "tf32": {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3},
+    "ieee": {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 8, "num_stages": 3},
+}
 # Under the interpreter every program runs serially in NumPy: small tiles keep tests fast.
 INTERPRETER_CONFIGS = {
     "gemm": {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4},
@@ -47,8 +65,13 @@ def reasons(x: Tensor, weight: Tensor, lora_A: Tensor, **_) -> list[str]:
     return out
 
 
-def _gemm_configs(dtype: torch.dtype) -> list[dict]:
-    return GEMM_CONFIGS[torch.finfo(dtype).bits // 8]
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits // 8
+
+
+def _numerics_class(dtype: torch.dtype, flags: dict) -> str:
+    """The key of SHRINK_CONFIGS / GRAD_PASS_CONFIGS for a dtype and its `numerics_flags`."""
+    return "16bit" if dtype != torch.float32 else flags["INPUT_PRECISION"]
 
 
 def _launch(kernel, grid, args, config: dict, **constexprs):
@@ -68,7 +91,7 @@ def _gemm(a: Tensor, b: Tensor, h: Tensor, c: Tensor, bias: Optional[Tensor], sc
     args = (a, b, h, c, bias if bias is not None else out, out, M, N, Kdim, R, scale,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), h.stride(0), h.stride(1),
             c.stride(0), c.stride(1), out.stride(0), out.stride(1))
-    constexprs = dict(HAS_BIAS=bias is not None, BLOCK_R=rank_block(R), **flags)
+    constexprs = dict(HAS_BIAS=bias is not None, R_CHUNK=RANK_CHUNK, **flags)
 
     def launch(config):
         grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
@@ -77,8 +100,8 @@ def _gemm(a: Tensor, b: Tensor, h: Tensor, c: Tensor, bias: Optional[Tensor], sc
     if interpreting(kernel):
         config = INTERPRETER_CONFIGS["gemm"]
     else:
-        configs = _gemm_configs(a.dtype)
-        key = (bucket(M), N, Kdim, rank_block(R), a.dtype, bias is not None, a.device)
+        configs = GEMM_CONFIGS[_element_size(a.dtype)]
+        key = (bucket(M), N, Kdim, R, a.dtype, bias is not None, a.device)
         config = pick_config(key, configs, configs[0], launch, kernel)
     launch(config)
     return out
@@ -93,14 +116,15 @@ def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, l
     h2 = torch.empty((M, R), dtype=x.dtype, device=x.device) if lora_S is not None else x.new_empty(0)
     if M > 0:
         kernel = K.lowrank_shrink_kernel
-        config = INTERPRETER_CONFIGS["shrink"] if interpreting(kernel) else SHRINK_CONFIG
+        flags = numerics_flags(x.dtype, kernel)
+        config = (INTERPRETER_CONFIGS["shrink"] if interpreting(kernel)
+                  else SHRINK_CONFIGS[_numerics_class(x.dtype, flags)])
         S = lora_S if lora_S is not None else lora_A  # a valid pointer; unread without HAS_S
         _launch(kernel, (triton.cdiv(M, config["BLOCK_M"]),),
                 (x, lora_A, S, h1, h2 if lora_S is not None else h1, M, Kdim, R,
                  x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
                  S.stride(0), S.stride(1), h1.stride(0), R),
-                config, HAS_S=lora_S is not None, BLOCK_R=rank_block(R),
-                **numerics_flags(x.dtype, kernel))
+                config, HAS_S=lora_S is not None, BLOCK_R=rank_block(R), R_CHUNK=RANK_CHUNK, **flags)
     h = h2 if lora_S is not None else h1
     # b = W^T and c = B^T as strided views: no copies.
     y = _gemm(x, weight.t(), h, lora_B.t(), bias, scaling)
@@ -119,7 +143,9 @@ def backward(grad_y: Tensor, x: Optional[Tensor], h1: Optional[Tensor], h2: Opti
     dS = torch.zeros((R, R), dtype=torch.float32, device=device) if need_S else None
     if M > 0:
         kernel = K.lowrank_grad_pass_kernel
-        config = INTERPRETER_CONFIGS["grad_pass"] if interpreting(kernel) else GRAD_PASS_CONFIG
+        flags = numerics_flags(grad_y.dtype, kernel)
+        config = (INTERPRETER_CONFIGS["grad_pass"] if interpreting(kernel)
+                  else GRAD_PASS_CONFIGS[_numerics_class(grad_y.dtype, flags)])
         S = lora_S if lora_S is not None else lora_A  # a valid pointer; unread without HAS_S
         h1_arg = h1 if h1 is not None else gS       # likewise when dS is not asked for
         h2_arg = h2 if h2 is not None else gS       # likewise when dB is not asked for
@@ -130,7 +156,7 @@ def backward(grad_y: Tensor, x: Optional[Tensor], h1: Optional[Tensor], h2: Opti
                  lora_B.stride(0), lora_B.stride(1), h1_arg.stride(0), h2_arg.stride(0),
                  S.stride(0), S.stride(1), R),
                 config, HAS_S=lora_S is not None, COMPUTE_DB=need_B, COMPUTE_DS=need_S,
-                BLOCK_R=rank_block(R), **numerics_flags(grad_y.dtype, kernel))
+                BLOCK_R=rank_block(R), R_CHUNK=RANK_CHUNK, **flags)
     dx = _gemm(grad_y, weight, gS, lora_A, None, 1.0) if need_x else None
     dA = torch.mm(gS.t(), x) if need_A else None
     return (dx, dA,
@@ -155,34 +181,55 @@ def _signature(fn, dtype: torch.dtype, constexprs: dict, fp32_ptrs=()) -> dict:
     return signature
 
 
+# Strides that are 1 when the launchers above get contiguous tensors, per kernel and call path.
+# A launch turns an integer argument equal to 1 into a compile-time constant, so these are
+# constants in what a GPU compiles. As runtime strides they stop the loads from vectorizing:
+# the bf16 128x128x64 GEMM then compiled for sm_90 to scalar loads, 255 registers and 84 bytes
+# of spills; with them constant (and sizes multiples of 16) to cp.async and 132 registers.
+UNIT_STRIDES = {
+    # a = x, b = W^T, h = h2, c = B^T
+    "gemm fwd": ("stride_ak", "stride_bk", "stride_hr", "stride_cr", "stride_on"),
+    # a = dY, b = W, h = gS, c = A
+    "gemm bwd": ("stride_ak", "stride_bn", "stride_hr", "stride_cn", "stride_on"),
+    "shrink": ("stride_xk", "stride_ak", "stride_sj"),
+    "grad_pass": ("stride_dyn", "stride_br", "stride_sj"),
+}
+
+
 def kernel_configurations() -> list[KernelConfig]:
     """Every configuration the launchers above can pick on a GPU: each tile configuration in
-    each dtype and rank bucket, with the feature flags every call path can set."""
+    each dtype (fp32 in full precision and in TF32, as torch's fp32 matmul setting selects)
+    and rank bucket, with the feature flags and unit strides of every call path."""
     configs = []
+    variants = [(torch.float16, "tf32"), (torch.bfloat16, "tf32"),
+                (torch.float32, "ieee"), (torch.float32, "tf32")]
 
-    def add(fn, label, config, default, dtype, fp32_ptrs=(), **flags):
+    def add(fn, label, config, default, dtype, precision, unit_strides, fp32_ptrs=(), **flags):
         meta = {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}
-        constexprs = {**meta, **flags, "UPCAST": False,
-                      "INPUT_PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
+        constexprs = {**meta, **flags, **dict.fromkeys(unit_strides, 1), "R_CHUNK": RANK_CHUNK,
+                      "UPCAST": False, "INPUT_PRECISION": precision}
         configs.append(KernelConfig(fn.__name__, fn, label, _signature(fn, dtype, constexprs, fp32_ptrs),
                                     constexprs, config["num_warps"], config["num_stages"], default, dtype))
 
-    for dtype in DTYPES:
-        d = TRITON_DTYPE_NAMES[dtype]
+    for dtype, precision in variants:
+        d = TRITON_DTYPE_NAMES[dtype] + ("-tf32" if dtype == torch.float32 and precision == "tf32" else "")
+        size = _element_size(dtype)
+        numerics = _numerics_class(dtype, {"INPUT_PRECISION": precision})
+        for i, config in enumerate(GEMM_CONFIGS[size]):
+            tiles = f"{config['BLOCK_M']}x{config['BLOCK_N']}x{config['BLOCK_K']}"
+            # The backward (dx) GEMM never has a bias.
+            for path, has_bias in (("fwd", True), ("fwd", False), ("bwd", False)):
+                add(K.gemm_lowrank_kernel, f"{d} {path} {tiles} bias={has_bias}", config, i == 0,
+                    dtype, precision, UNIT_STRIDES[f"gemm {path}"], HAS_BIAS=has_bias)
         for block_r in (16, 32, 64, 128):
-            for i, config in enumerate(_gemm_configs(dtype)):
-                tiles = f"{config['BLOCK_M']}x{config['BLOCK_N']}x{config['BLOCK_K']}"
-                for has_bias in (True, False):
-                    add(K.gemm_lowrank_kernel, f"{d} R{block_r} {tiles} bias={has_bias}", config,
-                        i == 0, dtype, HAS_BIAS=has_bias, BLOCK_R=block_r)
             for has_s in (True, False):
-                add(K.lowrank_shrink_kernel, f"{d} R{block_r} S={has_s}", SHRINK_CONFIG, True,
-                    dtype, HAS_S=has_s, BLOCK_R=block_r)
+                add(K.lowrank_shrink_kernel, f"{d} R{block_r} S={has_s}", SHRINK_CONFIGS[numerics], True,
+                    dtype, precision, UNIT_STRIDES["shrink"], HAS_S=has_s, BLOCK_R=block_r)
                 for compute_db in (True, False):
                     for compute_ds in ((True, False) if has_s else (False,)):
                         add(K.lowrank_grad_pass_kernel,
                             f"{d} R{block_r} S={has_s} dB={compute_db} dS={compute_ds}",
-                            GRAD_PASS_CONFIG, True, dtype, fp32_ptrs=("db_ptr", "ds_ptr"),
-                            HAS_S=has_s, COMPUTE_DB=compute_db, COMPUTE_DS=compute_ds,
-                            BLOCK_R=block_r)
+                            GRAD_PASS_CONFIGS[numerics], True, dtype, precision, UNIT_STRIDES["grad_pass"],
+                            fp32_ptrs=("db_ptr", "ds_ptr"), HAS_S=has_s, COMPUTE_DB=compute_db,
+                            COMPUTE_DS=compute_ds, BLOCK_R=block_r)
     return configs

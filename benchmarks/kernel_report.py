@@ -1,0 +1,248 @@
+"""Compile every Triton kernel configuration the dispatcher can choose, without a GPU, and report
+what ptxas made of each: registers, spills, shared memory and the matrix instruction.
+
+    python -m benchmarks.kernel_report --arch sm_90 [--arch sm_80] [--default-only | --quick]
+        [--kernel SUBSTRING] [--sizes {aligned,odd,both}] [--jobs N] [--csv PATH]
+
+The configurations are `adapterops.backends.triton.kernel_configurations()` (`--default-only`:
+those used with ADAPTEROPS_AUTOTUNE=0; `--quick`: those and one other of each kernel and dtype),
+each compiled as a launch specializes it: every pointer 16-byte aligned (torch allocations are)
+and, per `--sizes`, either every runtime size and stride a multiple of 16 (`aligned`, the
+default: hidden sizes, rank and token count like 4096, 16, 8192) or none of them (`odd`: 37
+tokens, K = 70, rank 5). The two compile to different code: only aligned loads become cp.async
+copies through a shared-memory pipeline, so `aligned` shows the shared memory a configuration
+really needs (bf16 128x128x64 GEMM on sm_90: 135168 bytes, 132 registers), while `odd` loads
+element by element with a 64-bit address each (32768 bytes, 255 registers and 216 bytes of
+spills).
+
+One row per (configuration, sizes, arch): registers, spills (bytes of spill stores + loads),
+shared memory bytes, `wgmma` / `mma` / `none` (the PTX's matrix instruction) and compile seconds.
+Exits 1 if a compile fails, a configuration needs more shared memory than the arch gives one
+block, or a default configuration spills.
+
+Compiles run in a process pool (`--jobs`, default: every CPU) against a fresh TRITON_CACHE_DIR,
+so the times are real compiles, never cache hits. Kernels built under TRITON_INTERPRET=1 cannot
+be compiled, so the report re-runs itself without that variable.
+"""
+import argparse
+import concurrent.futures
+import contextlib
+import csv
+import io
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+ARCHS = {  # name -> (compute capability, most shared memory one block can use, in bytes)
+    "sm_90": (90, 232448),
+    "sm_80": (80, 166912),
+}
+SIZES = ("aligned", "odd")
+COLUMNS = ("kernel", "label", "dtype", "sizes", "arch", "default", "num_warps", "num_stages",
+           "registers", "spills", "shared", "mma", "seconds", "error")
+
+_configs = None  # each worker's kernel_configurations(), indexed by the jobs it is sent
+
+
+def _load_configs():
+    from adapterops.backends.triton import kernel_configurations
+    return kernel_configurations()
+
+
+def _init_worker():
+    global _configs
+    _configs = _load_configs()
+
+
+def _attrs(cfg, sizes: str) -> dict:
+    """Triton's launch-time specialization of `cfg`'s runtime arguments (see `JITFunction`'s
+    `_pack_args`): pointers, and for `aligned` integers, known divisible by 16."""
+    hinted = ("*", "i") if sizes == "aligned" else ("*",)
+    return {(cfg.fn.arg_names.index(name),): [["tt.divisibility", 16]]
+            for name, ty in cfg.signature.items() if ty.startswith(hinted)}
+
+
+def _ptxas_stats(log: str) -> tuple:
+    """(registers, spill bytes) from a `ptxas -v` log; "?" for what it does not say."""
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return (int(regs.group(1)) if regs else "?",
+            int(spills.group(1)) + int(spills.group(2)) if spills else "?")
+
+
+def _matrix_instruction(ptx: str) -> str:
+    if "wgmma.mma_async" in ptx:
+        return "wgmma"
+    if "mma.sync" in ptx:
+        return "mma"
+    return "none"
+
+
+def _compile(job: tuple) -> dict:
+    """One row: compile configuration `index` for `arch` with the `sizes` specialization."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    index, sizes, arch = job
+    cfg = _configs[index]
+    row = {"kernel": cfg.kernel, "label": cfg.label, "dtype": str(cfg.dtype).replace("torch.", ""),
+           "sizes": sizes, "arch": arch, "default": cfg.default, "num_warps": cfg.num_warps,
+           "num_stages": cfg.num_stages, "registers": "?", "spills": "?", "shared": "?",
+           "mma": "?", "seconds": "?", "error": ""}
+    if not isinstance(cfg.fn, triton.runtime.JITFunction):
+        row["error"] = "the kernel was built by the Triton interpreter (TRITON_INTERPRET is set)"
+        return row
+    source = ASTSource(fn=cfg.fn, signature=cfg.signature, constexprs=cfg.constexprs,
+                       attrs=_attrs(cfg, sizes))
+    log = io.StringIO()
+    start = time.perf_counter()
+    try:
+        # TRITON_DUMP_PTXAS_LOG makes Triton print its own `ptxas -v` log: the registers and
+        # spills of exactly this cubin, at no extra compile. A failing ptxas prints its whole
+        # PTX here too, which the exception's message already summarises.
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(source, target=GPUTarget("cuda", ARCHS[arch][0], 32),
+                                      options={"num_warps": cfg.num_warps,
+                                               "num_stages": cfg.num_stages})
+    except Exception as exc:  # a failed compile is a row of the report, never its end
+        row["seconds"] = round(time.perf_counter() - start, 2)
+        row["error"] = f"{type(exc).__name__}: {exc}".strip()
+        return row
+    row["seconds"] = round(time.perf_counter() - start, 2)
+    row["registers"], row["spills"] = _ptxas_stats(log.getvalue())
+    row["shared"] = compiled.metadata.shared
+    row["mma"] = _matrix_instruction(compiled.asm["ptx"])
+    return row
+
+
+def _problems(row: dict) -> list[str]:
+    """Why `row` fails the report; empty when it passes."""
+    if row["error"]:
+        return ["compile failed"]
+    out = []
+    limit = ARCHS[row["arch"]][1]
+    if row["shared"] > limit:
+        out.append(f"shared memory {row['shared']} > {limit}")
+    # An unknown spill count ("?") fails too: the check must not pass by not looking.
+    if row["default"] and row["spills"] != 0:
+        out.append(f"default configuration spills ({row['spills']} bytes)")
+    return out
+
+
+def _print_row(row: dict, widths: dict):
+    cells = [str(row[c]).ljust(widths[c]) for c in COLUMNS if c != "error"]
+    line = "  ".join(cells)
+    problems = _problems(row)
+    if problems:
+        line += "  FAIL: " + "; ".join(problems)
+    print(line, flush=True)
+    if row["error"]:
+        print("    " + row["error"].replace("\n", "\n    "), flush=True)
+
+
+def _rerun_without_interpreter(argv: list[str]) -> int:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    print("kernel_report: TRITON_INTERPRET is set, which builds the kernels for the interpreter; "
+          "re-running without it", file=sys.stderr, flush=True)
+    return subprocess.run([sys.executable, "-m", "benchmarks.kernel_report", *argv],
+                          env=env).returncode
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.kernel_report",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", action="append", choices=sorted(ARCHS),
+                        help="target architecture, repeatable (default: sm_90)")
+    subset = parser.add_mutually_exclusive_group()
+    subset.add_argument("--default-only", action="store_true",
+                        help="only the configurations used with ADAPTEROPS_AUTOTUNE=0")
+    subset.add_argument("--quick", action="store_true",
+                        help="the default configurations and one other of each kernel and dtype")
+    parser.add_argument("--kernel", default="", help="only kernels whose name contains this")
+    parser.add_argument("--sizes", choices=(*SIZES, "both"), default="aligned",
+                        help="size and stride specialization to compile (default: aligned)")
+    parser.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
+                        help="compiles in parallel (default: every CPU)")
+    parser.add_argument("--csv", help="also write the rows to this CSV file")
+    args = parser.parse_args(argv)
+    if "TRITON_INTERPRET" in os.environ:
+        return _rerun_without_interpreter(argv)
+
+    archs = args.arch or ["sm_90"]
+    sizes = SIZES if args.sizes == "both" else (args.sizes,)
+    configs = _load_configs()
+    chosen = [i for i, cfg in enumerate(configs)
+              if args.kernel in cfg.kernel and (cfg.default or not args.default_only)]
+    if args.quick:
+        first_other = {}
+        for i in chosen:
+            if not configs[i].default:
+                first_other.setdefault((configs[i].kernel, configs[i].dtype), i)
+        chosen = [i for i in chosen if configs[i].default or i in first_other.values()]
+    jobs = [(i, s, arch) for i in chosen for s in sizes for arch in archs]
+    if not jobs:
+        print(f"no configuration matches --kernel {args.kernel!r}", file=sys.stderr)
+        return 2
+
+    import triton
+    print(f"triton {triton.__version__}: {len(jobs)} compiles with {args.jobs} jobs", flush=True)
+    widths = {c: len(c) for c in COLUMNS}
+    widths.update(kernel=max(len(configs[i].kernel) for i, _, _ in jobs),
+                  label=max(len(configs[i].label) for i, _, _ in jobs),
+                  dtype=len("bfloat16"), sizes=len("aligned"), mma=len("wgmma"), shared=6)
+    print("  ".join(c.ljust(widths[c]) for c in COLUMNS if c != "error"), flush=True)
+
+    rows = []
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="kernel_report_cache_") as cache:
+        # The workers inherit this environment. A fresh cache makes every compile a real one
+        # (a warm cache answered in 0.5 s a compile that took 2 s); fp fusion on is Triton 3.9's
+        # default, set to silence its warning that the default will change.
+        os.environ["TRITON_CACHE_DIR"] = cache
+        os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+        os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+        # spawn, not fork: the parent has imported torch and triton, whose threads and
+        # compiler state a forked child must not inherit.
+        with concurrent.futures.ProcessPoolExecutor(
+                args.jobs, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker) as pool:
+            futures = [pool.submit(_compile, job) for job in jobs]
+            for job, future in zip(jobs, futures):
+                try:
+                    row = future.result()
+                except Exception as exc:  # a worker that died (e.g. a crashing compiler)
+                    i, s, arch = job
+                    row = {c: "?" for c in COLUMNS}
+                    row.update(kernel=configs[i].kernel, label=configs[i].label, sizes=s,
+                               arch=arch, default=configs[i].default,
+                               error=f"{type(exc).__name__}: {exc}")
+                _print_row(row, widths)
+                rows.append(row)
+    wall = time.perf_counter() - start
+
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    compiled = [r for r in rows if not r["error"]]
+    spilling = [r for r in compiled if r["spills"] != 0]
+    failing = [r for r in rows if _problems(r)]
+    compile_seconds = sum(r["seconds"] for r in compiled)
+    print(f"{len(compiled)} compiled, {len(rows) - len(compiled)} failed, "
+          f"{len(spilling)} spilling ({sum(r['default'] for r in spilling)} default), "
+          f"{sum(r['shared'] > ARCHS[r['arch']][1] for r in compiled)} over the shared-memory "
+          f"limit, {sum(r['mma'] == 'wgmma' for r in compiled)} wgmma; "
+          f"{wall:.1f} s total with {args.jobs} jobs ({compile_seconds:.1f} s of compiles)")
+    return 1 if failing else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
