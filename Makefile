@@ -17,22 +17,28 @@ PY := $(VENV)/bin/python
 SETUP := $(VENV)/.installed
 endif
 
-.PHONY: test bench kernel-report clean
+.PHONY: test bench kernel-report check-installed clean
 
 $(VENV)/.installed: setup.py
 	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip setuptools wheel
 	$(VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" "$(TRITON_SPEC)"
-	$(VENV)/bin/python -m pip install -q -e '.[test]'
+	# No build isolation: setup.py must see the torch installed above to decide on the CUDA
+	# extension.
+	$(VENV)/bin/python -m pip install -q --no-build-isolation -e '.[test]'
 	touch $@
 
-test: $(SETUP)
+# With PYTHON=..., the package must already be installed in that environment.
+check-installed:
+	@$(PY) -c "import adapterops.kernels" 2>/dev/null || { echo "adapterops is not installed for $(PY): run '$(PY) -m pip install --no-deps --no-build-isolation -e .' once" >&2; exit 1; }
+
+test: $(SETUP) check-installed
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
-bench: $(SETUP)
+bench: $(SETUP) check-installed
 	$(PY) -m benchmarks $(BENCH_ARGS)
 
-kernel-report: $(SETUP)
+kernel-report: $(SETUP) check-installed
 	$(PY) -m benchmarks.kernel_report --arch sm_90
 
 clean:

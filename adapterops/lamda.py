@@ -5,12 +5,13 @@ LaMDA layers are recognised by duck typing (a module with `lora_A`, `lora_S` and
 this module does not import the module classes (imports point down).
 """
 import math
+from fractions import Fraction
 from typing import Iterable, Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from .pissa import top_singular_triplets
+from .pissa import factor_dtype, top_singular_triplets
 
 
 def svd_factors(weight: Tensor, rank: int, scaling: float):
@@ -42,14 +43,19 @@ class BFreezeSchedule:
     its gradient dropped), so the fused backward stops computing dB altogether.
 
     Call `step()` once per optimizer step, after `loss.backward()` and before
-    `optimizer.step()`, so the columns are zeroed in the gradient that step applies:
+    `optimizer.step()`:
 
         loss.backward(); schedule.step(); optimizer.step(); optimizer.zero_grad()
 
+    The call for optimizer step t (1-based) zeroes the columns frozen after step t - 1 in the
+    gradient step t applies, so the first step trains every column and B gets exactly
+    ceil(eta * T) updates; once `t >= eta * T` it sets `requires_grad = False`, so later
+    backward passes compute no dB (and a left-over gradient is dropped on the next call).
+
     A zero gradient alone does not stop a momentum optimizer (Adam keeps moving an entry on its
     first moment). Pass `optimizer` and the schedule also zeroes the frozen columns of its
-    `exp_avg` / `momentum_buffer` state, which makes Adam's and SGD-momentum's step on them
-    exactly zero.
+    `exp_avg` / `momentum_buffer` state, which makes the step of Adam and of SGD with momentum
+    exactly zero there, provided the optimizer has no weight decay (decay still shrinks them).
     """
 
     def __init__(self, model: nn.Module, total_steps: int, eta: float = 0.3,
@@ -66,21 +72,21 @@ class BFreezeSchedule:
         self.step_count = 0
 
     def frozen_columns(self, rank: int, step: Optional[int] = None) -> int:
-        """How many leading columns of a rank-`rank` B are frozen after `step` (default: now)."""
+        """How many leading columns of a rank-`rank` B are frozen after `step` (default: the
+        steps taken so far): min(r, floor(r t / (eta T))), in exact rational arithmetic (a
+        float eta * T like 0.1 * 48 would round some boundaries the wrong way)."""
         t = self.step_count if step is None else step
-        return min(rank, math.floor(rank * t / (self.eta * self.total_steps)))
+        eta = Fraction(self.eta).limit_denominator(10 ** 6)
+        return min(rank, math.floor(Fraction(rank * t) / (eta * self.total_steps)))
 
     def step(self) -> None:
-        self.step_count += 1
         for layer in self.layers:
             B = layer.lora_B
             if not B.requires_grad:
+                B.grad = None  # frozen by an earlier call; its last gradient was applied then
                 continue
-            frozen = self.frozen_columns(B.shape[1])
-            if frozen >= B.shape[1]:
-                B.requires_grad_(False)
-                B.grad = None
-                continue
+            rank = B.shape[1]
+            frozen = self.frozen_columns(rank)
             if frozen and B.grad is not None:
                 B.grad[:, :frozen] = 0
             if frozen and self.optimizer is not None:
@@ -88,6 +94,9 @@ class BFreezeSchedule:
                 for key in ("exp_avg", "momentum_buffer"):
                     if isinstance(state.get(key), Tensor):
                         state[key][:, :frozen] = 0
+            if self.frozen_columns(rank, self.step_count + 1) >= rank:
+                B.requires_grad_(False)  # this step's update is B's last
+        self.step_count += 1
 
     def state_dict(self) -> dict:
         return {"step_count": self.step_count, "total_steps": self.total_steps, "eta": self.eta}
@@ -102,8 +111,7 @@ class BFreezeSchedule:
 def effective_rank(weight: Tensor) -> float:
     """exp(entropy) of the normalised singular values p_i = σ_i / Σσ (1 for a rank-1 matrix,
     min(shape) for a matrix with a flat spectrum)."""
-    sigma = torch.linalg.svdvals(weight.detach().to(torch.float64 if weight.dtype == torch.float64
-                                                    else torch.float32))
+    sigma = torch.linalg.svdvals(weight.detach().to(factor_dtype(weight)))
     total = sigma.sum()
     if total <= 0:
         return 1.0

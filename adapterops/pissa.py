@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 
 
-def _svd_dtype(weight: Tensor) -> torch.dtype:
+def factor_dtype(weight: Tensor) -> torch.dtype:
+    """The dtype factorizations and merges of `weight` run in: fp32, or float64 for float64."""
     return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
 
@@ -22,7 +23,7 @@ def top_singular_triplets(weight: Tensor, rank: int, niter: Optional[int] = None
     if not 1 <= rank <= min(weight.shape):
         raise ValueError(f"rank must be in [1, min(weight.shape)] = [1, {min(weight.shape)}] "
                          f"for an SVD-based init of a weight of shape {tuple(weight.shape)}, got {rank}")
-    w = weight.detach().to(_svd_dtype(weight))
+    w = weight.detach().to(factor_dtype(weight))
     if niter is None:
         U, sigma, Vh = torch.linalg.svd(w, full_matrices=False)
         return U[:, :rank], sigma[:rank], Vh[:rank]
@@ -32,6 +33,8 @@ def top_singular_triplets(weight: Tensor, rank: int, niter: Optional[int] = None
 
 def pissa_factors(weight: Tensor, rank: int, scaling: float, niter: Optional[int] = None):
     """(A, B, W_res) in weight's dtype with s B A + W_res = W up to rounding."""
+    if not scaling > 0:
+        raise ValueError(f"PiSSA takes sqrt(sigma / scaling): scaling = alpha / rank must be > 0, got {scaling}")
     U, sigma, Vh = top_singular_triplets(weight, rank, niter)
     root = (sigma / scaling).sqrt()
     A = root[:, None] * Vh

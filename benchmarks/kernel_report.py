@@ -60,10 +60,12 @@ def _init_worker():
 
 def _attrs(cfg, sizes: str) -> dict:
     """Triton's launch-time specialization of `cfg`'s runtime arguments (see `JITFunction`'s
-    `_pack_args`): pointers, and for `aligned` integers, known divisible by 16."""
+    `_pack_args`): pointers, and for `aligned` integers, known divisible by 16, except the
+    kernel's `do_not_specialize` arguments, which a launch never specializes."""
     hinted = ("*", "i") if sizes == "aligned" else ("*",)
+    unspecialized = {cfg.fn.arg_names[p.num] for p in cfg.fn.params if p.do_not_specialize}
     return {(cfg.fn.arg_names.index(name),): [["tt.divisibility", 16]]
-            for name, ty in cfg.signature.items() if ty.startswith(hinted)}
+            for name, ty in cfg.signature.items() if ty.startswith(hinted) and name not in unspecialized}
 
 
 def _ptxas_stats(log: str) -> tuple:

@@ -31,12 +31,18 @@ Whether they stay hidden behind that read is the first thing to measure on a GPU
 BLOCK_M halves them at the price of fewer programs streaming dY.
 
 Conventions: every tensor is addressed through (row, column) strides, so transposed views
-(W^T, B^T, A^T) need no copies; offsets are 64-bit; every load and store is masked. The rank
+(W^T, B^T, A^T) need no copies; row offsets are 64-bit (a column stride times a tile width
+stays 32-bit: below 2^31 / 128 for a transposed x, i.e. 16M tokens); every load and store is
+masked. The rank
 is a runtime size R. Every contraction over the rank runs in chunks of R_CHUNK (16, the
 smallest `tl.dot` tile a GPU takes): on the fp32 path `tl.dot` lowers to FMAs that hold the
 whole contraction in registers, and a 128-wide one spilled tens of KB (sm_90 kernel report).
 So the GEMM has no rank-dependent compile-time value at all, and the two passes only BLOCK_R
-(the rank padded to a power of two >= 16) for their M x r accumulators.
+(the rank padded to a power of two >= 16) for their M x r accumulators. The token count M,
+the rank R and the row strides of the M x r buffers (which equal R) are `do_not_specialize`:
+Triton would otherwise compile new variants for a value of 1 or a multiple of 16, i.e. when a
+batch size or a rank changes. So a new alpha never recompiles, and a new rank only when it
+crosses into another BLOCK_R bucket (16, 32, 64, 128).
 """
 import triton
 import triton.language as tl
@@ -67,7 +73,7 @@ def _rows_times_square(rows_ptr, stride_rows, offs_m, mask_m, q_ptr, stride_qi, 
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "R", "stride_h1m", "stride_h2m"])
 def lowrank_shrink_kernel(
     x_ptr, a_ptr, s_ptr, h1_ptr, h2_ptr,
     M, K, R,
@@ -106,7 +112,7 @@ def lowrank_shrink_kernel(
                  h2.to(h2_ptr.dtype.element_ty), mask=mask_h)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "R", "stride_hm"])
 def gemm_lowrank_kernel(
     a_ptr, b_ptr, h_ptr, c_ptr, bias_ptr, out_ptr,
     M, N, K, R, scale,
@@ -168,7 +174,7 @@ def gemm_lowrank_kernel(
              acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "R", "stride_h1m", "stride_h2m", "stride_gsm"])
 def lowrank_grad_pass_kernel(
     dy_ptr, b_ptr, h1_ptr, h2_ptr, s_ptr, gs_ptr, db_ptr, ds_ptr,
     M, N, R, scale,

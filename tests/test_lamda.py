@@ -26,35 +26,43 @@ def test_schedule_freezes_leading_columns_then_all():
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.1)
     schedule = BFreezeSchedule(model, total_steps=10, eta=0.3, optimizer=opt)
     assert schedule.layers == [lamda1, lamda2]
-    # eta * T = 3 steps: rank 8 freezes floor(8 t / 3) = 2, 5, 8 columns; rank 4: 1, 2, 4.
-    expected = {1: (2, 1), 2: (5, 2), 3: (8, 4)}
-    for t in (1, 2):
+    # eta * T = 3: after step t, rank 8 has floor(8 t / 3) = 0, 2, 5, 8 columns frozen (t = 0..3),
+    # rank 4 has 0, 1, 2, 4. Optimizer step t applies a gradient with the columns frozen after
+    # step t - 1 zeroed, and step 3 is B's last update.
+    frozen_before = {1: (0, 0), 2: (2, 1), 3: (5, 2)}
+    for t in (1, 2, 3):
         before = [lamda1.lora_B.detach().clone(), lamda2.lora_B.detach().clone()]
         opt.zero_grad()
         _backward(model)
         schedule.step()
-        for layer, frozen, old in zip((lamda1, lamda2), expected[t], before):
-            assert schedule.frozen_columns(layer.rank) == frozen
-            assert torch.count_nonzero(layer.lora_B.grad[:, :frozen]) == 0
-            assert torch.count_nonzero(layer.lora_B.grad[:, frozen:]) > 0
+        assert schedule.step_count == t
+        for layer, frozen in zip((lamda1, lamda2), frozen_before[t]):
+            assert torch.count_nonzero(layer.lora_B.grad[:, :frozen]) == 0, (t, frozen)
+            assert torch.count_nonzero(layer.lora_B.grad[:, frozen:]) > 0, (t, frozen)
+            assert layer.lora_B.requires_grad == (t < 3), t
         opt.step()
-        for layer, frozen, old in zip((lamda1, lamda2), expected[t], before):
+        for layer, frozen, old in zip((lamda1, lamda2), frozen_before[t], before):
             # With the optimizer's first moments zeroed too, Adam leaves frozen columns exactly alone.
             assert torch.equal(layer.lora_B[:, :frozen], old[:, :frozen]), t
             assert not torch.equal(layer.lora_B[:, frozen:], old[:, frozen:]), t
-    opt.zero_grad()
-    _backward(model)
-    schedule.step()
-    for layer in (lamda1, lamda2):
-        assert not layer.lora_B.requires_grad and layer.lora_B.grad is None
-    opt.step()
-    opt.zero_grad()
+    frozen_B = [lamda1.lora_B.detach().clone(), lamda2.lora_B.detach().clone()]
+    opt.zero_grad(set_to_none=False)  # a left-over zero gradient must not keep Adam moving B
     _backward(model)  # backward with B frozen: no dB at all
-    assert lamda1.lora_B.grad is None and lamda1.lora_S.grad is not None
+    schedule.step()
+    assert lamda1.lora_B.grad is None and lamda2.lora_B.grad is None
+    assert lamda1.lora_S.grad is not None
+    opt.step()
+    assert torch.equal(lamda1.lora_B, frozen_B[0]) and torch.equal(lamda2.lora_B, frozen_B[1])
     state = schedule.state_dict()
     resumed = BFreezeSchedule(_model(), total_steps=10, eta=0.3)
     resumed.load_state_dict(state)
-    assert resumed.step_count == 3 and not resumed.layers[0].lora_B.requires_grad
+    assert resumed.step_count == 4 and not resumed.layers[0].lora_B.requires_grad
+
+
+def test_frozen_columns_exact_arithmetic():
+    """0.1 * 48 is 4.800000000000001 in floats: floor(8 * 3 / 4.8) must still be 5."""
+    schedule = BFreezeSchedule(_model(), total_steps=48, eta=0.1)
+    assert [schedule.frozen_columns(8, t) for t in range(6)] == [0, 1, 3, 5, 6, 8]
 
 
 @pytest.mark.parametrize("kwargs,match", [

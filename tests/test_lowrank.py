@@ -4,13 +4,17 @@
 
 1. The oracle: gradcheck of the torch backend in float64 (its backward formulas against
    numerical derivatives).
-2. Each backend against the float64 reference (the torch backend on float64 copies of the same
-   inputs), forward and every gradient asked for, by the rule in tests/utils.py.
+2. The Triton backend against the float64 reference (the torch backend on float64 copies of
+   the same inputs), forward and every gradient asked for, by the rule in tests/utils.py (whose
+   baseline is the torch backend in the same dtype), over odd shapes, ranks 1-128, and
+   non-contiguous x, parameters and upstream gradients (stride 0 included).
 3. The memory contract: what backward saves, counted with saved_tensors_hooks.
 4. A frozen lora_B: no lora_B.grad, and backward never computes dB.
 5. The custom ops under `torch.library.opcheck` and `torch.compile(fullgraph=True)`.
 6. Bad input raises at the Python boundary, naming the argument and the sizes.
 7. Zero tokens.
+8. Autotuning (pick_config): the fastest config, cached per key; ADAPTEROPS_AUTOTUNE=0; no tuning
+   during a CUDA graph capture; configs that do not fit the device skipped.
 
 Without a GPU the Triton kernels run under the interpreter on CPU tensors (tests/conftest.py);
 with one, the same tests run on CUDA tensors through the `device` fixture.
@@ -53,21 +57,38 @@ class Case:
     x_grad: bool = True
     scaling: float = 2.0
     seed: int = 0
+    params: str = "contiguous"  # "strided": weight, lora_A, lora_B, lora_S as .t() views of
+                                # transposed storage, bias as every other element of a 2N
+                                # tensor; "strided-col": the same, bias a column of an (N, 3)
+                                # matrix (stride 3)
+    grad_y: str = "random"      # the upstream gradient: "random" (contiguous); "transposed"
+                                # (an (out, *lead) tensor's movedim view: token stride 1);
+                                # "expanded" (a random (out,) row expanded over the tokens:
+                                # token stride 0); "sum" (backward of y.sum(): every stride 0)
 
 
-# The test matrix. Each case below runs in every dtype (fp32, fp16, bf16) on both backends;
-# crossing dtypes and backends is cheap (each Triton case takes well under a second under the
-# interpreter), crossing the shape/mode features is not needed. Every item is covered at least
-# once:
+# The test matrix. Each case below runs in every dtype (fp32, fp16, bf16) on the Triton backend
+# (the torch backend is the baseline of the comparison; see test_matches_float64_reference);
+# crossing dtypes is cheap (each Triton case takes well under a second under the interpreter),
+# crossing the shape/mode features is not needed. Every item is covered at least once:
 #   1 token ............................ one-token
 #   sizes not divisible by 16 ........... every case but one-token: odd-* (in=70, out=50, M=37),
 #                                         transposed (40, 36, 33), sliced (56, 44, 21), 3d (M=18)
 #   ranks 1, 5, 16, 64, 128 ............ odd-lora-nobias, odd-lamda, one-token/sliced, 3d, transposed
+#   ranks > 16, not multiples of 16 ..... strided-lamda-r40, strided-col-lora-r100,
+#     (the rank is contracted in chunks    strided-frozenB-r100 (BLOCK_R 64 and 128, masked tails
+#     of 16 with a masked tail)            of 8 and 4; with and without S)
+#   rank 128 with dB, LoRA at rank 64 ... lamda-r128-dy-sum, lora-r64-dy-expanded
 #   LoRA / LaMDA / LaMDA with B frozen .. odd-lora-nobias / odd-lamda / transposed
 #   3-D x ............................... 3d-lamda (contiguous), 3d-sliced-lora (row stride 2*in)
 #   non-contiguous x .................... transposed (column stride M), 3d-sliced-lora
-#   bias=None ........................... odd-lora-nobias
-#   weight and bias gradients ........... 3d-sliced-lora (train_base)
+#   non-contiguous parameters ........... strided-* (weight, lora_A, lora_B, lora_S as transposed
+#                                         views; bias with stride 2, or 3 as a matrix column)
+#   upstream gradient with stride 0 ..... lamda-r128-dy-sum (y.sum()), lora-r64-dy-expanded
+#   non-contiguous upstream gradient .... strided-col-lora-r100, strided-frozenB-r100 (transposed)
+#   scaling not a power of two .......... 0.7 and 5/3 (the rounding of s * h): strided-*, *-dy-*
+#   bias=None ........................... odd-lora-nobias, strided-frozenB-r100
+#   weight and bias gradients ........... 3d-sliced-lora, strided-lamda-r40 (strided W and bias)
 #   x not trainable (dx not asked for) .. 3d-lamda
 CASES = [
     Case("one-token-lora-r16", (1,), 64, 48, 16, "lora", seed=1),
@@ -78,13 +99,26 @@ CASES = [
          layout="transposed", seed=5),
     Case("3d-sliced-lora-r16-trainbase", (3, 7), 56, 44, 16, "lora", layout="sliced",
          train_base=True, seed=6),
+    Case("strided-lamda-r40-trainbase", (29,), 48, 36, 40, "lamda", params="strided",
+         train_base=True, scaling=0.7, seed=7),
+    Case("strided-col-lora-r100-dy-transposed", (2, 11), 40, 52, 100, "lora",
+         params="strided-col", grad_y="transposed", scaling=5 / 3, seed=8),
+    Case("strided-frozenB-r100-nobias-dy-transposed", (21,), 36, 44, 100, "lamda_frozen_b",
+         params="strided", bias=False, grad_y="transposed", scaling=0.7, seed=9),
+    Case("lamda-r128-dy-sum", (3, 15), 40, 48, 128, "lamda", grad_y="sum", scaling=0.7,
+         seed=10),
+    Case("lora-r64-dy-expanded", (37,), 56, 36, 64, "lora", grad_y="expanded",
+         scaling=5 / 3, seed=11),
 ]
+
+PARAMS = ("weight", "bias", "lora_A", "lora_B", "lora_S")
 
 
 def make_inputs(case: Case) -> dict:
     """Float64 CPU tensors with O(1) values: W, A ~ randn / sqrt(in), B, S ~ randn / sqrt(r).
-    x is stored in the layout the case asks for; lora_B is random (not LoRA's zero init) so
-    every gradient is non-trivial. Also the upstream gradient (random, not ones)."""
+    x is stored in the layout the case asks for (the parameters are stored by `run_case`);
+    lora_B is random (not LoRA's zero init) so every gradient is non-trivial. Also the upstream
+    gradient (random, not ones), stored as case.grad_y asks (None for "sum")."""
     g = torch.Generator().manual_seed(case.seed)
     K, N, r = case.in_f, case.out_f, case.rank
 
@@ -99,15 +133,19 @@ def make_inputs(case: Case) -> dict:
         x_storage = randn(case.lead[0], 2 * case.lead[1], K)
     else:
         x_storage = randn(*case.lead, K)
-    return {
+    inputs = {
         "x": x_storage,
         "weight": randn(N, K, scale=K ** -0.5),
         "bias": randn(N) if case.bias else None,
         "lora_A": randn(r, K, scale=K ** -0.5),
         "lora_B": randn(N, r, scale=r ** -0.5),
         "lora_S": randn(r, r, scale=r ** -0.5) if case.mode != "lora" else None,
-        "grad_y": randn(*case.lead, N),
     }
+    inputs["grad_y"] = {"random": lambda: randn(*case.lead, N),
+                        "transposed": lambda: randn(N, *case.lead),
+                        "expanded": lambda: randn(N),
+                        "sum": lambda: None}[case.grad_y]()
+    return inputs
 
 
 def trainable(case: Case) -> tuple:
@@ -117,46 +155,103 @@ def trainable(case: Case) -> tuple:
     return names
 
 
+def _stored(name: str, t: torch.Tensor, case: Case):
+    """(storage, view): `t` (x: as make_inputs stored it; a parameter: its logical value) in the
+    case's layout. `view(storage)` is the argument lowrank_linear gets; applied to the
+    storage's gradient it gives the gradient in the argument's own (logical) layout."""
+    if name == "x":
+        view = {"contiguous": lambda s: s, "transposed": lambda s: s.t(),
+                "sliced": lambda s: s[:, ::2, :]}[case.layout]
+        return t, view
+    if case.params == "contiguous":
+        return t, lambda s: s
+    if name == "bias":
+        # The other elements of the storage are junk that a kernel ignoring the stride reads.
+        junk = torch.full_like(t, 7.0)
+        if case.params == "strided":
+            return torch.stack([t, junk], 1).reshape(-1), lambda s: s[::2]
+        assert case.params == "strided-col"
+        return torch.stack([junk, t, junk], 1), lambda s: s[:, 1]
+    return t.t().contiguous(), lambda s: s.t()
+
+
 def run_case(case: Case, inputs: dict, dtype: torch.dtype, device: str, backend: str):
     """(y, {name: grad}) of lowrank_linear on `inputs` cast to dtype/device."""
     names = trainable(case)
-    leaves = {}
+    leaves, args = {}, {}
     for name, t in inputs.items():
         if name == "grad_y" or t is None:
             continue
-        leaves[name] = t.to(device=device, dtype=dtype).requires_grad_(name in names)
-    x = leaves["x"]
-    if case.layout == "transposed":
-        x = x.t()
-    elif case.layout == "sliced":
-        x = x[:, ::2, :]
+        storage, view = _stored(name, t.to(device=device, dtype=dtype), case)
+        leaves[name] = (storage.requires_grad_(name in names), view)
+        args[name] = view(storage)
+    x = args["x"]
     assert x.shape == (*case.lead, case.in_f)
     assert (case.layout == "contiguous") == x.is_contiguous()
-    y = lowrank_linear(x, leaves["weight"], leaves.get("bias"), leaves["lora_A"],
-                       leaves["lora_B"], case.scaling, leaves.get("lora_S"), backend=backend)
-    grad_y = inputs["grad_y"].to(device=device, dtype=dtype)
-    grads = torch.autograd.grad(y, [leaves[n] for n in names], grad_y)
-    # x's gradient lives on the stored tensor; compare it in x's own (logical) layout.
-    grads = dict(zip(names, grads))
-    if "x" in grads:
-        if case.layout == "transposed":
-            grads["x"] = grads["x"].t()
-        elif case.layout == "sliced":
-            grads["x"] = grads["x"][:, ::2, :]
+    for name in PARAMS:
+        if name in args:
+            assert (case.params == "contiguous") == args[name].is_contiguous(), name
+    y = lowrank_linear(x, args["weight"], args.get("bias"), args["lora_A"], args["lora_B"],
+                       case.scaling, args.get("lora_S"), backend=backend)
+    wrt = [leaves[n][0] for n in names]
+    if case.grad_y == "sum":
+        grads = torch.autograd.grad(y.sum(), wrt)
+    else:
+        grad_y = inputs["grad_y"].to(device=device, dtype=dtype)
+        grad_y = {"random": lambda g: g, "transposed": lambda g: g.movedim(0, -1),
+                  "expanded": lambda g: g.expand(*case.lead, case.out_f)}[case.grad_y](grad_y)
+        assert grad_y.shape == y.shape
+        grads = torch.autograd.grad(y, wrt, grad_y)
+    # Gradients live on the stored tensors; compare them in the arguments' own layout.
+    grads = {n: leaves[n][1](grad) for n, grad in zip(names, grads)}
     return y.detach(), grads
 
 
+def _spy_layouts(monkeypatch, backend: str) -> dict:
+    """Records the forward's weight and bias and the backward's grad_y as `backend` receives
+    them, so a case can check that the layout it built reached the backend (and was not copied
+    on the way)."""
+    seen = {}
+    b = BACKENDS[backend]
+    forward, backward = b.lowrank_forward, b.lowrank_backward
+
+    def spy_forward(*args):
+        seen["weight"], seen["bias"] = args[1], args[2]
+        return forward(*args)
+
+    def spy_backward(*args):
+        seen["grad_y"] = args[0]
+        return backward(*args)
+
+    monkeypatch.setattr(b, "lowrank_forward", spy_forward)
+    monkeypatch.setattr(b, "lowrank_backward", spy_backward)
+    return seen
+
+
+# Only "triton": the baseline of the rule in tests/utils.py IS the torch backend in the same
+# dtype, so the torch backend would be compared with itself (err == base_err) and could not
+# fail. The torch backend's own check is the float64 gradcheck below (the oracle). A further
+# backend (the `cuda` C++ one) joins this list when it lands.
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
-@pytest.mark.parametrize("backend", BACKEND_NAMES)
+@pytest.mark.parametrize("backend", ["triton"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_matches_float64_reference(case, backend, dtype, device):
+def test_matches_float64_reference(case, backend, dtype, device, monkeypatch):
     inputs = make_inputs(case)
     # The same values the low-precision run sees, in float64.
     rounded = {k: (v.to(dtype).double() if v is not None else None) for k, v in inputs.items()}
     ref_y, ref_grads = run_case(case, rounded, torch.float64, device, "torch")
     base_y, base_grads = run_case(case, inputs, dtype, device, "torch")
+    seen = _spy_layouts(monkeypatch, backend)
     y, grads = run_case(case, inputs, dtype, device, backend)
     where = f"{case.id} {backend} {DTYPE_IDS[dtype]}"
+    # The layouts under test reached the backend as built.
+    if case.params != "contiguous":
+        assert not seen["weight"].is_contiguous()
+        assert seen["bias"] is None or seen["bias"].stride(0) != 1
+    if case.grad_y in ("expanded", "sum"):
+        assert seen["grad_y"].stride(0) == 0, seen["grad_y"].stride()
+    elif case.grad_y == "transposed":
+        assert seen["grad_y"].stride(0) == 1, seen["grad_y"].stride()
     assert y.dtype == dtype
     assert_close_to_reference(f"{where} y", y, ref_y, base_y)
     assert set(grads) == set(trainable(case))
@@ -314,7 +409,7 @@ def _op_samples(device: str, with_s: bool, with_bias: bool, requires_grad: bool)
 
 
 @pytest.mark.parametrize("backend,with_s,with_bias", [("torch", True, True), ("torch", False, False),
-                                                      ("triton", True, False)])
+                                                      ("triton", True, False), ("triton", False, True)])
 def test_opcheck_forward(backend, with_s, with_bias, device):
     x, weight, bias, lora_A, lora_B, lora_S = _op_samples(device, with_s, with_bias, True)
     torch.library.opcheck(torch.ops.adapterops.lowrank_linear_fwd.default,
@@ -325,7 +420,8 @@ def test_opcheck_forward(backend, with_s, with_bias, device):
     ("torch", True, (True, False, True, True)),    # LaMDA
     ("torch", True, (False, False, False, True)),  # LaMDA, B frozen, first layer
     ("torch", False, (True, True, True, False)),   # LoRA
-    ("triton", True, (True, False, True, True)),
+    ("triton", True, (True, False, True, True)),   # LaMDA
+    ("triton", False, (True, True, True, False)),  # LoRA: dA from x
 ])
 def test_opcheck_backward(backend, with_s, needs, device):
     x, weight, bias, lora_A, lora_B, lora_S = _op_samples(device, with_s, False, False)
@@ -446,6 +542,15 @@ def test_good_input_reaches_backend(device, no_kernels):
         lowrank_linear(**_good(device))
 
 
+def test_mixed_devices_raise_meta(device, no_kernels):
+    # Runs without a GPU: the device check fires at the Python boundary, before any kernel
+    # could touch the meta tensor's (absent) data.
+    args = _good(device)
+    args["weight"] = args["weight"].to("meta")
+    with pytest.raises(ValueError, match=rf"weight is on meta but x is on {device}"):
+        lowrank_linear(**args)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="mixed devices need a CUDA device")
 def test_mixed_devices_raise(no_kernels):
     args = _good("cuda")
@@ -472,3 +577,104 @@ def test_zero_tokens(lead, backend, device):
     # Sums over no tokens: exactly zero.
     assert lora_B.grad.shape == (N, r) and not lora_B.grad.any()
     assert lora_S.grad.shape == (r, r) and not lora_S.grad.any()
+
+
+# 8. Autotuning (adapterops.backends.triton.common.pick_config), as on a GPU: `interpreting`
+# patched to say no, a fake launch and a fake timer. No kernel runs.
+
+@pytest.fixture
+def tuner(monkeypatch):
+    """(pick, log): pick(key, configs, default) calls pick_config with a fake launch; each
+    config is a dict with a "name", the "ms" the fake `triton.testing.do_bench` reports for it,
+    and optionally "oom" (its launch raises OutOfResources). log["launched"] and log["timed"]
+    record config names. Keys are private to the test (pick_config caches per key)."""
+    import triton.testing
+    from triton.runtime.errors import OutOfResources
+    from adapterops.backends.triton import common
+
+    monkeypatch.setattr(common, "interpreting", lambda kernel: False)
+    # The tuner may skip timing while a CUDA graph is captured; on a CPU-only build
+    # torch.cuda.is_current_stream_capturing raises, so pin it to "not capturing".
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.delenv("ADAPTEROPS_AUTOTUNE", raising=False)
+    log = {"launched": [], "timed": []}
+    configs_seen = []
+
+    def launch(config):
+        log["launched"].append(config["name"])
+        if config.get("oom"):
+            raise OutOfResources(232448, 101376, "shared memory")
+
+    def do_bench(fn, *args, **kwargs):
+        before = len(log["launched"])
+        fn()
+        assert len(log["launched"]) == before + 1, "the timed function did not launch once"
+        name = log["launched"][-1]
+        log["timed"].append(name)
+        return next(c["ms"] for c in configs_seen if c["name"] == name)
+
+    monkeypatch.setattr(triton.testing, "do_bench", do_bench)
+    private = object()
+
+    def pick(key, configs, default):
+        configs_seen.extend(configs)
+        return common.pick_config((private, key), configs, default, launch, None)
+
+    return pick, log
+
+
+def _configs(*specs):
+    return [dict(name=name, ms=ms, **({"oom": True} if oom else {})) for name, ms, oom in specs]
+
+
+def test_autotune_picks_fastest_and_caches_per_key(tuner):
+    pick, log = tuner
+    configs = _configs(("a", 3.0, False), ("b", 1.0, False), ("c", 2.0, False))
+    assert pick("k1", configs, configs[0]) is configs[1]
+    assert log["timed"] == ["a", "b", "c"]
+    # Cached: the same key is not timed again.
+    assert pick("k1", configs, configs[0]) is configs[1]
+    assert log["timed"] == ["a", "b", "c"] and log["launched"] == ["a", "b", "c"]
+    # Another key is timed on its own.
+    other = _configs(("d", 3.0, False), ("e", 2.0, False), ("f", 1.0, False))
+    assert pick("k2", other, other[0]) is other[2]
+    assert log["timed"] == ["a", "b", "c", "d", "e", "f"]
+
+
+def test_autotune_off_returns_default_untimed(tuner, monkeypatch):
+    pick, log = tuner
+    configs = _configs(("a", 3.0, False), ("b", 1.0, False))
+    monkeypatch.setenv("ADAPTEROPS_AUTOTUNE", "0")
+    assert pick("k1", configs, configs[0]) is configs[0]
+    assert log["launched"] == [] and log["timed"] == []
+    # Pinned to the default even for a key that was tuned before.
+    monkeypatch.setenv("ADAPTEROPS_AUTOTUNE", "1")
+    assert pick("k2", configs, configs[0]) is configs[1]
+    monkeypatch.setenv("ADAPTEROPS_AUTOTUNE", "0")
+    assert pick("k2", configs, configs[0]) is configs[0]
+    assert log["timed"] == ["a", "b"]
+
+
+def test_autotune_skips_out_of_resources(tuner):
+    pick, log = tuner
+    # "a" would be the fastest, but it does not fit the device.
+    configs = _configs(("a", 0.5, True), ("b", 2.0, False), ("c", 1.0, False))
+    assert pick("k1", configs, configs[0]) is configs[2]
+    assert log["launched"] == ["a", "b", "c"] and log["timed"] == ["b", "c"]
+    # None fits: the default.
+    none_fit = _configs(("d", 1.0, True), ("e", 2.0, True))
+    assert pick("k2", none_fit, none_fit[1]) is none_fit[1]
+
+
+def test_autotune_not_while_capturing_a_cuda_graph(tuner, monkeypatch):
+    # Timing synchronizes, which a CUDA graph capture forbids: the default, untimed and not
+    # cached, so the next eager call tunes.
+    pick, log = tuner
+    configs = _configs(("a", 3.0, False), ("b", 1.0, False))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert pick("k1", configs, configs[0]) is configs[0]
+    assert log["launched"] == [] and log["timed"] == []
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert pick("k1", configs, configs[0]) is configs[1]
+    assert log["timed"] == ["a", "b"]

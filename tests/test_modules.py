@@ -29,7 +29,8 @@ def test_output_unchanged_at_init(cls, init, dtype, device):
     x = torch.randn(2, 5, 40, device=device, dtype=dtype)
     # Only rounding separates W_res + s B S A from W: a few ulps of the dtype.
     bound = 64 * torch.finfo(dtype).eps
-    assert _rel_err(layer(x), linear(x)) <= bound, (cls.__name__, init)
+    err = _rel_err(layer(x), linear(x))
+    assert err <= bound, f"{cls.__name__} init={init} {dtype}: relative error {err:.2e} > {bound:.2e}"
     assert torch.equal(linear.weight, original), "from_linear must not modify the source layer"
     if init in ("lora",):
         assert torch.count_nonzero(layer.lora_B) == 0
@@ -55,9 +56,6 @@ def test_parameters_and_trainability(cls, device):
 
 def test_pissa_factors_are_the_principal_directions():
     w = torch.randn(24, 40, dtype=torch.float64)
-    layer = FusedLoRALinear.from_linear(nn.Linear(40, 24, dtype=torch.float64).requires_grad_(False)
-                                        .to(torch.float64), 5, 10.0, init="pissa")
-    # rebuild from a known weight
     linear = nn.Linear(40, 24, dtype=torch.float64)
     with torch.no_grad():
         linear.weight.copy_(w)
@@ -87,7 +85,8 @@ def test_merge_matches_after_training_step(cls, init, device):
     x = torch.randn(7, 36, device=device)
     merged = layer.merge()
     assert type(merged) is nn.Linear
-    assert _rel_err(merged(x), layer(x)) <= 64 * torch.finfo(torch.float32).eps
+    err, bound = _rel_err(merged(x), layer(x)), 64 * torch.finfo(torch.float32).eps
+    assert err <= bound, f"{cls.__name__} init={init}: merged vs layer relative error {err:.2e} > {bound:.2e}"
 
 
 @pytest.mark.parametrize("cls", [FusedLoRALinear, FusedLaMDALinear])
@@ -163,6 +162,7 @@ def test_torch_compile_fullgraph_matches_eager(device):
     (dict(init="pissa", rank=25), ValueError, "rank must be <= 20"),
     (dict(backend="cutlass"), ValueError, "known backends"),
     (dict(in_features=0), ValueError, "in_features must be a positive int"),
+    (dict(alpha=-4.0, init="pissa"), ValueError, "scaling = alpha / rank must be > 0"),
 ])
 def test_constructor_bad_input(kwargs, error, match):
     args = dict(in_features=30, out_features=20, rank=4, alpha=8.0)
@@ -176,6 +176,34 @@ def test_from_linear_bad_input():
         FusedLaMDALinear.from_linear(nn.Conv1d(3, 3, 1), 2, 4.0)
     with pytest.raises(ValueError, match="init must be one of"):
         FusedLaMDALinear.from_linear(nn.Linear(8, 8), 2, 4.0, init="pissa")
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_forward_bad_input_named(dropout):
+    """Both the fused path and the dropout path check their input before computing."""
+    layer = FusedLaMDALinear(30, 20, rank=4, alpha=8.0, dropout=dropout)
+    with pytest.raises(ValueError, match=r"x has shape \(3, 31\).*30"):
+        layer(torch.randn(3, 31))
+    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
+        layer(torch.ones(3, 30, dtype=torch.int64))
+    with pytest.raises(TypeError, match="weight has dtype torch.float32 but x has torch.float16"):
+        layer(torch.randn(3, 30, dtype=torch.float16))
+
+
+def test_autocast_runs_in_the_autocast_dtype(device):
+    """Under torch.autocast an fp32 layer computes in the autocast dtype, like nn.Linear, and
+    its fp32 parameters get fp32 gradients."""
+    layer = FusedLoRALinear(16, 12, rank=4, alpha=8.0, device=device)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(5, 16, device=device)
+    dtype = torch.bfloat16 if device == "cpu" else torch.float16
+    with torch.autocast(device, dtype=dtype):
+        y = layer(x)
+        expected = nn.functional.linear(x, layer.weight, layer.bias)
+    assert y.dtype == expected.dtype == dtype
+    y.float().sum().backward()
+    assert layer.lora_A.grad.dtype == layer.lora_B.grad.dtype == torch.float32
 
 
 def test_wrong_input_features_named():

@@ -21,7 +21,8 @@ from torch import Tensor, nn
 from .. import dispatch
 from ..lamda import svd_factors
 from ..ops import lowrank_linear
-from ..pissa import pissa_factors
+from ..ops.lowrank import check_lowrank_args
+from ..pissa import factor_dtype, pissa_factors
 
 
 class _FusedLowRankLinear(nn.Module):
@@ -93,25 +94,21 @@ class _FusedLowRankLinear(nn.Module):
         the layer's output unchanged."""
         raise NotImplementedError
 
-    def _adapter_input(self, x: Tensor) -> Optional[Tensor]:
-        """The dropped-out adapter input in training with dropout, else None (fused path)."""
-        if self.dropout is not None and self.training:
-            return self.dropout(x)
-        return None
-
     def forward(self, x: Tensor) -> Tensor:
-        dropped = self._adapter_input(x)
-        if dropped is None:
+        if self.dropout is None or not self.training:
             return lowrank_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
                                   self.lora_S, backend=self.backend)
-        h = F.linear(dropped, self.lora_A)
+        # Dropout on the adapter's input: the unfused composition (see the module docstring),
+        # with the same argument checks as the fused op.
+        check_lowrank_args(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, self.lora_S)
+        h = F.linear(self.dropout(x), self.lora_A)
         if self.lora_S is not None:
             h = F.linear(h, self.lora_S)
         return F.linear(x, self.weight, self.bias) + self.scaling * F.linear(h, self.lora_B)
 
     def delta_weight(self) -> Tensor:
         """s B S A (s B A for LoRA) in fp32 or better: the adapter as an out x in matrix."""
-        dtype = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        dtype = factor_dtype(self.weight)
         B = self.lora_B.detach().to(dtype)
         if self.lora_S is not None:
             B = B @ self.lora_S.detach().to(dtype)

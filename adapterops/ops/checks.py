@@ -2,7 +2,6 @@
 name the argument and the sizes in the error."""
 from typing import Optional
 
-import torch
 from torch import Tensor
 
 

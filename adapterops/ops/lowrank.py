@@ -15,10 +15,15 @@ when lora_A or weight needs a gradient (LoRA mode); otherwise (LaMDA: W and A fr
 only the M x r activations h1 (for dS) and h2 (for dB), each only when that gradient is
 needed. With lora_B frozen, backward does not compute dB at all.
 
+Backends: `triton` (CUDA sm_80+, or CPU under TRITON_INTERPRET=1; fp32, fp16, bf16; rank <= 128)
+and `torch` (everything else); see `adapterops.dispatch`. Under `torch.autocast` the op runs in
+the autocast dtype.
+
 Both halves are `torch.library` custom ops (`adapterops::lowrank_linear_fwd` and
 `adapterops::lowrank_linear_bwd`), so `torch.compile(fullgraph=True)` traces through them.
 Double backward is not supported.
 """
+import math
 from typing import Optional
 
 import torch
@@ -55,6 +60,10 @@ def lowrank_linear_bwd(grad_y: Tensor, x: Optional[Tensor], h1: Optional[Tensor]
                        need_B: bool, need_S: bool, backend: Optional[str]
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dA, dB, dS); a gradient that was not asked for comes back as an empty tensor."""
+    for need, name, saved, why in ((need_A, "x", x, "dA"), (need_S, "h1", h1, "dS"),
+                                   (need_B, "h2", h2, "dB")):
+        if need and saved is None:
+            raise ValueError(f"lowrank_linear_bwd: {why} was asked for but {name} is None")
     chosen = _serving_backend(backend, grad_y, weight, lora_A)
     grads = chosen.lowrank_backward(grad_y, x, h1, h2, weight, lora_A, lora_B, lora_S, scaling,
                                     need_x, need_A, need_B, need_S)
@@ -106,7 +115,6 @@ def _backward(ctx, grad_y, _grad_h1, _grad_h2):
 
 lowrank_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
 
-
 def check_lowrank_args(x, weight, bias, lora_A, lora_B, scaling, lora_S) -> float:
     """Validates every argument of `lowrank_linear`; returns scaling as a float."""
     check_tensor("x", x)
@@ -143,9 +151,17 @@ def lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Te
     backend: None picks the first backend that supports the input (`ADAPTEROPS_BACKEND`
     overrides); "triton" or "torch" forces one, and raises ValueError if it cannot serve.
     """
+    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
+        # As F.linear under autocast: compute in the autocast dtype. The casts are ordinary
+        # differentiable copies, so each gradient comes back in its own tensor's dtype.
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight, bias, lora_A, lora_B, lora_S = (
+            t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
+            for t in (x, weight, bias, lora_A, lora_B, lora_S))
     scaling = check_lowrank_args(x, weight, bias, lora_A, lora_B, scaling, lora_S)
     dispatch.check_backend_name(backend)
     leading = x.shape[:-1]
-    y, _, _ = lowrank_linear_fwd(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B,
-                                 lora_S, scaling, backend)
+    # An explicit token count: reshape(-1, 0) is ambiguous when in_features is 0.
+    y, _, _ = lowrank_linear_fwd(x.reshape(math.prod(leading), x.shape[-1]), weight, bias, lora_A,
+                                 lora_B, lora_S, scaling, backend)
     return y.reshape(*leading, weight.shape[0])

@@ -15,6 +15,11 @@ def _triton_import_error() -> Optional[str]:
         import triton  # noqa: F401
     except Exception as exc:  # any failure to import is a reason, never a crash
         return f"triton is not importable ({type(exc).__name__}: {exc})"
+    try:
+        from ... import kernels  # noqa: F401
+    except Exception as exc:
+        return (f"adapterops.kernels is not importable ({type(exc).__name__}: {exc}); "
+                "is adapterops installed (pip install -e .)?")
     return None
 
 

@@ -1,6 +1,7 @@
 """What the Triton launchers of every op family share: device support, numerics flags,
 autotuning and the description of kernel configurations for the kernel report."""
 import dataclasses
+import functools
 import os
 from typing import Any, Callable, Optional
 
@@ -62,6 +63,18 @@ def numerics_flags(dtype: torch.dtype, kernel) -> dict:
     return {"UPCAST": interp and dtype == torch.bfloat16, "INPUT_PRECISION": precision}
 
 
+def device_guard(launcher):
+    """Runs `launcher(first_tensor, ...)` with that tensor's CUDA device current: Triton
+    launches on the current device, which need not be the one holding the tensors."""
+    @functools.wraps(launcher)
+    def guarded(first, *args):
+        if first.device.type != "cuda":
+            return launcher(first, *args)
+        with torch.cuda.device(first.device):
+            return launcher(first, *args)
+    return guarded
+
+
 def autotune_enabled() -> bool:
     return os.environ.get("ADAPTEROPS_AUTOTUNE", "1") != "0"
 
@@ -74,10 +87,12 @@ def pick_config(key: tuple, configs: list[dict], default: dict, launch: Callable
     """The fastest of `configs` for `key`, timed once per key with `launch(config)`.
 
     Pinned to `default` when ADAPTEROPS_AUTOTUNE=0 or under the interpreter (timing a CPU
-    emulation says nothing about a GPU). A config that does not fit the device (shared memory,
-    registers) is skipped.
+    emulation says nothing about a GPU), and while a CUDA graph is being captured (timing
+    synchronizes, which a capture forbids; the next eager call tunes). A config that does not
+    fit the device (shared memory, registers) is skipped.
     """
-    if not autotune_enabled() or interpreting(kernel):
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    if not autotune_enabled() or interpreting(kernel) or capturing:
         return default
     if key not in _best_configs:
         timings = {}

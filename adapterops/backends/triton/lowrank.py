@@ -13,7 +13,7 @@ import triton
 from torch import Tensor
 
 from ...kernels import lowrank as K
-from .common import (DTYPES, TRITON_DTYPE_NAMES, KernelConfig, bucket, device_reasons,
+from .common import (TRITON_DTYPE_NAMES, KernelConfig, bucket, device_guard, device_reasons,
                      dtype_reasons, interpreting, numerics_flags, pick_config, rank_block)
 
 MAX_RANK = 128
@@ -35,9 +35,10 @@ GEMM_CONFIGS = {
 # The two memory-bound passes: one configuration each per numerics class ("16bit": fp16/bf16
 # on tensor cores; "tf32"; "ieee": full fp32 on FMAs, which hold whole operand rows in
 # registers, hence the small tiles). Each was chosen so that no rank bucket spills in the
-# sm_90 kernel report: 4 warps spilled the 16-bit grad pass at rank 128 with S (364 bytes);
-# the fp32 grad pass spilled at rank 64 with 32-row tiles (660 bytes at 4 warps, 16 at 8);
-# the TF32 shrink spilled 8-28 bytes at rank 128 with 16- or 32-row tiles.
+# sm_90 and sm_80 kernel reports (M and R unspecialized, as launched). ptxas's choices here are
+# not monotonic in tile size or warps: 4 warps spilled the 16-bit grad pass at rank 128 with S
+# (364 bytes); 32-row fp32 grad-pass tiles spilled 16-660 bytes at rank 64; 16- and 32-row
+# TF32 tiles spilled 8-76 bytes at rank 64 or 128. Re-run the report after changing any of them.
 # BLOCK_K = 32 keeps the fp32 shrink's pipeline inside an A100's shared memory (BLOCK_K = 128
 # needed 196,608 bytes at rank 128).
 SHRINK_CONFIGS = {
@@ -47,8 +48,8 @@ SHRINK_CONFIGS = {
 }
 GRAD_PASS_CONFIGS = {
     "16bit": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
-    "tf32": {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3},
-    "ieee": {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 8, "num_stages": 3},
+    "tf32": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3},
+    "ieee": {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 3},
 }
 # Under the interpreter every program runs serially in NumPy: small tiles keep tests fast.
 INTERPRETER_CONFIGS = {
@@ -88,6 +89,8 @@ def _gemm(a: Tensor, b: Tensor, h: Tensor, c: Tensor, bias: Optional[Tensor], sc
     out = torch.empty((M, N), dtype=a.dtype, device=a.device)
     kernel = K.gemm_lowrank_kernel
     flags = numerics_flags(a.dtype, kernel)
+    # The kernel reads bias with unit stride; a strided view (a column of a matrix) is copied.
+    bias = bias.contiguous() if bias is not None else None
     args = (a, b, h, c, bias if bias is not None else out, out, M, N, Kdim, R, scale,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), h.stride(0), h.stride(1),
             c.stride(0), c.stride(1), out.stride(0), out.stride(1))
@@ -107,6 +110,7 @@ def _gemm(a: Tensor, b: Tensor, h: Tensor, c: Tensor, bias: Optional[Tensor], sc
     return out
 
 
+@device_guard
 def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
             lora_S: Optional[Tensor], scaling: float):
     """(y, h1, h2) for 2-D x; h2 is empty without S. See `adapterops.kernels.lowrank`."""
@@ -131,6 +135,7 @@ def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, l
     return y, h1, h2
 
 
+@device_guard
 def backward(grad_y: Tensor, x: Optional[Tensor], h1: Optional[Tensor], h2: Optional[Tensor],
              weight: Tensor, lora_A: Tensor, lora_B: Tensor, lora_S: Optional[Tensor],
              scaling: float, need_x: bool, need_A: bool, need_B: bool, need_S: bool):
