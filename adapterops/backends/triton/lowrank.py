@@ -75,9 +75,25 @@ def _numerics_class(dtype: torch.dtype, flags: dict) -> str:
     return "16bit" if dtype != torch.float32 else flags["INPUT_PRECISION"]
 
 
+def _pass_config(kernel, dtype: torch.dtype, table: dict, interpreter_key: str) -> tuple[dict, dict]:
+    """(numerics flags, tile configuration) of a memory-bound pass for `dtype`."""
+    flags = numerics_flags(dtype, kernel)
+    if interpreting(kernel):
+        return flags, INTERPRETER_CONFIGS[interpreter_key]
+    return flags, table[_numerics_class(dtype, flags)]
+
+
+LAUNCH_OPTIONS = ("num_warps", "num_stages")
+
+
+def _split_config(config: dict) -> tuple[dict, dict]:
+    """(tile sizes, passed as constexprs; launch options) of a configuration."""
+    return ({k: v for k, v in config.items() if k not in LAUNCH_OPTIONS},
+            {k: config[k] for k in LAUNCH_OPTIONS if k in config})
+
+
 def _launch(kernel, grid, args, config: dict, **constexprs):
-    meta = {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}
-    launch_options = {k: config[k] for k in ("num_warps", "num_stages") if k in config}
+    meta, launch_options = _split_config(config)
     kernel[grid](*args, **meta, **constexprs, **launch_options)
 
 
@@ -120,9 +136,7 @@ def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, l
     h2 = torch.empty((M, R), dtype=x.dtype, device=x.device) if lora_S is not None else x.new_empty(0)
     if M > 0:
         kernel = K.lowrank_shrink_kernel
-        flags = numerics_flags(x.dtype, kernel)
-        config = (INTERPRETER_CONFIGS["shrink"] if interpreting(kernel)
-                  else SHRINK_CONFIGS[_numerics_class(x.dtype, flags)])
+        flags, config = _pass_config(kernel, x.dtype, SHRINK_CONFIGS, "shrink")
         S = lora_S if lora_S is not None else lora_A  # a valid pointer; unread without HAS_S
         _launch(kernel, (triton.cdiv(M, config["BLOCK_M"]),),
                 (x, lora_A, S, h1, h2 if lora_S is not None else h1, M, Kdim, R,
@@ -148,9 +162,7 @@ def backward(grad_y: Tensor, x: Optional[Tensor], h1: Optional[Tensor], h2: Opti
     dS = torch.zeros((R, R), dtype=torch.float32, device=device) if need_S else None
     if M > 0:
         kernel = K.lowrank_grad_pass_kernel
-        flags = numerics_flags(grad_y.dtype, kernel)
-        config = (INTERPRETER_CONFIGS["grad_pass"] if interpreting(kernel)
-                  else GRAD_PASS_CONFIGS[_numerics_class(grad_y.dtype, flags)])
+        flags, config = _pass_config(kernel, grad_y.dtype, GRAD_PASS_CONFIGS, "grad_pass")
         S = lora_S if lora_S is not None else lora_A  # a valid pointer; unread without HAS_S
         h1_arg = h1 if h1 is not None else gS       # likewise when dS is not asked for
         h2_arg = h2 if h2 is not None else gS       # likewise when dB is not asked for
@@ -210,11 +222,11 @@ def kernel_configurations() -> list[KernelConfig]:
                 (torch.float32, "ieee"), (torch.float32, "tf32")]
 
     def add(fn, label, config, default, dtype, precision, unit_strides, fp32_ptrs=(), **flags):
-        meta = {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}
+        meta, options = _split_config(config)
         constexprs = {**meta, **flags, **dict.fromkeys(unit_strides, 1), "R_CHUNK": RANK_CHUNK,
                       "UPCAST": False, "INPUT_PRECISION": precision}
         configs.append(KernelConfig(fn.__name__, fn, label, _signature(fn, dtype, constexprs, fp32_ptrs),
-                                    constexprs, config["num_warps"], config["num_stages"], default, dtype))
+                                    constexprs, options["num_warps"], options["num_stages"], default, dtype))
 
     for dtype, precision in variants:
         d = TRITON_DTYPE_NAMES[dtype] + ("-tf32" if dtype == torch.float32 and precision == "tf32" else "")
