@@ -1,5 +1,5 @@
 # `make test` and `make bench` set themselves up on a fresh machine: they create .venv when it
-# is missing and install the project with its test dependencies, then run.
+# is missing and install the project with its test and plotting dependencies, then run.
 # `make test PYTHON=python3` runs against an environment that already has torch and triton
 # (GPU machines often have no package registry) and installs nothing.
 VENV ?= .venv
@@ -19,13 +19,13 @@ endif
 
 .PHONY: test bench kernel-report check-installed clean
 
-$(VENV)/.installed: setup.py
+$(VENV)/.installed: setup.py Makefile
 	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip setuptools wheel
 	$(VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" "$(TRITON_SPEC)"
 	# No build isolation: setup.py must see the torch installed above to decide on the CUDA
 	# extension.
-	$(VENV)/bin/python -m pip install -q --no-build-isolation -e '.[test]'
+	$(VENV)/bin/python -m pip install -q --no-build-isolation -e '.[test,plot]'
 	touch $@
 
 # With PYTHON=..., the package must already be installed in that environment.

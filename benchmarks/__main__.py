@@ -1,12 +1,14 @@
 """`python -m benchmarks [--quick] [--ops lamda,lora] [--out DIR] [--device cuda|cpu]
-[--dtype bf16|fp16|fp32]`: runs the microbenchmarks, writes DIR/results.csv and
-DIR/summary.md (default DIR: benchmarks/results/<device>-<YYYY-MM-DD>/) and prints the summary.
+[--dtype bf16|fp16|fp32]`: runs the microbenchmarks, writes DIR/results.csv,
+DIR/summary.md and, when matplotlib is installed, PNG plots (benchmarks/plots.py) into DIR
+(default: benchmarks/results/<device>-<YYYY-MM-DD>/) and prints the summary.
 
 On CPU the `triton` provider runs only under the Triton interpreter: set TRITON_INTERPRET=1
 before starting (without it its rows carry the reason in `error`).
 """
 import argparse
 import datetime
+import importlib.util
 import os
 from pathlib import Path
 
@@ -52,6 +54,23 @@ def main(argv=None) -> None:
     print()
     print(summary)
     print(f"Wrote {out_dir / 'results.csv'} and {out_dir / 'summary.md'}")
+    _plot(out_dir)
+
+
+def _plot(out_dir: Path) -> None:
+    """The PNGs, or one line saying why there are none: plots never fail a finished run."""
+    if importlib.util.find_spec("matplotlib") is None:
+        print("Plots skipped: matplotlib is not installed (pip install -e '.[plot]'; then "
+              f"python -m benchmarks.plots {out_dir})")
+        return
+    from . import plots
+    try:
+        written = plots.plot_results(out_dir / "results.csv", out_dir)
+    except Exception as exc:  # the CSV and summary are written; report and keep them
+        print(f"Plots failed ({type(exc).__name__}: {exc}); results.csv and summary.md are "
+              "complete")
+        return
+    print(f"Wrote {len(written)} plots: {', '.join(path.name for path in written)}")
 
 
 if __name__ == "__main__":

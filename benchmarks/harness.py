@@ -153,12 +153,32 @@ def _forward_saving(workload: Workload) -> tuple[Tensor, int]:
     return y, sum(saved.values())
 
 
-def _mode_fn(mode: str, workload: Workload, y: Tensor, dy: Tensor) -> Callable:
-    if mode == "fwd":
-        return workload.forward
-    if mode == "bwd":
-        return lambda: torch.autograd.grad(y, workload.grad_inputs, dy, retain_graph=True)
-    return lambda: torch.autograd.grad(workload.forward(), workload.grad_inputs, dy)
+@dataclasses.dataclass
+class Prepared:
+    """A provider's workload on one case after one recorded forward: what every mode times."""
+    workload: Workload
+    y: Tensor         # the recorded forward's output, its graph retained for `bwd`
+    dy: Tensor        # the output gradient backward is given
+    saved_bytes: int  # what that forward saved for backward (see saved_mb)
+
+    def mode_fn(self, mode: str) -> Callable:
+        """The call that `mode` times."""
+        workload, y, dy = self.workload, self.y, self.dy
+        if mode == "fwd":
+            return workload.forward
+        if mode == "bwd":
+            return lambda: torch.autograd.grad(y, workload.grad_inputs, dy, retain_graph=True)
+        return lambda: torch.autograd.grad(workload.forward(), workload.grad_inputs, dy)
+
+
+def prepare(bench: OpBenchmark, provider: str, case: Case, dtype: torch.dtype,
+            device: torch.device) -> Prepared:
+    """Makes the provider's workload from the same seed every provider gets and runs one
+    forward; raises whatever stops the provider from running."""
+    torch.manual_seed(0)
+    workload = bench.workload(provider, case, dtype, device)
+    y, saved = _forward_saving(workload)
+    return Prepared(workload, y, torch.randn_like(y), saved)
 
 
 def _describe(exc: BaseException) -> str:
@@ -210,19 +230,16 @@ def _measure(bench: OpBenchmark, provider: str, case: Case, dtype: torch.dtype,
     # Any exception is a reason to record, not a crash: a sweep over many cases must finish,
     # and a provider that cannot serve a case must still show up in the table.
     try:
-        torch.manual_seed(0)  # every provider sees the same values
-        workload = bench.workload(provider, case, dtype, device)
-        y, saved = _forward_saving(workload)
-        dy = torch.randn_like(y)
+        prepared = prepare(bench, provider, case, dtype, device)
     except Exception as exc:
         for row in rows:
             row["error"] = _describe(exc)
         return rows
     for row in rows:
         mode = row["mode"]
-        row["saved_mb"] = saved / MB
+        row["saved_mb"] = prepared.saved_bytes / MB
         try:
-            fn = _mode_fn(mode, workload, y, dy)
+            fn = prepared.mode_fn(mode)
             if device.type == "cuda":
                 p20, p50, p80 = _time_cuda(fn)
                 row["peak_mem_mb"] = _peak_mem_mb(fn)
@@ -232,15 +249,17 @@ def _measure(bench: OpBenchmark, provider: str, case: Case, dtype: torch.dtype,
             row["error"] = _describe(exc)
             continue
         row.update(p20_ms=p20, p50_ms=p50, p80_ms=p80,
-                   tflops=workload.flops(mode) / (p50 * 1e-3) / 1e12,
-                   gbps=workload.io_bytes(mode) / (p50 * 1e-3) / 1e9)
+                   tflops=prepared.workload.flops(mode) / (p50 * 1e-3) / 1e12,
+                   gbps=prepared.workload.io_bytes(mode) / (p50 * 1e-3) / 1e9)
     return rows
 
 
 def run(benchmarks: Sequence[OpBenchmark], *, device: str, dtype: torch.dtype, quick: bool,
         cpu_budget_s: float = 0.3) -> list[dict]:
     """Measures every case of every benchmark with every provider in every mode; prints one
-    progress line per case and returns the rows (dicts keyed by `COLUMNS`)."""
+    progress line per case ([i/n], its time, the total so far and an ETA that assumes the
+    remaining cases take the mean time of those done) and returns the rows (dicts keyed by
+    `COLUMNS`)."""
     device = torch.device(device)
     env = _environment(device, dtype)
     plan = [(bench, case) for bench in benchmarks for case in bench.cases(quick, device.type)]
@@ -248,6 +267,7 @@ def run(benchmarks: Sequence[OpBenchmark], *, device: str, dtype: torch.dtype, q
           f"{env['torch']}, triton {env['triton'] or '-'}, TRITON_INTERPRET="
           f"{os.environ.get('TRITON_INTERPRET', '')!r}", flush=True)
     rows = []
+    run_start = time.perf_counter()
     for index, (bench, case) in enumerate(plan, 1):
         start = time.perf_counter()
         base_row = {column: None for column in COLUMNS}
@@ -258,10 +278,19 @@ def run(benchmarks: Sequence[OpBenchmark], *, device: str, dtype: torch.dtype, q
             if device.type == "cuda":
                 torch.cuda.empty_cache()  # the next provider's tensors start from a clean pool
         errors = sum(row["error"] is not None for row in case_rows)
+        now = time.perf_counter()
+        elapsed = now - run_start
+        eta = elapsed / index * (len(plan) - index)
         print(f"[{index}/{len(plan)}] {bench.name} {case.label()}: {len(case_rows)} rows, "
-              f"{errors} errors, {time.perf_counter() - start:.1f} s", flush=True)
+              f"{errors} errors, {now - start:.1f} s; elapsed {_duration(elapsed)}, "
+              f"ETA {_duration(eta)}", flush=True)
         rows += case_rows
     return rows
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes}:{seconds:02d}"
 
 
 def _cell(value: Optional[float], fmt: str = ".4g") -> str:

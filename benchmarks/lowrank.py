@@ -12,6 +12,10 @@ Providers, timed side by side:
   `F.linear(x, W, b) + F.linear(F.linear(F.linear(x, A), S), B) * s`.
 - `addmm`: the strongest simple alternative: cuBLAS GEMMs and one in-place accumulate,
   `F.linear(x, W, b).addmm_(h2, B^T, alpha=s)`.
+- `peft` (lora only; PEFT has no LaMDA layer): a real PEFT LoRA layer (`peft.tuners.lora.Linear`,
+  injected into a one-layer model with `peft.inject_adapter_in_model`) holding the same W, bias,
+  A and B, with lora_alpha = s r so that its scaling is s. When `import peft` fails its rows
+  carry the ImportError. peft is not a dependency of adapterops (`pip install peft`).
 - `torch`, `triton`: adapterops.lowrank_linear with backend="torch" (the reference) and
   backend="triton" (the fused kernels).
 
@@ -37,7 +41,8 @@ import adapterops
 
 from .harness import Case, OpBenchmark, Workload
 
-PROVIDERS = ("floor", "torch_eager", "addmm", "torch", "triton")
+PROVIDERS = {"lamda": ("floor", "torch_eager", "addmm", "torch", "triton"),
+             "lora": ("floor", "torch_eager", "addmm", "peft", "torch", "triton")}
 SCALING = 0.5
 # (in, out) of LLaMA-7B-like projections: square attention, MLP up, MLP down.
 FULL_FEATURES = ((4096, 4096), (4096, 11008), (11008, 4096))
@@ -78,6 +83,29 @@ def _bytes(case: Case, provider: str, lamda: bool, element_size: int) -> tuple[f
     return forward * element_size, backward * element_size
 
 
+def _peft_layer(weight, bias, lora_A, lora_B):
+    """A PEFT LoRA layer over nn.Linear(K, N) whose parameters share storage with the given
+    tensors: returns the layer and its trainable (A, B) parameters, the leaves autograd reaches."""
+    import peft  # imported here: a missing peft is one provider's error, not the suite's
+
+    r, K = lora_A.shape
+    N = weight.shape[0]
+    base = torch.nn.Linear(K, N, device="meta")
+    base.weight = torch.nn.Parameter(weight, requires_grad=False)
+    base.bias = torch.nn.Parameter(bias, requires_grad=False)
+    config = peft.LoraConfig(r=r, lora_alpha=SCALING * r, lora_dropout=0.0, target_modules=["0"])
+    model = peft.inject_adapter_in_model(config, torch.nn.Sequential(base))
+    layer = model[0]
+    if layer.scaling["default"] != SCALING:
+        raise RuntimeError(f"peft scaling {layer.scaling['default']}, want {SCALING}")
+    adapter = []
+    for name, tensor in (("lora_A", lora_A), ("lora_B", lora_B)):
+        parameter = torch.nn.Parameter(tensor.detach(), requires_grad=True)
+        getattr(layer, name)["default"].weight = parameter
+        adapter.append(parameter)
+    return layer, tuple(adapter)
+
+
 def workload(provider: str, case: Case, dtype: torch.dtype, device: torch.device, *,
              lamda: bool) -> Workload:
     """Fresh tensors for `case` and the provider's forward on them."""
@@ -108,6 +136,11 @@ def workload(provider: str, case: Case, dtype: torch.dtype, device: torch.device
         "triton": lambda: adapterops.lowrank_linear(x, weight, bias, lora_A, lora_B, SCALING,
                                                     lora_S, backend="triton"),
     }
+    if provider == "peft":
+        if lamda:
+            raise ValueError("peft has no LaMDA layer")
+        layer, adapter = _peft_layer(weight, bias, lora_A, lora_B)
+        forwards["peft"] = lambda: layer(x)
     uses_adapter = provider != "floor"
     fwd_flops, bwd_flops = _flops(case, provider, lamda)
     fwd_bytes, bwd_bytes = _bytes(case, provider, lamda, x.element_size())
@@ -119,7 +152,8 @@ def workload(provider: str, case: Case, dtype: torch.dtype, device: torch.device
 
 
 BENCHMARKS = tuple(
-    OpBenchmark(name=name, cases=cases, providers=PROVIDERS,
+    OpBenchmark(name=name, cases=cases, providers=PROVIDERS[name],
                 workload=functools.partial(workload, lamda=name == "lamda"), baseline="floor",
-                speedups=(("triton", "torch_eager"), ("triton", "addmm")))
+                speedups=(("triton", "torch_eager"), ("triton", "addmm"))
+                + ((("triton", "peft"),) if "peft" in PROVIDERS[name] else ()))
     for name in ("lamda", "lora"))

@@ -1,0 +1,13 @@
+"""`pytest benchmarks/`: the suite's cases through pytest-benchmark (opt-in; `make test` runs
+`pytest tests` only).
+
+Without a GPU the triton provider runs under the Triton interpreter: TRITON_INTERPRET must be
+set before adapterops first imports its kernels, hence here, at the top, before the test module
+imports the benchmark files.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
