@@ -667,8 +667,8 @@ def test_autotune_skips_out_of_resources(tuner):
 
 
 def test_autotune_not_while_capturing_a_cuda_graph(tuner, monkeypatch):
-    # Timing synchronizes, which a CUDA graph capture forbids: the default, untimed and not
-    # cached, so the next eager call tunes.
+    # Timing synchronizes, which a CUDA graph capture forbids: an untuned key gets the default,
+    # untimed and not cached, so the next eager call tunes; a tuned key keeps its config.
     pick, log = tuner
     configs = _configs(("a", 3.0, False), ("b", 1.0, False))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -676,5 +676,9 @@ def test_autotune_not_while_capturing_a_cuda_graph(tuner, monkeypatch):
     assert pick("k1", configs, configs[0]) is configs[0]
     assert log["launched"] == [] and log["timed"] == []
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert pick("k1", configs, configs[0]) is configs[1]
+    assert log["timed"] == ["a", "b"]
+    # Warm up eagerly, then capture: the tuned config is kept, with no timing.
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     assert pick("k1", configs, configs[0]) is configs[1]
     assert log["timed"] == ["a", "b"]

@@ -87,21 +87,24 @@ def pick_config(key: tuple, configs: list[dict], default: dict, launch: Callable
     """The fastest of `configs` for `key`, timed once per key with `launch(config)`.
 
     Pinned to `default` when ADAPTEROPS_AUTOTUNE=0 or under the interpreter (timing a CPU
-    emulation says nothing about a GPU), and while a CUDA graph is being captured (timing
+    emulation says nothing about a GPU). While a CUDA graph is being captured, a key tuned by
+    an earlier eager call keeps its config and an untuned one gets `default` (timing
     synchronizes, which a capture forbids; the next eager call tunes). A config that does not
     fit the device (shared memory, registers) is skipped.
     """
-    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-    if not autotune_enabled() or interpreting(kernel) or capturing:
+    if not autotune_enabled() or interpreting(kernel):
         return default
-    if key not in _best_configs:
-        timings = {}
-        for index, config in enumerate(configs):
-            try:
-                timings[index] = triton.testing.do_bench(lambda: launch(config), warmup=5, rep=20)
-            except triton.runtime.errors.OutOfResources:
-                continue
-        _best_configs[key] = configs[min(timings, key=timings.get)] if timings else default
+    if key in _best_configs:
+        return _best_configs[key]
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return default
+    timings = {}
+    for index, config in enumerate(configs):
+        try:
+            timings[index] = triton.testing.do_bench(lambda: launch(config), warmup=5, rep=20)
+        except triton.runtime.errors.OutOfResources:
+            continue
+    _best_configs[key] = configs[min(timings, key=timings.get)] if timings else default
     return _best_configs[key]
 
 
