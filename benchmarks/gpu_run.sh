@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One GPU session's evidence in two device calls (each under the device tool's 10-minute limit):
+#   bash benchmarks/gpu_run.sh tests   # install, adapterops.info, the whole test suite on CUDA
+#   bash benchmarks/gpu_run.sh bench   # the full benchmark sweep, then the kernel report
+# Everything lands in $OUT (default: benchmarks/results/gpu-run); commit what the second call
+# writes under benchmarks/results/. The GPU image has torch and triton but no package registry:
+# the package is installed without dependencies or build isolation.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results/gpu-run}
+PY=${PY:-python3}
+mkdir -p "$OUT"
+$PY -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 \
+  || { echo "install failed:"; tail -20 "$OUT/install.log"; exit 1; }
+case "${1:-}" in
+  tests)
+    $PY -m adapterops.info | tee "$OUT/info.txt"
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
+    make test PYTHON="$PY" PYTEST_ARGS="-q -rs --durations=15 --junitxml=$OUT/tests.xml" 2>&1 \
+      | tee "$OUT/tests.log" | tail -40
+    ;;
+  bench)
+    dir="$OUT/cuda-$(date +%Y-%m-%d)"
+    timeout 480 $PY -m benchmarks --device cuda --out "$dir" 2>&1 | tee "$OUT/bench.log" | tail -60
+    $PY -m benchmarks.kernel_report --arch sm_90 --csv "$OUT/kernel_report.csv" > "$OUT/kernel_report.txt" 2>&1
+    tail -1 "$OUT/kernel_report.txt"
+    ;;
+  *)
+    echo "usage: bash benchmarks/gpu_run.sh tests|bench" >&2
+    exit 2
+    ;;
+esac
