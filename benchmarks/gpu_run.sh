@@ -9,6 +9,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu-run}
 PY=${PY:-python3}
+case "${1:-}" in
+  tests|bench) ;;
+  *) echo "usage: bash benchmarks/gpu_run.sh tests|bench" >&2; exit 2 ;;
+esac
 mkdir -p "$OUT"
 $PY -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 \
   || { echo "install failed:"; tail -20 "$OUT/install.log"; exit 1; }
@@ -24,9 +28,5 @@ case "${1:-}" in
     timeout 480 $PY -m benchmarks --device cuda --out "$dir" 2>&1 | tee "$OUT/bench.log" | tail -60
     $PY -m benchmarks.kernel_report --arch sm_90 --csv "$OUT/kernel_report.csv" > "$OUT/kernel_report.txt" 2>&1
     tail -1 "$OUT/kernel_report.txt"
-    ;;
-  *)
-    echo "usage: bash benchmarks/gpu_run.sh tests|bench" >&2
-    exit 2
     ;;
 esac
