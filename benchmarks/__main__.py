@@ -3,8 +3,9 @@
 DIR/summary.md and, when matplotlib is installed, PNG plots (benchmarks/plots.py) into DIR
 (default: benchmarks/results/<device>-<YYYY-MM-DD>/) and prints the summary.
 
-On CPU the `triton` provider runs only under the Triton interpreter: set TRITON_INTERPRET=1
-before starting (without it its rows carry the reason in `error`).
+On a machine without a GPU the run sets TRITON_INTERPRET=1 (unless already set), so the
+`triton` provider runs under the Triton interpreter: its times measure the emulator, not the
+kernels. A provider that cannot run gives rows with the reason in `error`.
 """
 import argparse
 import datetime
