@@ -25,3 +25,15 @@ def assert_close_to_reference(name: str, actual: torch.Tensor, reference64: torc
     bound = 2 * base_err + ulp
     assert err <= bound, (f"{name}: max abs error {err:.3e} vs float64 exceeds 2 x torch's "
                           f"{base_err:.3e} + 1 ulp {ulp:.3e} (reference scale {scale:.3e}, dtype {actual.dtype})")
+
+
+def forbid_backend_calls(monkeypatch, method: str) -> None:
+    """Makes every backend's `method` (e.g. "lowrank_forward") fail the test: a bad input must
+    be rejected at the Python boundary, before dispatch."""
+    from adapterops.backends import BACKENDS
+
+    def reached(*args, **kwargs):
+        raise AssertionError("a bad input reached a backend")
+
+    for backend in BACKENDS.values():
+        monkeypatch.setattr(backend, method, reached)

@@ -23,6 +23,7 @@ from ..lamda import svd_factors
 from ..ops import lowrank_linear
 from ..ops.lowrank import check_lowrank_args
 from ..pissa import factor_dtype, pissa_factors
+from .common import check_layer_args, check_linear, copy_base, frozen_base
 
 
 class _FusedLowRankLinear(nn.Module):
@@ -35,13 +36,8 @@ class _FusedLowRankLinear(nn.Module):
                  bias: bool = True, init: str = "lora", dropout: float = 0.0,
                  device=None, dtype=None, backend: Optional[str] = None):
         super().__init__()
-        for name, value in (("in_features", in_features), ("out_features", out_features), ("rank", rank)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha == 0:
-            raise ValueError(f"alpha must be a finite non-zero number, got {alpha!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        check_layer_args(in_features=in_features, out_features=out_features, rank=rank,
+                         alpha=alpha, dropout=dropout)
         self._parse_init(init, rank, in_features, out_features)
         dispatch.check_backend_name(backend)
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
@@ -49,18 +45,10 @@ class _FusedLowRankLinear(nn.Module):
         self.scaling = alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
-        self.bias = (nn.Parameter(torch.empty(out_features, **factory), requires_grad=False)
-                     if bias else None)
+        self.weight, self.bias = frozen_base(in_features, out_features, bias, **factory)
         self.lora_A = nn.Parameter(torch.empty(rank, in_features, **factory))
         self.lora_S = nn.Parameter(torch.empty(rank, rank, **factory)) if self.has_S else None
         self.lora_B = nn.Parameter(torch.empty(out_features, rank, **factory))
-        with torch.no_grad():
-            # The base layer starts as nn.Linear would; from_linear overwrites it.
-            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-            if self.bias is not None:
-                bound = 1 / math.sqrt(in_features)
-                nn.init.uniform_(self.bias, -bound, bound)
         self.reset_adapter()
 
     def _parse_init(self, init, rank, in_features, out_features) -> None:
@@ -75,17 +63,13 @@ class _FusedLowRankLinear(nn.Module):
                     dropout: float = 0.0, backend: Optional[str] = None):
         """A layer computing `linear` plus an adapter initialised with `init`; `linear` itself
         is left untouched (its weight is copied)."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        check_linear(linear)
         layer = cls(linear.in_features, linear.out_features, rank, alpha, bias=linear.bias is not None,
                     init="lora", dropout=dropout, device=linear.weight.device,
                     dtype=linear.weight.dtype, backend=backend)
         layer._parse_init(init, rank, linear.in_features, linear.out_features)
         layer.init = init
-        with torch.no_grad():
-            layer.weight.copy_(linear.weight)
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias)
+        copy_base(layer, linear)
         layer.reset_adapter()
         return layer
 

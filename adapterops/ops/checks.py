@@ -1,8 +1,20 @@
-"""Argument checks shared by the ops: they run at the Python boundary, before any kernel, and
-name the argument and the sizes in the error."""
+"""What the ops share at the Python boundary: argument checks (they run before any kernel and
+name the argument and the sizes in the error) and the autocast cast."""
 from typing import Optional
 
+import torch
 from torch import Tensor
+
+
+def cast_for_autocast(x, *tensors) -> tuple:
+    """(x, *tensors), each floating tensor cast to the autocast dtype when autocast is on for
+    x's device, as F.linear under autocast computes. The casts are ordinary differentiable
+    copies, so each gradient comes back in its own tensor's dtype."""
+    if not (isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type)):
+        return (x, *tensors)
+    dtype = torch.get_autocast_dtype(x.device.type)
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
+                 for t in (x, *tensors))
 
 
 def check_tensor(name: str, t, *, ndim: Optional[int] = None, optional: bool = False) -> None:
@@ -34,6 +46,28 @@ def check_dim(name: str, t: Tensor, dim: int, expected: int, what: str) -> None:
     if t.shape[dim] != expected:
         raise ValueError(f"{name} has shape {tuple(t.shape)}: its size {t.shape[dim]} at dim {dim} "
                          f"must equal {what} = {expected}")
+
+
+def check_base_and_A(x, weight, bias, lora_A, **adapter) -> tuple[int, int, int]:
+    """Checks x (..., in), the base layer (weight (out, in), bias (out,) or None) and lora_A
+    (r, in), and that they and the tensors in `adapter` (already checked with `check_tensor`
+    by the caller, None skipped) share x's dtype and device. Returns (out, in, r)."""
+    check_tensor("x", x)
+    if x.dim() < 1:
+        raise ValueError(f"x must have at least 1 dimension (..., in_features), got shape {tuple(x.shape)}")
+    check_tensor("weight", weight, ndim=2)
+    check_tensor("bias", bias, ndim=1, optional=True)
+    check_tensor("lora_A", lora_A, ndim=2)
+    check_same_dtype_and_device("x", x, weight=weight, bias=bias, lora_A=lora_A, **adapter)
+    out_features, in_features = weight.shape
+    check_dim("x", x, -1, in_features, "weight's in_features (weight.shape[1])")
+    rank = lora_A.shape[0]
+    if rank == 0:
+        raise ValueError(f"lora_A has shape {tuple(lora_A.shape)}: the rank (lora_A.shape[0]) must be >= 1")
+    check_dim("lora_A", lora_A, 1, in_features, "in_features (weight.shape[1])")
+    if bias is not None:
+        check_dim("bias", bias, 0, out_features, "out_features (weight.shape[0])")
+    return out_features, in_features, rank
 
 
 def check_scaling(scaling) -> float:

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .. import dispatch
-from .checks import (check_dim, check_same_dtype_and_device, check_scaling, check_tensor)
+from .checks import cast_for_autocast, check_base_and_A, check_dim, check_scaling, check_tensor
 
 
 def _serving_backend(backend, x, weight, lora_A):
@@ -117,26 +117,12 @@ lowrank_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def check_lowrank_args(x, weight, bias, lora_A, lora_B, scaling, lora_S) -> float:
     """Validates every argument of `lowrank_linear`; returns scaling as a float."""
-    check_tensor("x", x)
-    if x.dim() < 1:
-        raise ValueError(f"x must have at least 1 dimension (..., in_features), got shape {tuple(x.shape)}")
-    check_tensor("weight", weight, ndim=2)
-    check_tensor("bias", bias, ndim=1, optional=True)
-    check_tensor("lora_A", lora_A, ndim=2)
     check_tensor("lora_B", lora_B, ndim=2)
     check_tensor("lora_S", lora_S, ndim=2, optional=True)
-    check_same_dtype_and_device("x", x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B,
-                                lora_S=lora_S)
-    out_features, in_features = weight.shape
-    check_dim("x", x, -1, in_features, "weight's in_features (weight.shape[1])")
-    rank = lora_A.shape[0]
-    if rank == 0:
-        raise ValueError(f"lora_A has shape {tuple(lora_A.shape)}: the rank (lora_A.shape[0]) must be >= 1")
-    check_dim("lora_A", lora_A, 1, in_features, "in_features (weight.shape[1])")
+    out_features, in_features, rank = check_base_and_A(x, weight, bias, lora_A, lora_B=lora_B,
+                                                       lora_S=lora_S)
     check_dim("lora_B", lora_B, 0, out_features, "out_features (weight.shape[0])")
     check_dim("lora_B", lora_B, 1, rank, "the rank (lora_A.shape[0])")
-    if bias is not None:
-        check_dim("bias", bias, 0, out_features, "out_features (weight.shape[0])")
     if lora_S is not None:
         check_dim("lora_S", lora_S, 0, rank, "the rank (lora_A.shape[0])")
         check_dim("lora_S", lora_S, 1, rank, "the rank (lora_A.shape[0])")
@@ -151,13 +137,8 @@ def lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Te
     backend: None picks the first backend that supports the input (`ADAPTEROPS_BACKEND`
     overrides); "triton" or "torch" forces one, and raises ValueError if it cannot serve.
     """
-    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
-        # As F.linear under autocast: compute in the autocast dtype. The casts are ordinary
-        # differentiable copies, so each gradient comes back in its own tensor's dtype.
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight, bias, lora_A, lora_B, lora_S = (
-            t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
-            for t in (x, weight, bias, lora_A, lora_B, lora_S))
+    x, weight, bias, lora_A, lora_B, lora_S = cast_for_autocast(x, weight, bias, lora_A, lora_B,
+                                                                 lora_S)
     scaling = check_lowrank_args(x, weight, bias, lora_A, lora_B, scaling, lora_S)
     dispatch.check_backend_name(backend)
     leading = x.shape[:-1]

@@ -75,6 +75,30 @@ def device_guard(launcher):
     return guarded
 
 
+def element_size(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits // 8
+
+
+def numerics_class(dtype: torch.dtype, flags: dict) -> str:
+    """The key of the memory-bound passes' configuration tables for a dtype and its
+    `numerics_flags`: "16bit" (fp16/bf16 on tensor cores), "tf32" or "ieee" (fp32)."""
+    return "16bit" if dtype != torch.float32 else flags["INPUT_PRECISION"]
+
+
+LAUNCH_OPTIONS = ("num_warps", "num_stages")
+
+
+def split_config(config: dict) -> tuple[dict, dict]:
+    """(tile sizes, passed as constexprs; launch options) of a configuration."""
+    return ({k: v for k, v in config.items() if k not in LAUNCH_OPTIONS},
+            {k: config[k] for k in LAUNCH_OPTIONS if k in config})
+
+
+def launch(kernel, grid, args, config: dict, **constexprs):
+    meta, launch_options = split_config(config)
+    kernel[grid](*args, **meta, **constexprs, **launch_options)
+
+
 def autotune_enabled() -> bool:
     return os.environ.get("ADAPTEROPS_AUTOTUNE", "1") != "0"
 
@@ -125,3 +149,44 @@ class KernelConfig:
     num_stages: int
     default: bool                  # the configuration used with ADAPTEROPS_AUTOTUNE=0
     dtype: Optional[torch.dtype] = None
+
+
+# The (dtype, fp32 matmul precision) pairs the kernel report compiles: fp32 in full precision
+# and in TF32, as torch's fp32 matmul setting selects (the precision flag is inert for 16-bit).
+VARIANTS = ((torch.float16, "tf32"), (torch.bfloat16, "tf32"),
+            (torch.float32, "ieee"), (torch.float32, "tf32"))
+
+
+def variant_label(dtype: torch.dtype, precision: str) -> str:
+    return TRITON_DTYPE_NAMES[dtype] + ("-tf32" if dtype == torch.float32 and precision == "tf32" else "")
+
+
+def triton_signature(fn, dtype: torch.dtype, constexprs: dict, fp32_ptrs=()) -> dict:
+    """Triton types of `fn`'s arguments, for the kernel report: pointers in `dtype` (fp32 for
+    `fp32_ptrs`), the `scale` in fp32, every other runtime argument (sizes, strides) i32."""
+    name = TRITON_DTYPE_NAMES[dtype]
+    signature = {}
+    for arg in fn.arg_names:
+        if arg in constexprs:
+            signature[arg] = "constexpr"
+        elif arg.endswith("_ptr"):
+            signature[arg] = "*fp32" if arg in fp32_ptrs else f"*{name}"
+        elif arg == "scale":
+            signature[arg] = "fp32"
+        else:
+            signature[arg] = "i32"
+    return signature
+
+
+def kernel_config(fn, label: str, config: dict, default: bool, dtype: torch.dtype,
+                  precision: str, unit_strides=(), fp32_ptrs=(), **flags) -> KernelConfig:
+    """The `KernelConfig` of `fn` launched with tile configuration `config`, feature flags
+    `flags` and the strides in `unit_strides` equal to 1 (a launch makes an integer argument
+    equal to 1 a compile-time constant). UPCAST is off (a GPU never sets it) and
+    INPUT_PRECISION is `precision`, for the kernels that take them."""
+    meta, options = split_config(config)
+    numerics = {"UPCAST": False, "INPUT_PRECISION": precision}
+    constexprs = {**meta, **flags, **dict.fromkeys(unit_strides, 1),
+                  **{k: v for k, v in numerics.items() if k in fn.arg_names}}
+    return KernelConfig(fn.__name__, fn, label, triton_signature(fn, dtype, constexprs, fp32_ptrs),
+                        constexprs, options["num_warps"], options["num_stages"], default, dtype)

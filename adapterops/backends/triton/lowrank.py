@@ -13,8 +13,9 @@ import triton
 from torch import Tensor
 
 from ...kernels import lowrank as K
-from .common import (TRITON_DTYPE_NAMES, KernelConfig, bucket, device_guard, device_reasons,
-                     dtype_reasons, interpreting, numerics_flags, pick_config, rank_block)
+from .common import (VARIANTS, KernelConfig, bucket, device_guard, device_reasons, dtype_reasons,
+                     element_size, interpreting, kernel_config, launch, numerics_class,
+                     numerics_flags, pick_config, rank_block, variant_label)
 
 MAX_RANK = 128
 RANK_CHUNK = 16  # the width of every contraction over the rank (see adapterops.kernels.lowrank)
@@ -51,6 +52,15 @@ GRAD_PASS_CONFIGS = {
     "tf32": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3},
     "ieee": {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 3},
 }
+# The grad pass at rank bucket 256, which only the routed op reaches (its rank is E r <= 256,
+# without S): the g and dB accumulators are twice as wide, so the tiles shrink to keep them in
+# registers.
+WIDE_RANK_BLOCK = 256
+WIDE_GRAD_PASS_CONFIGS = {
+    "16bit": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3},
+    "tf32": {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3},
+    "ieee": {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 8, "num_stages": 3},
+}
 # Under the interpreter every program runs serially in NumPy: small tiles keep tests fast.
 INTERPRETER_CONFIGS = {
     "gemm": {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4},
@@ -66,38 +76,21 @@ def reasons(x: Tensor, weight: Tensor, lora_A: Tensor, **_) -> list[str]:
     return out
 
 
-def _element_size(dtype: torch.dtype) -> int:
-    return torch.finfo(dtype).bits // 8
+def grad_pass_configs(block_r: int) -> dict:
+    """The grad pass's configuration table for a rank bucket."""
+    return WIDE_GRAD_PASS_CONFIGS if block_r >= WIDE_RANK_BLOCK else GRAD_PASS_CONFIGS
 
 
-def _numerics_class(dtype: torch.dtype, flags: dict) -> str:
-    """The key of SHRINK_CONFIGS / GRAD_PASS_CONFIGS for a dtype and its `numerics_flags`."""
-    return "16bit" if dtype != torch.float32 else flags["INPUT_PRECISION"]
-
-
-def _pass_config(kernel, dtype: torch.dtype, table: dict, interpreter_key: str) -> tuple[dict, dict]:
-    """(numerics flags, tile configuration) of a memory-bound pass for `dtype`."""
+def pass_config(kernel, dtype: torch.dtype, table: dict, interpreter_config: dict) -> tuple[dict, dict]:
+    """(numerics flags, tile configuration) of a memory-bound pass for `dtype`: from `table`
+    (keyed by numerics class) on a GPU, `interpreter_config` under the interpreter."""
     flags = numerics_flags(dtype, kernel)
     if interpreting(kernel):
-        return flags, INTERPRETER_CONFIGS[interpreter_key]
-    return flags, table[_numerics_class(dtype, flags)]
+        return flags, interpreter_config
+    return flags, table[numerics_class(dtype, flags)]
 
 
-LAUNCH_OPTIONS = ("num_warps", "num_stages")
-
-
-def _split_config(config: dict) -> tuple[dict, dict]:
-    """(tile sizes, passed as constexprs; launch options) of a configuration."""
-    return ({k: v for k, v in config.items() if k not in LAUNCH_OPTIONS},
-            {k: config[k] for k in LAUNCH_OPTIONS if k in config})
-
-
-def _launch(kernel, grid, args, config: dict, **constexprs):
-    meta, launch_options = _split_config(config)
-    kernel[grid](*args, **meta, **constexprs, **launch_options)
-
-
-def _gemm(a: Tensor, b: Tensor, h: Tensor, c: Tensor, bias: Optional[Tensor], scale: float) -> Tensor:
+def gemm_lowrank(a: Tensor, b: Tensor, h: Tensor, c: Tensor, bias: Optional[Tensor], scale: float) -> Tensor:
     """out = a @ b + bias + scale * h @ c, with b and c given as (possibly transposed) views."""
     M, Kdim = a.shape
     N = b.shape[1]
@@ -112,17 +105,17 @@ def _gemm(a: Tensor, b: Tensor, h: Tensor, c: Tensor, bias: Optional[Tensor], sc
             c.stride(0), c.stride(1), out.stride(0), out.stride(1))
     constexprs = dict(HAS_BIAS=bias is not None, R_CHUNK=RANK_CHUNK, **flags)
 
-    def launch(config):
+    def launch_with(config):
         grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
-        _launch(kernel, grid, args, config, **constexprs)
+        launch(kernel, grid, args, config, **constexprs)
 
     if interpreting(kernel):
         config = INTERPRETER_CONFIGS["gemm"]
     else:
-        configs = GEMM_CONFIGS[_element_size(a.dtype)]
+        configs = GEMM_CONFIGS[element_size(a.dtype)]
         key = (bucket(M), N, Kdim, R, a.dtype, bias is not None, a.device)
-        config = pick_config(key, configs, configs[0], launch, kernel)
-    launch(config)
+        config = pick_config(key, configs, configs[0], launch_with, kernel)
+    launch_with(config)
     return out
 
 
@@ -136,17 +129,45 @@ def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, l
     h2 = torch.empty((M, R), dtype=x.dtype, device=x.device) if lora_S is not None else x.new_empty(0)
     if M > 0:
         kernel = K.lowrank_shrink_kernel
-        flags, config = _pass_config(kernel, x.dtype, SHRINK_CONFIGS, "shrink")
+        flags, config = pass_config(kernel, x.dtype, SHRINK_CONFIGS, INTERPRETER_CONFIGS["shrink"])
         S = lora_S if lora_S is not None else lora_A  # a valid pointer; unread without HAS_S
-        _launch(kernel, (triton.cdiv(M, config["BLOCK_M"]),),
+        launch(kernel, (triton.cdiv(M, config["BLOCK_M"]),),
                 (x, lora_A, S, h1, h2 if lora_S is not None else h1, M, Kdim, R,
                  x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
                  S.stride(0), S.stride(1), h1.stride(0), R),
                 config, HAS_S=lora_S is not None, BLOCK_R=rank_block(R), R_CHUNK=RANK_CHUNK, **flags)
     h = h2 if lora_S is not None else h1
     # b = W^T and c = B^T as strided views: no copies.
-    y = _gemm(x, weight.t(), h, lora_B.t(), bias, scaling)
+    y = gemm_lowrank(x, weight.t(), h, lora_B.t(), bias, scaling)
     return y, h1, h2
+
+
+def grad_pass(grad_y: Tensor, lora_B: Tensor, h1: Optional[Tensor], h2: Optional[Tensor],
+              lora_S: Optional[Tensor], scaling: float, need_B: bool, need_S: bool):
+    """(gS, dB, dS) from one pass over dY: gS = s dY B S (s dY B without S) in dY's dtype; dB
+    = s dY^T h2 (N x R) and dS = (s dY B)^T h1 (R x R) in fp32, None when not asked for."""
+    M, N = grad_y.shape
+    R = lora_B.shape[1]
+    device = grad_y.device
+    gS = torch.empty((M, R), dtype=grad_y.dtype, device=device)
+    dB = torch.zeros((N, R), dtype=torch.float32, device=device) if need_B else None
+    dS = torch.zeros((R, R), dtype=torch.float32, device=device) if need_S else None
+    if M > 0:
+        kernel = K.lowrank_grad_pass_kernel
+        flags, config = pass_config(kernel, grad_y.dtype, grad_pass_configs(rank_block(R)),
+                                    INTERPRETER_CONFIGS["grad_pass"])
+        S = lora_S if lora_S is not None else lora_B  # a valid pointer; unread without HAS_S
+        h1_arg = h1 if h1 is not None else gS       # likewise when dS is not asked for
+        h2_arg = h2 if h2 is not None else gS       # likewise when dB is not asked for
+        launch(kernel, (triton.cdiv(M, config["BLOCK_M"]),),
+               (grad_y, lora_B, h1_arg, h2_arg, S, gS,
+                dB if dB is not None else gS, dS if dS is not None else gS,
+                M, N, R, scaling, grad_y.stride(0), grad_y.stride(1),
+                lora_B.stride(0), lora_B.stride(1), h1_arg.stride(0), h2_arg.stride(0),
+                S.stride(0), S.stride(1), R),
+               config, HAS_S=lora_S is not None, COMPUTE_DB=need_B, COMPUTE_DS=need_S,
+               BLOCK_R=rank_block(R), R_CHUNK=RANK_CHUNK, **flags)
+    return gS, dB, dS
 
 
 @device_guard
@@ -154,48 +175,12 @@ def backward(grad_y: Tensor, x: Optional[Tensor], h1: Optional[Tensor], h2: Opti
              weight: Tensor, lora_A: Tensor, lora_B: Tensor, lora_S: Optional[Tensor],
              scaling: float, need_x: bool, need_A: bool, need_B: bool, need_S: bool):
     """(dx, dA, dB, dS), None where not asked for."""
-    M, N = grad_y.shape
-    R = lora_A.shape[0]
-    device = grad_y.device
-    gS = torch.empty((M, R), dtype=grad_y.dtype, device=device)
-    dB = torch.zeros((N, R), dtype=torch.float32, device=device) if need_B else None
-    dS = torch.zeros((R, R), dtype=torch.float32, device=device) if need_S else None
-    if M > 0:
-        kernel = K.lowrank_grad_pass_kernel
-        flags, config = _pass_config(kernel, grad_y.dtype, GRAD_PASS_CONFIGS, "grad_pass")
-        S = lora_S if lora_S is not None else lora_A  # a valid pointer; unread without HAS_S
-        h1_arg = h1 if h1 is not None else gS       # likewise when dS is not asked for
-        h2_arg = h2 if h2 is not None else gS       # likewise when dB is not asked for
-        _launch(kernel, (triton.cdiv(M, config["BLOCK_M"]),),
-                (grad_y, lora_B, h1_arg, h2_arg, S, gS,
-                 dB if dB is not None else gS, dS if dS is not None else gS,
-                 M, N, R, scaling, grad_y.stride(0), grad_y.stride(1),
-                 lora_B.stride(0), lora_B.stride(1), h1_arg.stride(0), h2_arg.stride(0),
-                 S.stride(0), S.stride(1), R),
-                config, HAS_S=lora_S is not None, COMPUTE_DB=need_B, COMPUTE_DS=need_S,
-                BLOCK_R=rank_block(R), R_CHUNK=RANK_CHUNK, **flags)
-    dx = _gemm(grad_y, weight, gS, lora_A, None, 1.0) if need_x else None
+    gS, dB, dS = grad_pass(grad_y, lora_B, h1, h2, lora_S, scaling, need_B, need_S)
+    dx = gemm_lowrank(grad_y, weight, gS, lora_A, None, 1.0) if need_x else None
     dA = torch.mm(gS.t(), x) if need_A else None
     return (dx, dA,
             dB.to(lora_B.dtype) if dB is not None else None,
             dS.to(lora_S.dtype) if dS is not None else None)
-
-
-def _signature(fn, dtype: torch.dtype, constexprs: dict, fp32_ptrs=()) -> dict:
-    """Triton types of `fn`'s arguments: pointers in `dtype` (fp32 for `fp32_ptrs`), the
-    `scale` in fp32, every other runtime argument (sizes, strides) i32."""
-    name = TRITON_DTYPE_NAMES[dtype]
-    signature = {}
-    for arg in fn.arg_names:
-        if arg in constexprs:
-            signature[arg] = "constexpr"
-        elif arg.endswith("_ptr"):
-            signature[arg] = "*fp32" if arg in fp32_ptrs else f"*{name}"
-        elif arg == "scale":
-            signature[arg] = "fp32"
-        else:
-            signature[arg] = "i32"
-    return signature
 
 
 # Strides that are 1 when the launchers above get contiguous tensors, per kernel and call path.
@@ -218,35 +203,31 @@ def kernel_configurations() -> list[KernelConfig]:
     each dtype (fp32 in full precision and in TF32, as torch's fp32 matmul setting selects)
     and rank bucket, with the feature flags and unit strides of every call path."""
     configs = []
-    variants = [(torch.float16, "tf32"), (torch.bfloat16, "tf32"),
-                (torch.float32, "ieee"), (torch.float32, "tf32")]
+    for dtype, precision in VARIANTS:
+        d = variant_label(dtype, precision)
+        numerics = numerics_class(dtype, {"INPUT_PRECISION": precision})
 
-    def add(fn, label, config, default, dtype, precision, unit_strides, fp32_ptrs=(), **flags):
-        meta, options = _split_config(config)
-        constexprs = {**meta, **flags, **dict.fromkeys(unit_strides, 1), "R_CHUNK": RANK_CHUNK,
-                      "UPCAST": False, "INPUT_PRECISION": precision}
-        configs.append(KernelConfig(fn.__name__, fn, label, _signature(fn, dtype, constexprs, fp32_ptrs),
-                                    constexprs, options["num_warps"], options["num_stages"], default, dtype))
+        def add(fn, label, config, default, unit_strides, fp32_ptrs=(), **flags):
+            configs.append(kernel_config(fn, f"{d} {label}", config, default, dtype, precision,
+                                         unit_strides, fp32_ptrs, R_CHUNK=RANK_CHUNK, **flags))
 
-    for dtype, precision in variants:
-        d = TRITON_DTYPE_NAMES[dtype] + ("-tf32" if dtype == torch.float32 and precision == "tf32" else "")
-        size = _element_size(dtype)
-        numerics = _numerics_class(dtype, {"INPUT_PRECISION": precision})
-        for i, config in enumerate(GEMM_CONFIGS[size]):
+        for i, config in enumerate(GEMM_CONFIGS[element_size(dtype)]):
             tiles = f"{config['BLOCK_M']}x{config['BLOCK_N']}x{config['BLOCK_K']}"
             # The backward (dx) GEMM never has a bias.
             for path, has_bias in (("fwd", True), ("fwd", False), ("bwd", False)):
-                add(K.gemm_lowrank_kernel, f"{d} {path} {tiles} bias={has_bias}", config, i == 0,
-                    dtype, precision, UNIT_STRIDES[f"gemm {path}"], HAS_BIAS=has_bias)
-        for block_r in (16, 32, 64, 128):
-            for has_s in (True, False):
-                add(K.lowrank_shrink_kernel, f"{d} R{block_r} S={has_s}", SHRINK_CONFIGS[numerics], True,
-                    dtype, precision, UNIT_STRIDES["shrink"], HAS_S=has_s, BLOCK_R=block_r)
+                add(K.gemm_lowrank_kernel, f"{path} {tiles} bias={has_bias}", config, i == 0,
+                    UNIT_STRIDES[f"gemm {path}"], HAS_BIAS=has_bias)
+        for block_r in (16, 32, 64, 128, WIDE_RANK_BLOCK):
+            # Rank bucket 256 is the routed op's grad pass alone: no S, no shrink.
+            for has_s in ((True, False) if block_r < WIDE_RANK_BLOCK else (False,)):
+                if block_r < WIDE_RANK_BLOCK:
+                    add(K.lowrank_shrink_kernel, f"R{block_r} S={has_s}", SHRINK_CONFIGS[numerics],
+                        True, UNIT_STRIDES["shrink"], HAS_S=has_s, BLOCK_R=block_r)
                 for compute_db in (True, False):
                     for compute_ds in ((True, False) if has_s else (False,)):
                         add(K.lowrank_grad_pass_kernel,
-                            f"{d} R{block_r} S={has_s} dB={compute_db} dS={compute_ds}",
-                            GRAD_PASS_CONFIGS[numerics], True, dtype, precision, UNIT_STRIDES["grad_pass"],
+                            f"R{block_r} S={has_s} dB={compute_db} dS={compute_ds}",
+                            grad_pass_configs(block_r)[numerics], True, UNIT_STRIDES["grad_pass"],
                             fp32_ptrs=("db_ptr", "ds_ptr"), HAS_S=has_s, COMPUTE_DB=compute_db,
                             COMPUTE_DS=compute_ds, BLOCK_R=block_r)
     return configs
