@@ -111,6 +111,19 @@ def test_dropout_path(cls, device):
     torch.testing.assert_close(layer(x), expected_eval, rtol=1e-5, atol=1e-5)
 
 
+def _train(layer: nn.Module, x: torch.Tensor, target: torch.Tensor, steps: int, lr: float) -> list:
+    """Adam on the layer's trainable parameters against an MSE loss; the loss per step."""
+    opt = torch.optim.Adam([p for p in layer.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = nn.functional.mse_loss(layer(x), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 @pytest.mark.parametrize("cls,init", [(FusedLoRALinear, "lora"), (FusedLaMDALinear, "svd")])
 def test_training_reduces_loss(cls, init, device):
     """A frozen random base plus a low-rank target shift: the adapter must learn the shift.
@@ -121,16 +134,9 @@ def test_training_reduces_loss(cls, init, device):
     top_inputs = torch.linalg.svd(base.weight.detach(), full_matrices=False)[2][:8]
     shift = torch.randn(24, 8, device=device) @ top_inputs / math.sqrt(8)
     layer = cls.from_linear(base, 8, 16.0, init=init)
-    opt = torch.optim.Adam([p for p in layer.parameters() if p.requires_grad], lr=1e-2)
     x = torch.randn(64, 32, device=device)
     target = base(x).detach() + x @ shift.t()
-    losses = []
-    for _ in range(40):
-        loss = nn.functional.mse_loss(layer(x), target)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = _train(layer, x, target, steps=40, lr=1e-2)
     assert losses[-1] < 0.3 * losses[0], losses
 
 
@@ -211,3 +217,134 @@ def test_wrong_input_features_named():
     with pytest.raises(ValueError, match=r"x has shape \(3, 31\).*30"):
         layer(torch.randn(3, 31))
     assert adapterops.FusedLaMDALinear is FusedLaMDALinear
+
+
+# FusedHydraLoRALinear (HydraLoRA).
+
+def test_hydra_init_and_parameters(device):
+    linear = nn.Linear(40, 24, device=device)
+    original = linear.weight.detach().clone()
+    layer = adapterops.FusedHydraLoRALinear.from_linear(linear, rank=6, num_heads=3, alpha=12.0,
+                                                        top_k=2)
+    assert layer.scaling == 2.0 and layer.top_k == 2 and layer.num_heads == 3
+    assert layer.lora_A.shape == (6, 40) and layer.lora_B.shape == (3, 24, 6)
+    assert layer.lora_router.shape == (3, 40)
+    trainable = {n for n, p in layer.named_parameters() if p.requires_grad}
+    assert trainable == {"lora_A", "lora_B", "lora_router"}, trainable
+    assert torch.count_nonzero(layer.lora_B) == 0, "every head B_e starts at zero"
+    # Kaiming-uniform with a = sqrt(5): bound 1 / sqrt(in_features).
+    bound = 1 / math.sqrt(40)
+    for name in ("lora_A", "lora_router"):
+        t = getattr(layer, name)
+        assert t.abs().max() <= bound and t.abs().max() > 0.5 * bound, name
+    x = torch.randn(2, 5, 40, device=device)
+    # B = 0: the base layer's output, up to the GEMM's summation order (a few fp32 ulps).
+    err, bound = _rel_err(layer(x), linear(x)), 64 * torch.finfo(torch.float32).eps
+    assert err <= bound, f"output at init: relative error {err:.2e} > {bound:.2e}"
+    assert torch.equal(linear.weight, original), "from_linear must not modify the source layer"
+    for piece in ("rank=6", "num_heads=3", "top_k=2", "alpha=12.0", "backend=auto"):
+        assert piece in repr(layer), (piece, repr(layer))
+
+
+def _two_regime_task(device, n=256, in_f=16, out_f=12, r=4):
+    """Tokens of two regimes (feature 0 is +2 or -2): the target adds U_1 V^T x in regime 1 and
+    U_2 V^T x in regime 2, one input subspace V, two output maps. One shared A can span V; only
+    a routed pair of heads represents both maps (a single linear adapter cannot switch its
+    output map on the regime)."""
+    g = torch.Generator().manual_seed(71)
+    regime = torch.arange(n) % 2
+    x = torch.randn(n, in_f, generator=g)
+    x[:, 0] = torch.where(regime == 0, 2.0, -2.0)
+    V = torch.linalg.qr(torch.randn(in_f, r, generator=g))[0]
+    U = torch.randn(2, out_f, r, generator=g)
+    shift = torch.einsum("nor,ir,ni->no", U[regime], V, x)
+    return x.to(device), shift.to(device), regime.to(device)
+
+
+def test_hydra_heads_specialise_and_loss_falls(device):
+    x, shift, regime = _two_regime_task(device)
+    base = nn.Linear(16, 12, device=device)
+    target = (base(x) + shift).detach()
+    # The torch backend: 150 steps through the Triton interpreter take about 50 s, and the
+    # kernels' gradients are checked against float64 in test_routed.py.
+    layer = adapterops.FusedHydraLoRALinear.from_linear(base, rank=4, num_heads=2, alpha=4.0,
+                                                        backend="torch")
+    losses = _train(layer, x, target, steps=150, lr=2e-2)
+    assert losses[-1] < 0.1 * losses[0], f"loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+    _, probs = adapterops.routed_lowrank_linear(
+        x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.lora_router, layer.scaling,
+        return_router_probs=True, backend="torch")
+    head0 = [probs[regime == k, 0].mean().item() for k in (0, 1)]
+    assert abs(head0[0] - head0[1]) > 0.8, f"head 0's mean gate per regime {head0}: no specialisation"
+
+
+def test_hydra_balance_loss_is_kept_for_the_trainer(device):
+    layer = adapterops.FusedHydraLoRALinear(20, 12, rank=4, num_heads=4, alpha=8.0, top_k=2,
+                                            balance_loss_weight=0.01, device=device)
+    model = nn.Sequential(layer, nn.GELU())
+    x = torch.randn(3, 7, 20, device=device)
+    model(x)
+    _, probs = adapterops.routed_lowrank_linear(
+        x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.lora_router,
+        layer.scaling, top_k=2, return_router_probs=True)
+    expected = 0.01 * adapterops.hydra.balance_loss(probs, 2)
+    torch.testing.assert_close(layer.last_balance_loss, expected)
+    collected = adapterops.hydra.collect_balance_loss(model)
+    torch.testing.assert_close(collected, expected)
+    collected.backward()
+    assert layer.lora_router.grad is not None and layer.lora_router.grad.abs().sum() > 0
+    assert layer.last_balance_loss is None, "collecting resets the kept loss"
+    layer.eval()
+    model(x)
+    assert layer.last_balance_loss is None, "no balance loss outside training"
+
+
+def test_hydra_dropout_path_shares_one_mask(device):
+    layer = adapterops.FusedHydraLoRALinear(24, 16, rank=3, num_heads=3, alpha=6.0, top_k=2,
+                                            dropout=0.5, device=device)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(5, 24, device=device)
+    torch.manual_seed(1)
+    y = layer(x)
+    torch.manual_seed(1)
+    h = nn.functional.dropout(x, 0.5, training=True) @ layer.lora_A.t()
+    probs = torch.softmax(x @ layer.lora_router.t(), dim=-1)  # the router sees x undropped
+    keep = torch.zeros_like(probs).scatter_(-1, probs.topk(2, -1).indices, 1.0)
+    gates = probs * keep
+    expected = x @ layer.weight.t() + layer.bias + layer.scaling * sum(
+        gates[:, e:e + 1] * (h @ layer.lora_B[e].t()) for e in range(3))
+    torch.testing.assert_close(y, expected)
+    layer.eval()  # no dropout in eval: the fused path
+    h = x @ layer.lora_A.t()
+    expected_eval = x @ layer.weight.t() + layer.bias + layer.scaling * sum(
+        gates[:, e:e + 1] * (h @ layer.lora_B[e].t()) for e in range(3))
+    torch.testing.assert_close(layer(x), expected_eval, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(num_heads=0), ValueError, "num_heads must be a positive int"),
+    (dict(rank=0), ValueError, "rank must be a positive int"),
+    (dict(top_k=0), ValueError, "top_k must be None or an int between 1 and num_heads = 4"),
+    (dict(top_k=5), ValueError, "top_k must be None or an int between 1 and num_heads = 4"),
+    (dict(alpha=float("nan")), ValueError, "alpha must be a finite non-zero"),
+    (dict(dropout=-0.1), ValueError, "dropout must be in"),
+    (dict(balance_loss_weight=-1.0), ValueError, "balance_loss_weight must be a finite number >= 0"),
+    (dict(backend="cutlass"), ValueError, "known backends"),
+])
+def test_hydra_constructor_bad_input(kwargs, error, match):
+    args = dict(in_features=30, out_features=20, rank=4, num_heads=4, alpha=8.0)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        adapterops.FusedHydraLoRALinear(**args)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_hydra_forward_bad_input_named(dropout):
+    layer = adapterops.FusedHydraLoRALinear(30, 20, rank=4, num_heads=2, alpha=8.0, dropout=dropout)
+    with pytest.raises(ValueError, match=r"x has shape \(3, 31\).*30"):
+        layer(torch.randn(3, 31))
+    with pytest.raises(TypeError, match="weight has dtype torch.float32 but x has torch.float16"):
+        layer(torch.randn(3, 30, dtype=torch.float16))
+    with pytest.raises(TypeError, match="nn.Linear"):
+        adapterops.FusedHydraLoRALinear.from_linear(nn.Conv1d(3, 3, 1), 2, 2, 4.0)

@@ -2,8 +2,8 @@
 
 A backend is a small object that says whether it can serve an op for given inputs and, when it
 cannot, returns the reasons (plain sentences, shown to users by the dispatcher and by
-`python -m adapterops.info`). Ops are methods named after the op family: `lowrank_forward`,
-`lowrank_backward`, with `lowrank_reasons` answering the support question.
+`python -m adapterops.info`). Ops are methods named after the op family (`lowrank`, `routed`):
+`lowrank_forward`, `lowrank_backward`, with `lowrank_reasons` answering the support question.
 """
 from typing import Optional
 

@@ -1,4 +1,5 @@
 """nn.Modules built on the ops."""
 from .lowrank import FusedLaMDALinear, FusedLoRALinear
+from .routed import FusedHydraLoRALinear
 
-__all__ = ["FusedLoRALinear", "FusedLaMDALinear"]
+__all__ = ["FusedLoRALinear", "FusedLaMDALinear", "FusedHydraLoRALinear"]

@@ -1,5 +1,6 @@
 """Ops: argument checks, the `torch.library` custom ops (schema, fake, autograd) and the call
 into dispatch. One file per op family."""
 from .lowrank import lowrank_linear
+from .routed import routed_lowrank_linear
 
-__all__ = ["lowrank_linear"]
+__all__ = ["lowrank_linear", "routed_lowrank_linear"]

@@ -41,11 +41,23 @@ class TritonBackend(Backend):
         from . import lowrank
         return lowrank.backward(*args)
 
+    def routed_reasons(self, **inputs) -> list[str]:
+        from . import routed
+        return routed.reasons(**inputs)
+
+    def routed_forward(self, *args):
+        from . import routed
+        return routed.forward(*args)
+
+    def routed_backward(self, *args):
+        from . import routed
+        return routed.backward(*args)
+
 
 def kernel_configurations():
     """Every (kernel, dtype, tile configuration) the dispatcher can launch, for the kernel report.
 
     Returns a list of `KernelConfig`s; see `adapterops.backends.triton.common`.
     """
-    from . import lowrank
-    return lowrank.kernel_configurations()
+    from . import lowrank, routed
+    return lowrank.kernel_configurations() + routed.kernel_configurations()

@@ -1,0 +1,150 @@
+"""Launchers of the routed multi-head low-rank linear (HydraLoRA) kernels
+(`adapterops.kernels.routed`, plus the GEMM and grad pass of `adapterops.kernels.lowrank`).
+
+Forward: `routed_shrink_kernel` (h, router probabilities, gates and hg from one read of x),
+then the low-rank GEMM with the heads side by side, y = x W^T + bias + s hg Bcat^T.
+Backward: the low-rank grad pass with B = Bcat and h2 = hg (u = s dY Bcat and dBcat from one
+read of dY), `routed_gate_grad_kernel` (the seed [dh | dlogits]), the dx GEMM seeded with
+[dh | dlogits] [A; Wg], and [dA; dWg] = [dh | dlogits]^T x as one cuBLAS/ATen GEMM.
+Bcat (out x E r) and [A; Wg] ((r + E) x in) are built per call: copies of the adapter's
+weights, which are small next to x and dY (E r (in + out) elements).
+
+Limits of this backend: rank r <= 128, E <= 16 heads and E r <= 256; beyond them the
+dispatcher falls back to the torch backend with the reason.
+"""
+from typing import Optional
+
+import torch
+import triton
+from torch import Tensor
+
+from ...kernels import routed as K
+from ..reference import heads_side_by_side
+from . import lowrank
+from .common import (VARIANTS, KernelConfig, device_guard, device_reasons, dtype_reasons,
+                     interpreting, kernel_config, launch, numerics_class, rank_block, variant_label)
+
+MAX_HEADS = 16
+MAX_ROUTED_RANK = lowrank.WIDE_RANK_BLOCK  # E r: the widest rank bucket of the grad pass
+
+# The shrink: the low-rank shrink's tiles (`lowrank.SHRINK_CONFIGS`) but 8 warps for 16-bit,
+# whose epilogue (softmax, top-k, the per-head stores of g_e h) spilled 176-196 bytes at rank
+# 128 with 4 warps (sm_90 kernel report). The gate gradient kernel is elementwise (no
+# `tl.dot`): one configuration for every dtype.
+SHRINK_CONFIGS = {**lowrank.SHRINK_CONFIGS,
+                  "16bit": {**lowrank.SHRINK_CONFIGS["16bit"], "num_warps": 8}}
+GATE_GRAD_CONFIG = {"BLOCK_M": 16, "num_warps": 4, "num_stages": 1}
+INTERPRETER_GATE_GRAD_CONFIG = {"BLOCK_M": 32}
+
+
+def head_block(num_heads: int) -> int:
+    """The heads' tile size: a power of two >= 16 (the router logits are a `tl.dot` output)."""
+    return max(16, triton.next_power_of_2(num_heads))
+
+
+def reasons(x: Tensor, lora_B: Tensor, **_) -> list[str]:
+    out = device_reasons(x.device, K.routed_shrink_kernel) + dtype_reasons(x.dtype)
+    E, _, r = lora_B.shape
+    if r > lowrank.MAX_RANK:
+        out.append(f"rank {r} exceeds the Triton kernels' maximum rank {lowrank.MAX_RANK}")
+    if E > MAX_HEADS:
+        out.append(f"{E} heads exceed the Triton kernels' maximum of {MAX_HEADS}")
+    if E * r > MAX_ROUTED_RANK:
+        out.append(f"heads x rank = {E} x {r} = {E * r} exceeds the Triton kernels' maximum "
+                   f"routed rank {MAX_ROUTED_RANK}")
+    return out
+
+
+@device_guard
+def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+            router_weight: Tensor, scaling: float, top_k: Optional[int]):
+    """(y, h, hg, probs, gates) for 2-D x; gates is empty for dense routing."""
+    M, Kdim = x.shape
+    E, _, R = lora_B.shape
+    h = torch.empty((M, R), dtype=x.dtype, device=x.device)
+    hg = torch.empty((M, E * R), dtype=x.dtype, device=x.device)
+    probs = torch.empty((M, E), dtype=torch.float32, device=x.device)
+    gates = torch.empty_like(probs) if top_k is not None else probs.new_empty(0)
+    if M > 0:
+        kernel = K.routed_shrink_kernel
+        flags, config = lowrank.pass_config(kernel, x.dtype, SHRINK_CONFIGS,
+                                            lowrank.INTERPRETER_CONFIGS["shrink"])
+        launch(kernel, (triton.cdiv(M, config["BLOCK_M"]),),
+               (x, lora_A, router_weight, h, hg, probs, gates if top_k is not None else probs,
+                M, Kdim, R, E, top_k or 0, x.stride(0), x.stride(1), lora_A.stride(0),
+                lora_A.stride(1), router_weight.stride(0), router_weight.stride(1), R, E * R, E),
+               config, HAS_TOP_K=top_k is not None, BLOCK_R=rank_block(R),
+               BLOCK_E=head_block(E), **flags)
+    y = lowrank.gemm_lowrank(x, weight.t(), hg, heads_side_by_side(lora_B).t(), bias, scaling)
+    return y, h, hg, probs, gates
+
+
+@device_guard
+def backward(grad_y: Tensor, grad_probs: Tensor, x: Optional[Tensor], h: Optional[Tensor],
+             hg: Optional[Tensor], probs: Optional[Tensor], gates: Optional[Tensor],
+             weight: Tensor, lora_A: Tensor, lora_B: Tensor, router_weight: Tensor,
+             scaling: float, need_x: bool, need_A: bool, need_B: bool, need_router: bool):
+    """(dx, dA, dB, dWg), None where not asked for; gates is None for dense routing."""
+    M, N = grad_y.shape
+    E, _, R = lora_B.shape
+    u, dB_cat, _ = lowrank.grad_pass(grad_y, heads_side_by_side(lora_B), None, hg, None, scaling,
+                                     need_B, False)
+    dB = None
+    if need_B:
+        dB = torch.empty(lora_B.shape, dtype=lora_B.dtype, device=lora_B.device)
+        dB.copy_(dB_cat.view(N, E, R).permute(1, 0, 2))
+    dx = dA = dWg = None
+    if need_x or need_A or need_router:
+        seed = torch.empty((M, R + E), dtype=grad_y.dtype, device=grad_y.device)
+        if M > 0:
+            kernel = K.routed_gate_grad_kernel
+            config = INTERPRETER_GATE_GRAD_CONFIG if interpreting(kernel) else GATE_GRAD_CONFIG
+            launch(kernel, (triton.cdiv(M, config["BLOCK_M"]),),
+                   (u, h, probs, gates if gates is not None else probs, grad_probs, seed, M, R, E,
+                    u.stride(0), h.stride(0), probs.stride(0), grad_probs.stride(0),
+                    grad_probs.stride(1), seed.stride(0)),
+                   config, HAS_TOP_K=gates is not None, BLOCK_R=rank_block(R),
+                   BLOCK_E=head_block(E))
+        if need_x:
+            dx = lowrank.gemm_lowrank(grad_y, weight, seed, torch.cat([lora_A, router_weight]),
+                                      None, 1.0)
+        # dA and dWg: one GEMM (one read of x) over the rows of [dh | dlogits] asked for. A
+        # custom op's outputs may not alias each other, so dWg (E x in) is copied out of it.
+        rows = slice(0 if need_A else R, R + E if need_router else R)
+        dAW = torch.mm(seed[:, rows].t(), x) if (need_A or need_router) else None
+        dA = dAW[:R] if need_A else None
+        dWg = (dAW[R:].clone() if need_A else dAW) if need_router else None
+    return dx, dA, dB, dWg
+
+
+# Strides that are 1 when the launchers above get contiguous tensors (see lowrank.UNIT_STRIDES).
+UNIT_STRIDES = {
+    "shrink": ("stride_xk", "stride_ak", "stride_wk"),
+    # The probabilities' gradient autograd materializes is contiguous.
+    "gate_grad": ("stride_dpe",),
+}
+
+
+def kernel_configurations() -> list[KernelConfig]:
+    """Every configuration of the routed kernels the launchers above can pick on a GPU (the
+    GEMM and grad pass they share with the low-rank op are in lowrank.kernel_configurations,
+    rank bucket 256 of the grad pass included)."""
+    configs = []
+    for dtype, precision in VARIANTS:
+        d = variant_label(dtype, precision)
+        numerics = numerics_class(dtype, {"INPUT_PRECISION": precision})
+        for block_r in (16, 32, 64, 128):
+            for has_top_k in (False, True):
+                flags = dict(HAS_TOP_K=has_top_k, BLOCK_R=block_r, BLOCK_E=head_block(MAX_HEADS))
+                configs.append(kernel_config(
+                    K.routed_shrink_kernel, f"{d} R{block_r} E16 top_k={has_top_k}",
+                    SHRINK_CONFIGS[numerics], True, dtype, precision,
+                    UNIT_STRIDES["shrink"], fp32_ptrs=("probs_ptr", "gates_ptr"), **flags))
+                # No dots: the fp32 matmul precision does not apply, one fp32 variant suffices.
+                if precision == "tf32" and dtype == torch.float32:
+                    continue
+                configs.append(kernel_config(
+                    K.routed_gate_grad_kernel, f"{d} R{block_r} E16 top_k={has_top_k}",
+                    GATE_GRAD_CONFIG, True, dtype, precision, UNIT_STRIDES["gate_grad"],
+                    fp32_ptrs=("probs_ptr", "gates_ptr", "dprobs_ptr"), **flags))
+    return configs

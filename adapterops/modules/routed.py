@@ -1,0 +1,123 @@
+"""Drop-in `nn.Linear` replacement with a HydraLoRA adapter (methods.md §3):
+
+    p = softmax(x Wg^T),  g = p (or its top_k largest entries),  h = x A^T
+    y = x W^T + bias + s Σ_e g_e h B_e^T
+
+W (`weight`) and `bias` are frozen; `lora_A` (r, in), the heads `lora_B` (E, out, r) and the
+router `lora_router` (E, in) train; s = `scaling` = alpha / rank. Runs
+`adapterops.routed_lowrank_linear`. Init: A and the router kaiming-uniform (a = sqrt(5)), every
+head B_e = 0, so the layer starts as its base layer. No merge: the gates depend on the token.
+
+Dropout (`dropout > 0`, training mode only) applies to the adapter's input of A, with ONE mask
+shared by all heads **[ours; the official code draws one per head]**; the router sees x
+undropped, as in the official code. That path is NOT fused: it runs the plain PyTorch
+composition.
+
+Balance loss (`balance_loss_weight > 0`, training mode only): each forward stores
+`balance_loss_weight * adapterops.hydra.balance_loss(p, top_k)` in `last_balance_loss` for a
+trainer to add to its loss with `adapterops.hydra.collect_balance_loss(model)`.
+"""
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import dispatch
+from ..backends.reference import heads_side_by_side, router_probs, top_k_gates
+from ..hydra import balance_loss
+from ..ops import routed_lowrank_linear
+from ..ops.routed import check_routed_args
+from .common import check_layer_args, check_linear, copy_base, frozen_base
+
+
+class FusedHydraLoRALinear(nn.Module):
+    """HydraLoRA linear: one shared A, `num_heads` B heads mixed per token by a softmax router.
+
+    Args: in_features, out_features, rank (r), num_heads (E), alpha (scaling = alpha / rank),
+    bias, top_k (None: dense routing; k: keep the k largest gates, not renormalised), dropout,
+    balance_loss_weight, device, dtype, backend (None: dispatch picks; "triton"/"torch" forces).
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, num_heads: int,
+                 alpha: float, bias: bool = True, top_k: Optional[int] = None,
+                 dropout: float = 0.0, balance_loss_weight: float = 0.0, device=None, dtype=None,
+                 backend: Optional[str] = None):
+        super().__init__()
+        check_layer_args(in_features=in_features, out_features=out_features, rank=rank,
+                         num_heads=num_heads, alpha=alpha, dropout=dropout)
+        if top_k is not None:
+            if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_heads:
+                raise ValueError(f"top_k must be None or an int between 1 and num_heads = "
+                                 f"{num_heads}, got {top_k!r}")
+        if (isinstance(balance_loss_weight, bool) or not isinstance(balance_loss_weight, (int, float))
+                or not math.isfinite(balance_loss_weight) or balance_loss_weight < 0):
+            raise ValueError(f"balance_loss_weight must be a finite number >= 0, got {balance_loss_weight!r}")
+        dispatch.check_backend_name(backend)
+        self.in_features, self.out_features = in_features, out_features
+        self.rank, self.num_heads, self.alpha, self.top_k = rank, num_heads, alpha, top_k
+        self.scaling = alpha / rank
+        self.balance_loss_weight = float(balance_loss_weight)
+        self.backend = backend
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+        self.last_balance_loss: Optional[Tensor] = None
+        factory = {"device": device, "dtype": dtype}
+        self.weight, self.bias = frozen_base(in_features, out_features, bias, **factory)
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(num_heads, out_features, rank, **factory))
+        self.lora_router = nn.Parameter(torch.empty(num_heads, in_features, **factory))
+        self.reset_adapter()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, rank: int, num_heads: int, alpha: float,
+                    top_k: Optional[int] = None, dropout: float = 0.0,
+                    balance_loss_weight: float = 0.0, backend: Optional[str] = None):
+        """A layer computing `linear` plus a freshly initialised HydraLoRA adapter; `linear`
+        itself is left untouched (its weight is copied)."""
+        check_linear(linear)
+        layer = cls(linear.in_features, linear.out_features, rank, num_heads, alpha,
+                    bias=linear.bias is not None, top_k=top_k, dropout=dropout,
+                    balance_loss_weight=balance_loss_weight, device=linear.weight.device,
+                    dtype=linear.weight.dtype, backend=backend)
+        copy_base(layer, linear)
+        return layer
+
+    @torch.no_grad()
+    def reset_adapter(self) -> None:
+        """A and the router kaiming-uniform (a = sqrt(5)), every head B_e = 0 (methods.md §3)."""
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.lora_router, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def forward(self, x: Tensor) -> Tensor:
+        want_loss = self.training and self.balance_loss_weight > 0
+        if self.dropout is None or not self.training:
+            out = routed_lowrank_linear(x, self.weight, self.bias, self.lora_A, self.lora_B,
+                                        self.lora_router, self.scaling, top_k=self.top_k,
+                                        return_router_probs=want_loss, backend=self.backend)
+            y, probs = out if want_loss else (out, None)
+        else:
+            y, probs = self._unfused_dropout_forward(x)
+        if want_loss:
+            self.last_balance_loss = self.balance_loss_weight * balance_loss(probs, self.top_k)
+        return y
+
+    def _unfused_dropout_forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(y, p) with dropout on A's input (see the module docstring), as plain PyTorch ops,
+        with the same argument checks as the fused op."""
+        check_routed_args(x, self.weight, self.bias, self.lora_A, self.lora_B, self.lora_router,
+                          self.scaling, self.top_k)
+        h = F.linear(self.dropout(x), self.lora_A)
+        probs = router_probs(x, self.lora_router)
+        gates = top_k_gates(probs, self.top_k) if self.top_k is not None else probs
+        hg = (gates[..., :, None] * h[..., None, :].to(gates.dtype)).to(x.dtype).flatten(-2)
+        y = F.linear(x, self.weight, self.bias) + self.scaling * F.linear(hg, heads_side_by_side(self.lora_B))
+        return y, probs
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"num_heads={self.num_heads}, alpha={self.alpha}, top_k={self.top_k}, "
+                f"dropout={self.dropout.p if self.dropout else 0.0}, "
+                f"balance_loss_weight={self.balance_loss_weight}, bias={self.bias is not None}, "
+                f"backend={self.backend or 'auto'}")

@@ -1,0 +1,195 @@
+"""The routed multi-head low-rank linear: HydraLoRA (methods.md §3).
+
+    p = softmax(x Wg^T)                 per token, in fp32 (see below for the logits)
+    g = p, or with top_k = k: p with all but its k largest entries zeroed (not renormalised;
+        ties go to the lower head index) **[ours, from the multimodal variant]**
+    h = x A^T                           (M x r), one A shared by every head
+    y = x W^T + bias + s Σ_e g_e h B_e^T
+      = x W^T + bias + s [g_0 h | ... | g_{E-1} h] [B_0 | ... | B_{E-1}]^T   one GEMM, inner E r
+
+with x (..., in), weight W (out, in), bias (out,), lora_A A (r, in), lora_B (E, out, r) holding
+the heads B_e, router_weight Wg (E, in) and s = scaling. x is flattened to M tokens; y is
+(..., out) in x's dtype (fp32, fp16 or bf16); the probabilities p are (..., E) in fp32 (float64
+for float64 inputs). Gradients (u_e = s dY B_e):
+
+    dB_e = s (g_e dY)^T h,  dg_e = <u_e, h>,  dh = Σ_e g_e u_e,  dA = dh^T x,
+    dlogits = p * (dp - <p, dp>),  dp = dg on the kept heads + the gradient of the returned p,
+    dWg = dlogits^T x,  dx = dY W + dh A + dlogits Wg,  dW = dY^T x,  dbias = Σ_tokens dY
+
+Router logits **[ours]**: the Triton kernels accumulate x Wg^T in fp32 and apply the softmax to
+that accumulator; the torch backend takes the logits from F.linear in x's dtype (as the
+official code does). In fp32 they agree; in fp16/bf16 the Triton probabilities are the more
+accurate, and a top-k choice can differ between the two backends only where two logits tie to
+within the dtype's rounding (ties at equal values go to the lower head index in both).
+
+Memory contract (decided here): backward saves x only when lora_A, router_weight or weight
+needs a gradient (HydraLoRA trains A and Wg, so in training it does), hg = [g_e h] (M x E r)
+only for dB, and h (M x r) with p (M x E, plus the gates with top-k) for everything else.
+
+Backends: `triton` (CUDA sm_80+, or CPU under TRITON_INTERPRET=1; fp32, fp16, bf16; r <= 128,
+E <= 16, E r <= 256) and `torch` (everything else); see `adapterops.dispatch`. Under
+`torch.autocast` the op runs in the autocast dtype.
+
+Both halves are `torch.library` custom ops (`adapterops::routed_lowrank_linear_fwd` and
+`adapterops::routed_lowrank_linear_bwd`), so `torch.compile(fullgraph=True)` traces through
+them. Double backward is not supported.
+"""
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import dispatch
+from .checks import cast_for_autocast, check_base_and_A, check_dim, check_scaling, check_tensor
+
+
+def _serving_backend(backend, x, weight, lora_A, lora_B):
+    return dispatch.select("routed", backend, x=x, weight=weight, lora_A=lora_A, lora_B=lora_B)
+
+
+def _probs_dtype(x: Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+@torch.library.custom_op("adapterops::routed_lowrank_linear_fwd", mutates_args=())
+def routed_lowrank_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
+                              lora_B: Tensor, router_weight: Tensor, scaling: float,
+                              top_k: Optional[int], backend: Optional[str]
+                              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(y, h, hg, probs, gates) for 2-D x; gates is empty for dense routing (gates = probs)."""
+    chosen = _serving_backend(backend, x, weight, lora_A, lora_B)
+    return chosen.routed_forward(x, weight, bias, lora_A, lora_B, router_weight, scaling, top_k)
+
+
+@routed_lowrank_linear_fwd.register_fake
+def _(x, weight, bias, lora_A, lora_B, router_weight, scaling, top_k, backend):
+    M = x.shape[0]
+    E, N, r = lora_B.shape
+    probs_dtype = _probs_dtype(x)
+    return (x.new_empty((M, N)), x.new_empty((M, r)), x.new_empty((M, E * r)),
+            x.new_empty((M, E), dtype=probs_dtype),
+            x.new_empty((M, E) if top_k is not None else 0, dtype=probs_dtype))
+
+
+@torch.library.custom_op("adapterops::routed_lowrank_linear_bwd", mutates_args=())
+def routed_lowrank_linear_bwd(grad_y: Tensor, grad_probs: Tensor, x: Optional[Tensor],
+                              h: Optional[Tensor], hg: Optional[Tensor], probs: Optional[Tensor],
+                              gates: Optional[Tensor], weight: Tensor, lora_A: Tensor,
+                              lora_B: Tensor, router_weight: Tensor, scaling: float,
+                              need_x: bool, need_A: bool, need_B: bool, need_router: bool,
+                              backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dA, dB, dWg); a gradient that was not asked for comes back as an empty tensor.
+    gates is None for dense routing."""
+    need_gate_grads = need_x or need_A or need_router
+    for need, name, saved, why in ((need_A or need_router, "x", x, "dA or dWg"),
+                                   (need_gate_grads, "h", h, "dx, dA or dWg"),
+                                   (need_gate_grads, "probs", probs, "dx, dA or dWg"),
+                                   (need_B, "hg", hg, "dB")):
+        if need and saved is None:
+            raise ValueError(f"routed_lowrank_linear_bwd: {why} was asked for but {name} is None")
+    chosen = _serving_backend(backend, grad_y, weight, lora_A, lora_B)
+    grads = chosen.routed_backward(grad_y, grad_probs, x, h, hg, probs, gates, weight, lora_A,
+                                   lora_B, router_weight, scaling, need_x, need_A, need_B,
+                                   need_router)
+    return tuple(g if g is not None else grad_y.new_empty(0) for g in grads)
+
+
+@routed_lowrank_linear_bwd.register_fake
+def _(grad_y, grad_probs, x, h, hg, probs, gates, weight, lora_A, lora_B, router_weight, scaling,
+      need_x, need_A, need_B, need_router, backend):
+    shapes = ((grad_y.shape[0], weight.shape[1]), tuple(lora_A.shape), tuple(lora_B.shape),
+              tuple(router_weight.shape))
+    return tuple(grad_y.new_empty(shape if need else 0)
+                 for shape, need in zip(shapes, (need_x, need_A, need_B, need_router)))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, router_weight, scaling, top_k, backend = inputs
+    _, h, hg, probs, gates = output
+    need_x, need_W, need_bias, need_A, need_B, need_router = (ctx.needs_input_grad[i]
+                                                              for i in range(6))
+    need_gate_grads = need_x or need_A or need_router
+    ctx.flags = (need_x, need_W, need_bias, need_A, need_B, need_router)
+    ctx.scaling, ctx.backend = scaling, backend
+    # The memory contract: x only for dA, dWg or dW; hg only for dB; h, p (and the gates with
+    # top-k) for the gate gradients that dx, dA and dWg need.
+    ctx.save_for_backward(x if (need_A or need_router or need_W) else None,
+                          h if need_gate_grads else None,
+                          hg if need_B else None,
+                          probs if need_gate_grads else None,
+                          gates if (need_gate_grads and top_k is not None) else None,
+                          weight, lora_A, lora_B, router_weight)
+
+
+def _backward(ctx, grad_y, _grad_h, _grad_hg, grad_probs, _grad_gates):
+    need_x, need_W, need_bias, need_A, need_B, need_router = ctx.flags
+    x, h, hg, probs, gates, weight, lora_A, lora_B, router_weight = ctx.saved_tensors
+    dx = dA = dB = dWg = dW = dbias = None
+    if need_x or need_A or need_B or need_router:
+        dx, dA, dB, dWg = routed_lowrank_linear_bwd(
+            grad_y, grad_probs, x, h, hg, probs, gates, weight, lora_A, lora_B, router_weight,
+            ctx.scaling, need_x, need_A, need_B, need_router, ctx.backend)
+        dx, dA, dB, dWg = (g if need else None for g, need in
+                           zip((dx, dA, dB, dWg), (need_x, need_A, need_B, need_router)))
+    # The frozen base layer's own gradients, when a user trains it too: plain GEMMs.
+    if need_W:
+        dW = grad_y.t().mm(x)
+    if need_bias:
+        dbias = grad_y.sum(0)
+    return dx, dW, dbias, dA, dB, dWg, None, None, None
+
+
+routed_lowrank_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def check_routed_args(x, weight, bias, lora_A, lora_B, router_weight, scaling, top_k) -> float:
+    """Validates every argument of `routed_lowrank_linear`; returns scaling as a float."""
+    check_tensor("lora_B", lora_B, ndim=3)
+    check_tensor("router_weight", router_weight, ndim=2)
+    out_features, in_features, rank = check_base_and_A(x, weight, bias, lora_A, lora_B=lora_B,
+                                                       router_weight=router_weight)
+    num_heads = lora_B.shape[0]
+    if num_heads == 0:
+        raise ValueError(f"lora_B has shape {tuple(lora_B.shape)}: the head count (lora_B.shape[0]) "
+                         "must be >= 1")
+    check_dim("lora_B", lora_B, 1, out_features, "out_features (weight.shape[0])")
+    check_dim("lora_B", lora_B, 2, rank, "the rank (lora_A.shape[0])")
+    check_dim("router_weight", router_weight, 0, num_heads, "the head count (lora_B.shape[0])")
+    check_dim("router_weight", router_weight, 1, in_features, "in_features (weight.shape[1])")
+    if top_k is not None:
+        if isinstance(top_k, bool) or not isinstance(top_k, int):
+            raise TypeError(f"top_k must be an int or None, got {type(top_k).__name__}")
+        if not 1 <= top_k <= num_heads:
+            raise ValueError(f"top_k must be between 1 and the head count {num_heads} "
+                             f"(lora_B.shape[0]), got {top_k}")
+    return check_scaling(scaling)
+
+
+def routed_lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
+                          lora_B: Tensor, router_weight: Tensor, scaling: float, *,
+                          top_k: Optional[int] = None, return_router_probs: bool = False,
+                          backend: Optional[str] = None):
+    """y = x W^T + bias + scaling * Σ_e g_e (x A^T) B_e^T with g = softmax(x Wg^T) (top_k: its
+    k largest entries); see this module's docstring.
+
+    return_router_probs: also return the per-token softmax probabilities p (..., E) (before
+    top-k, fp32; differentiable), e.g. for `adapterops.hydra.balance_loss`.
+    backend: None picks the first backend that supports the input (`ADAPTEROPS_BACKEND`
+    overrides); "triton" or "torch" forces one, and raises ValueError if it cannot serve.
+    """
+    x, weight, bias, lora_A, lora_B, router_weight = cast_for_autocast(
+        x, weight, bias, lora_A, lora_B, router_weight)
+    scaling = check_routed_args(x, weight, bias, lora_A, lora_B, router_weight, scaling, top_k)
+    if not isinstance(return_router_probs, bool):
+        raise TypeError(f"return_router_probs must be a bool, got {type(return_router_probs).__name__}")
+    dispatch.check_backend_name(backend)
+    leading = x.shape[:-1]
+    # An explicit token count: reshape(-1, 0) is ambiguous when in_features is 0.
+    y, _, _, probs, _ = routed_lowrank_linear_fwd(
+        x.reshape(math.prod(leading), x.shape[-1]), weight, bias, lora_A, lora_B, router_weight,
+        scaling, top_k, backend)
+    y = y.reshape(*leading, weight.shape[0])
+    if return_router_probs:
+        return y, probs.reshape(*leading, lora_B.shape[0])
+    return y
