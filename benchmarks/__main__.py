@@ -1,5 +1,6 @@
-"""`python -m benchmarks [--quick] [--ops lamda,lora] [--out DIR] [--device cuda|cpu]
-[--dtype bf16|fp16|fp32]`: runs the microbenchmarks, writes DIR/results.csv,
+"""`python -m benchmarks [--quick] [--ops lamda,lora,hydra] [--out DIR] [--device cuda|cpu]
+[--dtype bf16|fp16|fp32]`: runs the microbenchmarks (ops: lamda and lora in
+benchmarks/lowrank.py, hydra in benchmarks/routed.py), writes DIR/results.csv,
 DIR/summary.md and, when matplotlib is installed, PNG plots (benchmarks/plots.py) into DIR
 (default: benchmarks/results/<device>-<YYYY-MM-DD>/) and prints the summary.
 
@@ -15,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from . import harness, lowrank
+from . import harness, lowrank, routed
 
 # Adding an op: write its benchmark file (see lowrank.py) and list its BENCHMARKS here.
-BENCHMARKS = {bench.name: bench for bench in lowrank.BENCHMARKS}
+BENCHMARKS = {bench.name: bench for bench in lowrank.BENCHMARKS + routed.BENCHMARKS}
 
 
 def main(argv=None) -> None:

@@ -108,6 +108,14 @@ class OpBenchmark:
     speedups: tuple[tuple[str, str], ...] = ()
 
 
+def make_tensor(*shape: int, fan_in: int, dtype: torch.dtype, device: torch.device,
+                trainable: bool = False) -> Tensor:
+    """A benchmark tensor: standard normal scaled by 1/sqrt(fan_in), so that a layer's output
+    stays O(1) and finite in bf16 (fan_in=1 for activations and biases)."""
+    t = torch.randn(*shape, dtype=dtype, device=device) / fan_in ** 0.5
+    return t.requires_grad_(trainable)
+
+
 def _time_cuda(fn: Callable) -> list[float]:
     from triton.testing import do_bench
     return list(do_bench(fn, quantiles=list(QUANTILES)))

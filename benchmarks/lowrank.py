@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 import adapterops
 
-from .harness import Case, OpBenchmark, Workload
+from .harness import Case, OpBenchmark, Workload, make_tensor
 
 PROVIDERS = {"lamda": ("floor", "torch_eager", "addmm", "torch", "triton"),
              "lora": ("floor", "torch_eager", "addmm", "peft", "torch", "triton")}
@@ -110,12 +110,7 @@ def workload(provider: str, case: Case, dtype: torch.dtype, device: torch.device
              lamda: bool) -> Workload:
     """Fresh tensors for `case` and the provider's forward on them."""
     M, K, N, r = case.M, case.K, case.N, case.r
-
-    def make(*shape, fan_in, trainable=False):
-        # Scaled by 1/sqrt(fan_in) so that y stays O(1) and finite in bf16.
-        t = torch.randn(*shape, dtype=dtype, device=device) / fan_in ** 0.5
-        return t.requires_grad_(trainable)
-
+    make = functools.partial(make_tensor, dtype=dtype, device=device)
     x = make(M, K, fan_in=1, trainable=True)
     weight, bias = make(N, K, fan_in=K), make(N, fan_in=1)
     lora_A = make(r, K, fan_in=K, trainable=not lamda)

@@ -1,6 +1,7 @@
-"""Smoke test of the benchmark suite (benchmarks/harness.py, benchmarks/lowrank.py): one tiny
-case per op, every provider in every mode, run in-process; checks the CSV's columns, that
-every row was measured, and that the low-rank op's memory contract shows in `saved_mb`."""
+"""Smoke test of the benchmark suite (benchmarks/harness.py, benchmarks/lowrank.py,
+benchmarks/routed.py): one tiny case per op, every provider in every mode, run in-process;
+checks the CSV's columns, that every row was measured, and that the low-rank and routed ops'
+memory contracts show in `saved_mb`."""
 import csv
 import dataclasses
 import importlib.util
@@ -12,14 +13,16 @@ import torch
 # `benchmarks` is not an installed package (setup.py ships adapterops only): import it from the
 # checkout, whichever way pytest was started.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import harness, lowrank  # noqa: E402
+from benchmarks import harness, lowrank, routed  # noqa: E402
 
 CASE = harness.Case(M=16, K=64, N=32, r=16)
+CASES = {"lamda": CASE, "lora": CASE, "hydra": harness.Case(M=16, K=64, N=32, r=8, heads=4)}
 
 
 def test_every_provider_and_mode_measured_and_saved_bytes_follow_the_contract(device, tmp_path):
-    benchmarks = [dataclasses.replace(bench, cases=lambda quick, device_type: [CASE])
-                  for bench in lowrank.BENCHMARKS]
+    benchmarks = [dataclasses.replace(bench, cases=lambda quick, device_type,
+                                      case=CASES[bench.name]: [case])
+                  for bench in lowrank.BENCHMARKS + routed.BENCHMARKS]
     # fp32: under the interpreter, bf16 dots go through an upcast and only cost time here.
     rows = harness.run(benchmarks, device=device, dtype=torch.float32, quick=True,
                        cpu_budget_s=0.0)
@@ -45,14 +48,16 @@ def test_every_provider_and_mode_measured_and_saved_bytes_follow_the_contract(de
         p20, p50, p80 = (float(row[c]) for c in ("p20_ms", "p50_ms", "p80_ms"))
         assert 0 < p20 <= p50 <= p80, f"{key}: percentiles {p20}, {p50}, {p80}"
         assert float(row["tflops"]) > 0 and float(row["gbps"]) > 0, f"{key}: {row}"
-        assert (row["M"], row["K"], row["N"], row["r"], row["heads"], row["world"]) == \
-            (str(CASE.M), str(CASE.K), str(CASE.N), str(CASE.r), "", ""), f"{key}: shape columns"
+        case = CASES[row["op"]]
+        assert tuple(row[c] for c in harness.SHAPE_COLUMNS) == tuple(
+            "" if getattr(case, c) is None else str(getattr(case, c))
+            for c in harness.SHAPE_COLUMNS), f"{key}: shape columns"
 
     saved = {(row["op"], row["provider"]): round(float(row["saved_mb"]) * harness.MB)
              for row in table}
     M, K, r, size = CASE.M, CASE.K, CASE.r, 4
     h_bytes, x_bytes = M * r * size, M * K * size
-    for op in ("lamda", "lora"):
+    for op in ("lamda", "lora", "hydra"):
         assert saved[op, "floor"] == 0, f"{op}: the frozen base layer saved {saved[op, 'floor']} B"
     # LaMDA (W and A frozen): our op saves h1 and h2 (M x r each), never x (M x in) ...
     for provider in ("torch", "triton"):
@@ -68,6 +73,17 @@ def test_every_provider_and_mode_measured_and_saved_bytes_follow_the_contract(de
     assert saved["lora", "torch_eager"] >= x_bytes, saved
     if ("lora", "peft") in saved:  # the same composition as torch_eager, inside a PEFT layer
         assert saved["lora", "peft"] == saved["lora", "torch_eager"], saved
+    # HydraLoRA (A and the router trainable): x for dA and dWg, h, hg = [g_e h] for dB and the
+    # fp32 probabilities; never more than the unfused composition or the official loop.
+    hydra = CASES["hydra"]
+    want = (hydra.M * (hydra.K + hydra.r + hydra.heads * hydra.r) * size
+            + hydra.M * hydra.heads * 4)
+    for provider in ("torch", "triton"):
+        assert saved["hydra", provider] == want, \
+            f"hydra/{provider} saved {saved['hydra', provider]} B, want x + h + hg + probs = " \
+            f"{want} B"
+    assert saved["hydra", "triton"] <= saved["hydra", "torch_eager"], saved
+    assert saved["hydra", "triton"] < saved["hydra", "official"], saved
 
     assert (tmp_path / "summary.md").read_text() == summary
     for bench in benchmarks:
