@@ -49,8 +49,11 @@ def main(argv=None) -> None:
     out_dir = args.out or (Path(__file__).parent / "results"
                            / f"{args.device}-{datetime.date.today().isoformat()}")
     benchmarks = [BENCHMARKS[name] for name in names]
+    # results.csv is rewritten after every case, so a run cut short (a time limit on a
+    # borrowed GPU) keeps what it measured; the summary and plots follow at the end.
     rows = harness.run(benchmarks, device=args.device, dtype=harness.DTYPES[args.dtype],
-                       quick=args.quick)
+                       quick=args.quick,
+                       after_case=lambda rows_so_far: harness.write_csv(rows_so_far, out_dir))
     summary = harness.summary_markdown(rows, benchmarks)
     harness.write_results(rows, summary, out_dir)
     print()

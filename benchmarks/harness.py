@@ -263,11 +263,12 @@ def _measure(bench: OpBenchmark, provider: str, case: Case, dtype: torch.dtype,
 
 
 def run(benchmarks: Sequence[OpBenchmark], *, device: str, dtype: torch.dtype, quick: bool,
-        cpu_budget_s: float = 0.3) -> list[dict]:
+        cpu_budget_s: float = 0.3,
+        after_case: Optional[Callable[[list[dict]], None]] = None) -> list[dict]:
     """Measures every case of every benchmark with every provider in every mode; prints one
     progress line per case ([i/n], its time, the total so far and an ETA that assumes the
-    remaining cases take the mean time of those done) and returns the rows (dicts keyed by
-    `COLUMNS`)."""
+    remaining cases take the mean time of those done), calls `after_case(rows so far)` after
+    each case, and returns the rows (dicts keyed by `COLUMNS`)."""
     device = torch.device(device)
     env = _environment(device, dtype)
     plan = [(bench, case) for bench in benchmarks for case in bench.cases(quick, device.type)]
@@ -293,6 +294,8 @@ def run(benchmarks: Sequence[OpBenchmark], *, device: str, dtype: torch.dtype, q
               f"{errors} errors, {now - start:.1f} s; elapsed {_duration(elapsed)}, "
               f"ETA {_duration(eta)}", flush=True)
         rows += case_rows
+        if after_case is not None:
+            after_case(rows)
     return rows
 
 
@@ -364,12 +367,17 @@ def summary_markdown(rows: Sequence[dict], benchmarks: Sequence[OpBenchmark]) ->
     return "\n".join(lines)
 
 
-def write_results(rows: Sequence[dict], summary: str, out_dir: Path) -> None:
-    """Writes `results.csv` (one row per measurement, `COLUMNS`, empty for None) and
-    `summary.md` into out_dir, replacing earlier ones."""
+def write_csv(rows: Sequence[dict], out_dir: Path) -> None:
+    """Writes `results.csv` (one row per measurement, `COLUMNS`, empty for None) into out_dir,
+    replacing an earlier one."""
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
+
+
+def write_results(rows: Sequence[dict], summary: str, out_dir: Path) -> None:
+    """Writes `results.csv` and `summary.md` into out_dir, replacing earlier ones."""
+    write_csv(rows, out_dir)
     (out_dir / "summary.md").write_text(summary)

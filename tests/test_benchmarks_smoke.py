@@ -24,8 +24,11 @@ def test_every_provider_and_mode_measured_and_saved_bytes_follow_the_contract(de
                                       case=CASES[bench.name]: [case])
                   for bench in lowrank.BENCHMARKS + routed.BENCHMARKS]
     # fp32: under the interpreter, bf16 dots go through an upcast and only cost time here.
+    seen = []  # the row count each after_case call saw: one call per case, rows so far
     rows = harness.run(benchmarks, device=device, dtype=torch.float32, quick=True,
-                       cpu_budget_s=0.0)
+                       cpu_budget_s=0.0, after_case=lambda so_far: seen.append(len(so_far)))
+    per_case = [len(b.providers) * len(harness.MODES) for b in benchmarks]
+    assert seen == [sum(per_case[:i + 1]) for i in range(len(per_case))], seen
     summary = harness.summary_markdown(rows, benchmarks)
     harness.write_results(rows, summary, tmp_path)
 
