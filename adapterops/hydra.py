@@ -3,14 +3,16 @@ probabilities, its collection from a model's layers, and the k-means step that p
 of B heads.
 
 HydraLoRA layers are recognised by duck typing (a module with a `last_balance_loss`
-attribute), so this module imports torch only and no module class (imports point down; the
-module imports `balance_loss` from here).
+attribute), so this module imports no module class (imports point down; the module imports
+`balance_loss` from here).
 """
 import math
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
+
+from .ops.checks import check_top_k
 
 
 def _check_int(name: str, value, low: int) -> None:
@@ -51,10 +53,8 @@ def balance_loss(probs: Tensor, top_k: Optional[int] = None) -> Tensor:
         raise ValueError(f"probs must be (..., E) with E >= 1 heads and at least one token, "
                          f"got shape {tuple(probs.shape)}")
     num_heads = probs.shape[-1]
+    check_top_k(top_k, num_heads, "probs.shape[-1]")
     k = 1 if top_k is None else top_k
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_heads:
-        raise ValueError(f"top_k must be None or an int in [1, E] = [1, {num_heads}] "
-                         f"(E = probs.shape[-1]), got {top_k!r}")
     flat = probs.reshape(-1, num_heads)
     tokens = flat.shape[0]
     chosen = torch.sort(flat.detach(), dim=-1, descending=True, stable=True).indices[:, :k]

@@ -163,7 +163,7 @@ def test_torch_compile_fullgraph_matches_eager(device):
 @pytest.mark.parametrize("kwargs,error,match", [
     (dict(rank=0), ValueError, "rank must be a positive int"),
     (dict(alpha=0), ValueError, "alpha must be a finite non-zero"),
-    (dict(dropout=1.0), ValueError, "dropout must be in"),
+    (dict(dropout=1.0), ValueError, r"dropout must be a number in \[0, 1\)"),
     (dict(init="kaiming"), ValueError, "init must be one of"),
     (dict(init="pissa", rank=25), ValueError, "rank must be <= 20"),
     (dict(backend="cutlass"), ValueError, "known backends"),
@@ -294,9 +294,13 @@ def test_hydra_balance_loss_is_kept_for_the_trainer(device):
     collected.backward()
     assert layer.lora_router.grad is not None and layer.lora_router.grad.abs().sum() > 0
     assert layer.last_balance_loss is None, "collecting resets the kept loss"
+    model(x)  # kept again, then not collected before eval()
     layer.eval()
     model(x)
-    assert layer.last_balance_loss is None, "no balance loss outside training"
+    assert layer.last_balance_loss is None, "no balance loss outside training, none left over"
+    layer.train()
+    y = model(x[:0])  # an empty batch: nothing to balance, and no error
+    assert y.shape == (0, 7, 12) and layer.last_balance_loss is None
 
 
 def test_hydra_dropout_path_shares_one_mask(device):
@@ -325,10 +329,11 @@ def test_hydra_dropout_path_shares_one_mask(device):
 @pytest.mark.parametrize("kwargs,error,match", [
     (dict(num_heads=0), ValueError, "num_heads must be a positive int"),
     (dict(rank=0), ValueError, "rank must be a positive int"),
-    (dict(top_k=0), ValueError, "top_k must be None or an int between 1 and num_heads = 4"),
-    (dict(top_k=5), ValueError, "top_k must be None or an int between 1 and num_heads = 4"),
+    (dict(top_k=0), ValueError, r"top_k must be in \[1, E\] = \[1, 4\] \(E = num_heads\), got 0"),
+    (dict(top_k=5), ValueError, r"top_k must be in \[1, E\] = \[1, 4\] \(E = num_heads\), got 5"),
+    (dict(top_k=True), TypeError, "top_k must be an int or None, got bool"),
     (dict(alpha=float("nan")), ValueError, "alpha must be a finite non-zero"),
-    (dict(dropout=-0.1), ValueError, "dropout must be in"),
+    (dict(dropout=-0.1), ValueError, r"dropout must be a number in \[0, 1\)"),
     (dict(balance_loss_weight=-1.0), ValueError, "balance_loss_weight must be a finite number >= 0"),
     (dict(backend="cutlass"), ValueError, "known backends"),
 ])

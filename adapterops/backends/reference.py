@@ -13,6 +13,11 @@ Routed low-rank linear (HydraLoRA, methods.md §3), in its fused form:
     u = s dY Bcat (block e: s dY B_e),  dBcat = s dY^T hg,  dg_e = <u_e, h>,  dh = Σ_e g_e u_e,
     dlogits = p * (dp - <p, dp>) with dp = dg (kept heads only) + dprobs,
     dx = dY W + [dh | dlogits] [A; Wg],  [dA; dWg] = [dh | dlogits]^T x
+
+HD-PiSSA (methods.md §4): the forward is the base layer alone; the factors get LoRA gradients:
+
+    y = x W^T + bias,  h = x A^T,  gA = (s dY B)^T x,  gB = s dY^T h,  dx = dY W
+    update: W <- W + scale P Q (in place; the model's low-precision copy rounded from it)
 """
 from typing import Optional
 
@@ -97,12 +102,12 @@ def routed_backward(grad_y: Tensor, grad_probs: Tensor, x: Optional[Tensor], h: 
     """
     M = grad_y.shape[0]
     E, N, r = lora_B.shape
-    u = torch.mm(grad_y, heads_side_by_side(lora_B)).mul_(scaling)
     dB = None
     if need_B:
         dB = torch.mm(grad_y.t(), hg).mul_(scaling).view(N, E, r).permute(1, 0, 2).contiguous()
     dx = dA = dWg = None
     if need_x or need_A or need_router:
+        u = torch.mm(grad_y, heads_side_by_side(lora_B)).mul_(scaling)
         compute_dtype = probs.dtype
         u_heads = u.view(M, E, r).to(compute_dtype)
         g = gates if gates is not None else probs
@@ -122,6 +127,29 @@ def routed_backward(grad_y: Tensor, grad_probs: Tensor, x: Optional[Tensor], h: 
     return dx, dA, dB, dWg
 
 
+def hdpissa_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor):
+    """(y, h): the base layer's output (the adapter adds nothing) and h = x A^T for gB."""
+    return F.linear(x, weight, bias), F.linear(x, lora_A)
+
+
+def hdpissa_backward(grad_y: Tensor, x: Optional[Tensor], h: Optional[Tensor], weight: Tensor,
+                     lora_B: Tensor, scaling: float, need_x: bool, need_A: bool, need_B: bool):
+    """(dx, gA, gB), each None when not asked for: dx = dY W (no adapter term),
+    gA = (s dY B)^T x, gB = s dY^T h."""
+    dx = torch.mm(grad_y, weight) if need_x else None
+    gA = torch.mm(torch.mm(grad_y, lora_B).mul_(scaling).t(), x) if need_A else None
+    gB = torch.mm(grad_y.t(), h).mul_(scaling) if need_B else None
+    return dx, gA, gB
+
+
+def lowrank_update_(weight: Tensor, P: Tensor, Q: Tensor, scale: float,
+                    copy: Optional[Tensor]) -> None:
+    """weight += scale P Q in place; then copy (when given) = weight in copy's dtype."""
+    weight.addmm_(P, Q, alpha=scale)
+    if copy is not None:
+        copy.copy_(weight)
+
+
 class TorchBackend(Backend):
     name = "torch"
 
@@ -131,7 +159,16 @@ class TorchBackend(Backend):
     def routed_reasons(self, **inputs) -> list[str]:
         return []
 
+    def hdpissa_reasons(self, **inputs) -> list[str]:
+        return []
+
+    def update_reasons(self, **inputs) -> list[str]:
+        return []
+
     lowrank_forward = staticmethod(lowrank_forward)
     lowrank_backward = staticmethod(lowrank_backward)
     routed_forward = staticmethod(routed_forward)
     routed_backward = staticmethod(routed_backward)
+    hdpissa_forward = staticmethod(hdpissa_forward)
+    hdpissa_backward = staticmethod(hdpissa_backward)
+    update_ = staticmethod(lowrank_update_)

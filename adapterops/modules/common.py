@@ -14,8 +14,8 @@ def check_layer_args(*, dropout: float, alpha: float, **positive_ints) -> None:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha == 0:
         raise ValueError(f"alpha must be a finite non-zero number, got {alpha!r}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
 
 
 def frozen_base(in_features: int, out_features: int, bias: bool, device=None,

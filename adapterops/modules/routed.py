@@ -28,6 +28,7 @@ from .. import dispatch
 from ..backends.reference import heads_side_by_side, router_probs, top_k_gates
 from ..hydra import balance_loss
 from ..ops import routed_lowrank_linear
+from ..ops.checks import check_top_k
 from ..ops.routed import check_routed_args
 from .common import check_layer_args, check_linear, copy_base, frozen_base
 
@@ -37,7 +38,8 @@ class FusedHydraLoRALinear(nn.Module):
 
     Args: in_features, out_features, rank (r), num_heads (E), alpha (scaling = alpha / rank),
     bias, top_k (None: dense routing; k: keep the k largest gates, not renormalised), dropout,
-    balance_loss_weight, device, dtype, backend (None: dispatch picks; "triton"/"torch" forces).
+    balance_loss_weight, device, dtype, backend (None: dispatch picks; "triton"/"torch" forces
+    the backend of the fused path; training with dropout > 0 runs plain PyTorch whatever it is).
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int, num_heads: int,
@@ -47,10 +49,7 @@ class FusedHydraLoRALinear(nn.Module):
         super().__init__()
         check_layer_args(in_features=in_features, out_features=out_features, rank=rank,
                          num_heads=num_heads, alpha=alpha, dropout=dropout)
-        if top_k is not None:
-            if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_heads:
-                raise ValueError(f"top_k must be None or an int between 1 and num_heads = "
-                                 f"{num_heads}, got {top_k!r}")
+        check_top_k(top_k, num_heads, "num_heads")
         if (isinstance(balance_loss_weight, bool) or not isinstance(balance_loss_weight, (int, float))
                 or not math.isfinite(balance_loss_weight) or balance_loss_weight < 0):
             raise ValueError(f"balance_loss_weight must be a finite number >= 0, got {balance_loss_weight!r}")
@@ -92,6 +91,9 @@ class FusedHydraLoRALinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         want_loss = self.training and self.balance_loss_weight > 0
+        # A loss kept from an earlier batch (or from training, before eval()) must not reach
+        # the trainer with this batch.
+        self.last_balance_loss = None
         if self.dropout is None or not self.training:
             out = routed_lowrank_linear(x, self.weight, self.bias, self.lora_A, self.lora_B,
                                         self.lora_router, self.scaling, top_k=self.top_k,
@@ -99,7 +101,7 @@ class FusedHydraLoRALinear(nn.Module):
             y, probs = out if want_loss else (out, None)
         else:
             y, probs = self._unfused_dropout_forward(x)
-        if want_loss:
+        if want_loss and probs.numel() > 0:  # an empty batch has no routing to balance
             self.last_balance_loss = self.balance_loss_weight * balance_loss(probs, self.top_k)
         return y
 

@@ -70,10 +70,22 @@ def check_base_and_A(x, weight, bias, lora_A, **adapter) -> tuple[int, int, int]
     return out_features, in_features, rank
 
 
-def check_scaling(scaling) -> float:
+def check_top_k(top_k, num_heads: int, heads_from: str) -> None:
+    """top_k is None (dense routing) or an int in [1, num_heads]; `heads_from` says where the
+    head count comes from, for the message."""
+    if top_k is None:
+        return
+    if isinstance(top_k, bool) or not isinstance(top_k, int):
+        raise TypeError(f"top_k must be an int or None, got {type(top_k).__name__} {top_k!r}")
+    if not 1 <= top_k <= num_heads:
+        raise ValueError(f"top_k must be in [1, E] = [1, {num_heads}] (E = {heads_from}), got {top_k}")
+
+
+def check_scaling(scaling, name: str = "scaling") -> float:
+    """A finite Python number (the op's runtime scalar), as a float."""
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
-        raise TypeError(f"scaling must be a Python float, got {type(scaling).__name__}")
+        raise TypeError(f"{name} must be a Python float, got {type(scaling).__name__}")
     scaling = float(scaling)
     if scaling != scaling or scaling in (float("inf"), float("-inf")):
-        raise ValueError(f"scaling must be finite, got {scaling}")
+        raise ValueError(f"{name} must be finite, got {scaling}")
     return scaling

@@ -41,7 +41,8 @@ import torch
 from torch import Tensor
 
 from .. import dispatch
-from .checks import cast_for_autocast, check_base_and_A, check_dim, check_scaling, check_tensor
+from .checks import (cast_for_autocast, check_base_and_A, check_dim, check_scaling, check_tensor,
+                     check_top_k)
 
 
 def _serving_backend(backend, x, weight, lora_A, lora_B):
@@ -110,6 +111,9 @@ def _setup_context(ctx, inputs, output):
     need_x, need_W, need_bias, need_A, need_B, need_router = (ctx.needs_input_grad[i]
                                                               for i in range(6))
     need_gate_grads = need_x or need_A or need_router
+    # h, hg and the gates are the op's internals: autograd then hands backward no (zero) grads
+    # for them. y and the probabilities are differentiable outputs.
+    ctx.mark_non_differentiable(h, hg, gates)
     ctx.flags = (need_x, need_W, need_bias, need_A, need_B, need_router)
     ctx.scaling, ctx.backend = scaling, backend
     # The memory contract: x only for dA, dWg or dW; hg only for dB; h, p (and the gates with
@@ -157,12 +161,7 @@ def check_routed_args(x, weight, bias, lora_A, lora_B, router_weight, scaling, t
     check_dim("lora_B", lora_B, 2, rank, "the rank (lora_A.shape[0])")
     check_dim("router_weight", router_weight, 0, num_heads, "the head count (lora_B.shape[0])")
     check_dim("router_weight", router_weight, 1, in_features, "in_features (weight.shape[1])")
-    if top_k is not None:
-        if isinstance(top_k, bool) or not isinstance(top_k, int):
-            raise TypeError(f"top_k must be an int or None, got {type(top_k).__name__}")
-        if not 1 <= top_k <= num_heads:
-            raise ValueError(f"top_k must be between 1 and the head count {num_heads} "
-                             f"(lora_B.shape[0]), got {top_k}")
+    check_top_k(top_k, num_heads, "lora_B.shape[0]")
     return check_scaling(scaling)
 
 
@@ -174,7 +173,8 @@ def routed_lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lor
     k largest entries); see this module's docstring.
 
     return_router_probs: also return the per-token softmax probabilities p (..., E) (before
-    top-k, fp32; differentiable), e.g. for `adapterops.hydra.balance_loss`.
+    top-k; fp32, float64 for float64 inputs; differentiable), e.g. for
+    `adapterops.hydra.balance_loss`.
     backend: None picks the first backend that supports the input (`ADAPTEROPS_BACKEND`
     overrides); "triton" or "torch" forces one, and raises ValueError if it cannot serve.
     """
