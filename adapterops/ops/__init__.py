@@ -1,6 +1,7 @@
 """Ops: argument checks, the `torch.library` custom ops (schema, fake, autograd) and the call
 into dispatch. One file per op family."""
+from .hdpissa import hdpissa_linear, lowrank_update_
 from .lowrank import lowrank_linear
 from .routed import routed_lowrank_linear
 
-__all__ = ["lowrank_linear", "routed_lowrank_linear"]
+__all__ = ["lowrank_linear", "routed_lowrank_linear", "hdpissa_linear", "lowrank_update_"]

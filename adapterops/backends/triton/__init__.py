@@ -53,11 +53,32 @@ class TritonBackend(Backend):
         from . import routed
         return routed.backward(*args)
 
+    def hdpissa_reasons(self, **inputs) -> list[str]:
+        from . import hdpissa
+        return hdpissa.reasons(**inputs)
+
+    def hdpissa_forward(self, *args):
+        from . import hdpissa
+        return hdpissa.forward(*args)
+
+    def hdpissa_backward(self, *args):
+        from . import hdpissa
+        return hdpissa.backward(*args)
+
+    def update_reasons(self, **inputs) -> list[str]:
+        from . import hdpissa
+        return hdpissa.update_reasons(**inputs)
+
+    def update_(self, *args):
+        from . import hdpissa
+        return hdpissa.update_(*args)
+
 
 def kernel_configurations():
     """Every (kernel, dtype, tile configuration) the dispatcher can launch, for the kernel report.
 
     Returns a list of `KernelConfig`s; see `adapterops.backends.triton.common`.
     """
-    from . import lowrank, routed
-    return lowrank.kernel_configurations() + routed.kernel_configurations()
+    from . import hdpissa, lowrank, routed
+    return (lowrank.kernel_configurations() + routed.kernel_configurations()
+            + hdpissa.kernel_configurations())

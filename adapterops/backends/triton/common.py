@@ -161,14 +161,19 @@ def variant_label(dtype: torch.dtype, precision: str) -> str:
     return TRITON_DTYPE_NAMES[dtype] + ("-tf32" if dtype == torch.float32 and precision == "tf32" else "")
 
 
-def triton_signature(fn, dtype: torch.dtype, constexprs: dict, fp32_ptrs=()) -> dict:
+def triton_signature(fn, dtype: torch.dtype, constexprs: dict, fp32_ptrs=(),
+                     pointer_dtypes: Optional[dict] = None) -> dict:
     """Triton types of `fn`'s arguments, for the kernel report: pointers in `dtype` (fp32 for
-    `fp32_ptrs`), the `scale` in fp32, every other runtime argument (sizes, strides) i32."""
+    `fp32_ptrs`, the given dtype for those in `pointer_dtypes`), the `scale` in fp32, every
+    other runtime argument (sizes, strides) i32."""
     name = TRITON_DTYPE_NAMES[dtype]
+    pointer_dtypes = pointer_dtypes or {}
     signature = {}
     for arg in fn.arg_names:
         if arg in constexprs:
             signature[arg] = "constexpr"
+        elif arg in pointer_dtypes:
+            signature[arg] = f"*{TRITON_DTYPE_NAMES[pointer_dtypes[arg]]}"
         elif arg.endswith("_ptr"):
             signature[arg] = "*fp32" if arg in fp32_ptrs else f"*{name}"
         elif arg == "scale":
@@ -179,7 +184,8 @@ def triton_signature(fn, dtype: torch.dtype, constexprs: dict, fp32_ptrs=()) -> 
 
 
 def kernel_config(fn, label: str, config: dict, default: bool, dtype: torch.dtype,
-                  precision: str, unit_strides=(), fp32_ptrs=(), **flags) -> KernelConfig:
+                  precision: str, unit_strides=(), fp32_ptrs=(), pointer_dtypes=None,
+                  **flags) -> KernelConfig:
     """The `KernelConfig` of `fn` launched with tile configuration `config`, feature flags
     `flags` and the strides in `unit_strides` equal to 1 (a launch makes an integer argument
     equal to 1 a compile-time constant). UPCAST is off (a GPU never sets it) and
@@ -188,5 +194,6 @@ def kernel_config(fn, label: str, config: dict, default: bool, dtype: torch.dtyp
     numerics = {"UPCAST": False, "INPUT_PRECISION": precision}
     constexprs = {**meta, **flags, **dict.fromkeys(unit_strides, 1),
                   **{k: v for k, v in numerics.items() if k in fn.arg_names}}
-    return KernelConfig(fn.__name__, fn, label, triton_signature(fn, dtype, constexprs, fp32_ptrs),
-                        constexprs, options["num_warps"], options["num_stages"], default, dtype)
+    signature = triton_signature(fn, dtype, constexprs, fp32_ptrs, pointer_dtypes)
+    return KernelConfig(fn.__name__, fn, label, signature, constexprs, options["num_warps"],
+                        options["num_stages"], default, dtype)

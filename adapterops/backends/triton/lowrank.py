@@ -119,10 +119,8 @@ def gemm_lowrank(a: Tensor, b: Tensor, h: Tensor, c: Tensor, bias: Optional[Tens
     return out
 
 
-@device_guard
-def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
-            lora_S: Optional[Tensor], scaling: float):
-    """(y, h1, h2) for 2-D x; h2 is empty without S. See `adapterops.kernels.lowrank`."""
+def shrink(x: Tensor, lora_A: Tensor, lora_S: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """(h1, h2) = (x A^T, h1 S^T) from one read of x; h2 is empty without S."""
     M, Kdim = x.shape
     R = lora_A.shape[0]
     h1 = torch.empty((M, R), dtype=x.dtype, device=x.device)
@@ -136,6 +134,14 @@ def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, l
                  x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
                  S.stride(0), S.stride(1), h1.stride(0), R),
                 config, HAS_S=lora_S is not None, BLOCK_R=rank_block(R), R_CHUNK=RANK_CHUNK, **flags)
+    return h1, h2
+
+
+@device_guard
+def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+            lora_S: Optional[Tensor], scaling: float):
+    """(y, h1, h2) for 2-D x; h2 is empty without S. See `adapterops.kernels.lowrank`."""
+    h1, h2 = shrink(x, lora_A, lora_S)
     h = h2 if lora_S is not None else h1
     # b = W^T and c = B^T as strided views: no copies.
     y = gemm_lowrank(x, weight.t(), h, lora_B.t(), bias, scaling)

@@ -1,0 +1,100 @@
+"""Launchers of HD-PiSSA's kernels: the factor gradients on the low-rank kernels
+(`adapterops.kernels.lowrank`) and the fused W update (`adapterops.kernels.hdpissa`).
+
+Forward: y = x W^T + bias is the base layer alone, so it runs on cuBLAS (`F.linear`: there is
+nothing to fuse into it); the low-rank shrink computes h = x A^T, which backward needs for gB.
+Backward: the low-rank grad pass (one read of dY: s dY B and gB = s dY^T h), the GEMM for
+dx = dY W with no low-rank term, and gA = (s dY B)^T x as one cuBLAS/ATen GEMM (one read of x).
+Update: `lowrank_update_kernel`, W += scale P Q in place with the rounded copy in the same pass.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch import Tensor
+
+from ...kernels import hdpissa as K
+from . import lowrank
+from .common import (TRITON_DTYPE_NAMES, KernelConfig, device_guard, device_reasons,
+                     dtype_reasons, interpreting, kernel_config, launch, numerics_flags,
+                     variant_label)
+
+# The update's tiles: fp32 W, P and Q (the master weight and the factors are fp32 whatever the
+# model's dtype). BLOCK_K = 128 columns of W per tile keep its loads and stores wide; the P and
+# Q chunks are R_CHUNK = 16 wide, so the inner size 2 K r only sets the loop count.
+UPDATE_CONFIGS = {
+    "tf32": {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3},
+    "ieee": {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3},
+}
+INTERPRETER_UPDATE_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 32}
+
+
+def reasons(x: Tensor, lora_A: Tensor, **_) -> list[str]:
+    out = device_reasons(x.device, lowrank.K.lowrank_shrink_kernel) + dtype_reasons(x.dtype)
+    if lora_A.shape[0] > lowrank.MAX_RANK:
+        out.append(f"rank {lora_A.shape[0]} exceeds the Triton kernels' maximum rank {lowrank.MAX_RANK}")
+    return out
+
+
+def update_reasons(weight: Tensor, **_) -> list[str]:
+    out = device_reasons(weight.device, K.lowrank_update_kernel)
+    if weight.dtype != torch.float32:
+        out.append(f"the Triton update runs on an fp32 (master) weight, not {weight.dtype}")
+    return out
+
+
+@device_guard
+def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor):
+    """(y, h) for 2-D x: y = x W^T + bias, h = x A^T."""
+    h, _ = lowrank.shrink(x, lora_A, None)
+    return F.linear(x, weight, bias), h
+
+
+@device_guard
+def backward(grad_y: Tensor, x: Optional[Tensor], h: Optional[Tensor], weight: Tensor,
+             lora_B: Tensor, scaling: float, need_x: bool, need_A: bool, need_B: bool):
+    """(dx, gA, gB), None where not asked for."""
+    g = gB = None
+    if need_A or need_B:
+        g, gB, _ = lowrank.grad_pass(grad_y, lora_B, None, h, None, scaling, need_B, False)
+    # dx = dY W: the low-rank GEMM with an empty (rank 0) low-rank term.
+    dx = lowrank.gemm_lowrank(grad_y, weight, grad_y[:, :0], weight[:0], None, 0.0) if need_x else None
+    gA = torch.mm(g.t(), x) if need_A else None
+    return dx, gA, gB.to(lora_B.dtype) if gB is not None else None
+
+
+@device_guard
+def update_(weight: Tensor, P: Tensor, Q: Tensor, scale: float, copy: Optional[Tensor]) -> None:
+    """weight (N x K, fp32) += scale P Q in place; copy = the result in copy's dtype."""
+    N, Kdim = weight.shape
+    if N == 0 or Kdim == 0:
+        return
+    kernel = K.lowrank_update_kernel
+    flags = numerics_flags(weight.dtype, kernel)
+    config = (INTERPRETER_UPDATE_CONFIG if interpreting(kernel)
+              else UPDATE_CONFIGS[flags["INPUT_PRECISION"]])
+    target = copy if copy is not None else weight  # a valid pointer; unwritten without HAS_COPY
+    launch(kernel, (triton.cdiv(N, config["BLOCK_N"]), triton.cdiv(Kdim, config["BLOCK_K"])),
+           (weight, P, Q, target, N, Kdim, P.shape[1], scale, weight.stride(0), weight.stride(1),
+            P.stride(0), P.stride(1), Q.stride(0), Q.stride(1), target.stride(0), target.stride(1)),
+           config, HAS_COPY=copy is not None, R_CHUNK=lowrank.RANK_CHUNK, **flags)
+
+
+# Strides that are 1 for the contiguous W, P, Q and copy the optimizer passes.
+UNIT_STRIDES = ("stride_wk", "stride_pr", "stride_qk", "stride_ck")
+
+
+def kernel_configurations() -> list[KernelConfig]:
+    """The update kernel's configurations: fp32 W, P and Q in full fp32 and in TF32, without a
+    copy and with an fp16 or bf16 copy. The forward and backward run the low-rank kernels (see
+    lowrank.kernel_configurations)."""
+    configs = []
+    for precision in ("ieee", "tf32"):
+        for copy_dtype in (None, torch.float16, torch.bfloat16):
+            label = f"{variant_label(torch.float32, precision)} copy={TRITON_DTYPE_NAMES.get(copy_dtype)}"
+            configs.append(kernel_config(
+                K.lowrank_update_kernel, label, UPDATE_CONFIGS[precision], True, torch.float32,
+                precision, UNIT_STRIDES, pointer_dtypes={"copy_ptr": copy_dtype or torch.float32},
+                HAS_COPY=copy_dtype is not None, R_CHUNK=lowrank.RANK_CHUNK))
+    return configs

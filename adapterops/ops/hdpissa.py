@@ -1,0 +1,156 @@
+"""HD-PiSSA's two ops (methods.md §4).
+
+`hdpissa_linear`: the layer of one rank k, whose adapter factors are fixed slices of W's
+principal components. The adapter adds nothing to the output; backward gives the factors the
+gradients of the LoRA form B_k A_k at its current value:
+
+    y  = x W^T + bias
+    gA = s (dY B)^T x      (r x in)      gB = s dY^T (x A^T)     (out x r)
+    dx = dY W              (no adapter term)        dW = dY^T x, dbias = Σ_tokens dY
+
+with x (..., in), weight W (out, in), lora_A A (r, in), lora_B B (out, r), s = scaling; fp32,
+fp16 or bf16. No out x in matrix is ever formed. Memory contract: backward keeps x (for gA)
+and h = x A^T (M x r, for gB), each only when that gradient is asked for.
+
+`lowrank_update_`: W += scale P Q in place, with W (out x in) and P (out x R), Q (R x in) of
+one dtype, optionally writing the result rounded into `copy` (the model's low-precision weight
+when W is its fp32 master) in the same pass. HD-PiSSA's step is scale = -s, P = [δB_1 | B_1 |
+... ], Q = [A_1 - δA_1; δA_1; ...], R = 2 K r (see `adapterops.hdpissa.HDPiSSAOptimizer`).
+
+Backends: `triton` (CUDA sm_80+, or CPU under TRITON_INTERPRET=1; the layer in fp32, fp16,
+bf16 at rank <= 128; the update on an fp32 W) and `torch` (everything else). Both are
+`torch.library` custom ops, so `torch.compile(fullgraph=True)` traces the layer.
+"""
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import dispatch
+from .checks import (cast_for_autocast, check_base_and_A, check_dim, check_same_dtype_and_device,
+                     check_scaling, check_tensor)
+
+
+def _serving_backend(backend, x, weight, lora_A):
+    return dispatch.select("hdpissa", backend, x=x, weight=weight, lora_A=lora_A)
+
+
+@torch.library.custom_op("adapterops::hdpissa_linear_fwd", mutates_args=())
+def hdpissa_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
+                       lora_B: Tensor, scaling: float, backend: Optional[str]
+                       ) -> tuple[Tensor, Tensor]:
+    """(y, h) for 2-D x: the base layer's output and h = x A^T."""
+    chosen = _serving_backend(backend, x, weight, lora_A)
+    return chosen.hdpissa_forward(x, weight, bias, lora_A)
+
+
+@hdpissa_linear_fwd.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, backend):
+    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], lora_A.shape[0]))
+
+
+@torch.library.custom_op("adapterops::hdpissa_linear_bwd", mutates_args=())
+def hdpissa_linear_bwd(grad_y: Tensor, x: Optional[Tensor], h: Optional[Tensor], weight: Tensor,
+                       lora_A: Tensor, lora_B: Tensor, scaling: float, need_x: bool,
+                       need_A: bool, need_B: bool, backend: Optional[str]
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, gA, gB); a gradient that was not asked for comes back as an empty tensor."""
+    for need, name, saved, why in ((need_A, "x", x, "gA"), (need_B, "h", h, "gB")):
+        if need and saved is None:
+            raise ValueError(f"hdpissa_linear_bwd: {why} was asked for but {name} is None")
+    chosen = _serving_backend(backend, grad_y, weight, lora_A)
+    grads = chosen.hdpissa_backward(grad_y, x, h, weight, lora_B, scaling, need_x, need_A, need_B)
+    return tuple(g if g is not None else grad_y.new_empty(0) for g in grads)
+
+
+@hdpissa_linear_bwd.register_fake
+def _(grad_y, x, h, weight, lora_A, lora_B, scaling, need_x, need_A, need_B, backend):
+    shapes = ((grad_y.shape[0], weight.shape[1]), tuple(lora_A.shape), tuple(lora_B.shape))
+    return tuple(grad_y.new_empty(shape if need else 0)
+                 for shape, need in zip(shapes, (need_x, need_A, need_B)))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, scaling, backend = inputs
+    _, h = output
+    need_x, need_W, need_bias, need_A, need_B = (ctx.needs_input_grad[i] for i in range(5))
+    ctx.flags = (need_x, need_W, need_bias, need_A, need_B)
+    ctx.scaling, ctx.backend = scaling, backend
+    # The memory contract: x only for gA or dW, h only for gB.
+    ctx.save_for_backward(x if (need_A or need_W) else None, h if need_B else None,
+                          weight, lora_A, lora_B)
+
+
+def _backward(ctx, grad_y, _grad_h):
+    need_x, need_W, need_bias, need_A, need_B = ctx.flags
+    x, h, weight, lora_A, lora_B = ctx.saved_tensors
+    dx = gA = gB = dW = dbias = None
+    if need_x or need_A or need_B:
+        dx, gA, gB = hdpissa_linear_bwd(grad_y, x, h, weight, lora_A, lora_B, ctx.scaling,
+                                        need_x, need_A, need_B, ctx.backend)
+        dx, gA, gB = (g if need else None for g, need in zip((dx, gA, gB), (need_x, need_A, need_B)))
+    if need_W:
+        dW = grad_y.t().mm(x)
+    if need_bias:
+        dbias = grad_y.sum(0)
+    return dx, dW, dbias, gA, gB, None, None
+
+
+hdpissa_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def check_hdpissa_args(x, weight, bias, lora_A, lora_B, scaling) -> float:
+    """Validates every argument of `hdpissa_linear`; returns scaling as a float."""
+    check_tensor("lora_B", lora_B, ndim=2)
+    out_features, _, rank = check_base_and_A(x, weight, bias, lora_A, lora_B=lora_B)
+    check_dim("lora_B", lora_B, 0, out_features, "out_features (weight.shape[0])")
+    check_dim("lora_B", lora_B, 1, rank, "the rank (lora_A.shape[0])")
+    return check_scaling(scaling)
+
+
+def hdpissa_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
+                   lora_B: Tensor, scaling: float, *, backend: Optional[str] = None) -> Tensor:
+    """y = x W^T + bias, with HD-PiSSA's factor gradients in backward; see this module's
+    docstring. backend: None picks the first backend that supports the input
+    (`ADAPTEROPS_BACKEND` overrides); "triton" or "torch" forces one."""
+    x, weight, bias, lora_A, lora_B = cast_for_autocast(x, weight, bias, lora_A, lora_B)
+    scaling = check_hdpissa_args(x, weight, bias, lora_A, lora_B, scaling)
+    dispatch.check_backend_name(backend)
+    leading = x.shape[:-1]
+    y, _ = hdpissa_linear_fwd(x.reshape(math.prod(leading), x.shape[-1]), weight, bias, lora_A,
+                              lora_B, scaling, backend)
+    return y.reshape(*leading, weight.shape[0])
+
+
+@torch.library.custom_op("adapterops::lowrank_update_", mutates_args=("weight", "copy"))
+def _lowrank_update_op(weight: Tensor, P: Tensor, Q: Tensor, scale: float, copy: Optional[Tensor],
+                       backend: Optional[str]) -> None:
+    chosen = dispatch.select("update", backend, weight=weight)
+    chosen.update_(weight, P, Q, scale, copy)
+
+
+@_lowrank_update_op.register_fake
+def _(weight, P, Q, scale, copy, backend):
+    return None
+
+
+def lowrank_update_(weight: Tensor, P: Tensor, Q: Tensor, scale: float, *,
+                    copy: Optional[Tensor] = None, backend: Optional[str] = None) -> None:
+    """weight += scale * P @ Q in place (one pass over weight); `copy`, when given, receives
+    the result rounded to its dtype in the same pass. See this module's docstring."""
+    for name, t in (("weight", weight), ("P", P), ("Q", Q)):
+        check_tensor(name, t, ndim=2)
+    check_tensor("copy", copy, ndim=2, optional=True)
+    check_same_dtype_and_device("weight", weight, P=P, Q=Q)
+    if copy is not None:
+        if copy.device != weight.device:
+            raise ValueError(f"copy is on {copy.device} but weight is on {weight.device}")
+        check_dim("copy", copy, 0, weight.shape[0], "weight.shape[0]")
+        check_dim("copy", copy, 1, weight.shape[1], "weight.shape[1]")
+    check_dim("P", P, 0, weight.shape[0], "weight.shape[0]")
+    check_dim("Q", Q, 1, weight.shape[1], "weight.shape[1]")
+    check_dim("Q", Q, 0, P.shape[1], "the inner size (P.shape[1])")
+    scale = check_scaling(scale, "scale")
+    dispatch.check_backend_name(backend)
+    _lowrank_update_op(weight, P, Q, scale, copy, backend)
