@@ -3,10 +3,12 @@
 Importing it initialises no CUDA, compiles no kernel and imports no Triton: backends load what
 they need on first use.
 """
-from . import hydra, lamda, pissa
-from .modules import FusedHydraLoRALinear, FusedLaMDALinear, FusedLoRALinear
-from .ops import lowrank_linear, routed_lowrank_linear
+from . import distributed, hydra, lamda, pissa
+from .modules import FusedHydraLoRALinear, FusedLaMDALinear, FusedLoRALinear, HDPiSSALinear
+from .ops import hdpissa_linear, lowrank_linear, lowrank_update_, routed_lowrank_linear
+from . import hdpissa  # noqa: E402  (above the modules: it builds HDPiSSALinear layers)
 
 __version__ = "0.1.0"
-__all__ = ["lowrank_linear", "routed_lowrank_linear", "FusedLoRALinear", "FusedLaMDALinear",
-           "FusedHydraLoRALinear", "hydra", "lamda", "pissa", "__version__"]
+__all__ = ["lowrank_linear", "routed_lowrank_linear", "hdpissa_linear", "lowrank_update_",
+           "FusedLoRALinear", "FusedLaMDALinear", "FusedHydraLoRALinear", "HDPiSSALinear",
+           "distributed", "hdpissa", "hydra", "lamda", "pissa", "__version__"]

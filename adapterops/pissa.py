@@ -54,3 +54,42 @@ def to_lora(lora_A: Tensor, lora_B: Tensor, initial_A: Tensor, initial_B: Tensor
         raise ValueError(f"the trained factors {tuple(lora_A.shape)}, {tuple(lora_B.shape)} and the "
                          f"initial ones {tuple(initial_A.shape)}, {tuple(initial_B.shape)} must match")
     return torch.cat([lora_A, initial_A], 0), torch.cat([lora_B, -initial_B], 1)
+
+
+SVD_METHODS = ("full", "lowrank")
+
+
+def hdpissa_factors(weight: Tensor, rank: int, world_size: int, svd: str = "full",
+                    niter: int = 8) -> tuple[Tensor, Tensor]:
+    """Every rank's HD-PiSSA factors (methods.md §4), fp32, from one SVD of `weight` (the
+    ORIGINAL W, in fp32 or better): with U, Σ, Vh = svd(W), rank k owns the slice
+    sl = [k r, (k+1) r) of the top K r triplets,
+
+        A_k = sqrt(Σ_sl) Vh_sl  (r x in),    B_k = U_sl sqrt(Σ_sl)  (out x r).
+
+    Returns (A_all, B_all) = ([A_0; ...; A_{K-1}] (K r x in), [B_0 | ... | B_{K-1}] (out x K r)).
+    Every rank needs all of them: the W update is a sum over all ranks' factors.
+
+    svd="lowrank" uses `torch.svd_lowrank` (q = K r, `niter` subspace iterations) for large
+    matrices; it draws from its own generator seeded with 0, so every rank computes the same
+    factors (on the same kind of device).
+    """
+    if svd not in SVD_METHODS:
+        raise ValueError(f"svd must be one of {', '.join(SVD_METHODS)}, got {svd!r}")
+    for name, value in (("rank", rank), ("world_size", world_size), ("niter", niter)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    total = world_size * rank
+    if total > min(weight.shape):
+        raise ValueError(f"HD-PiSSA needs world_size * rank <= min(in_features, out_features): "
+                         f"{world_size} * {rank} = {total} > {min(weight.shape)} for a weight of "
+                         f"shape {tuple(weight.shape)}")
+    if svd == "full":
+        U, sigma, Vh = top_singular_triplets(weight, total)
+    else:
+        devices = [weight.device] if weight.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(0)
+            U, sigma, Vh = top_singular_triplets(weight, total, niter)
+    root = sigma.clamp_min(0).sqrt()
+    return (root[:, None] * Vh).float(), (U * root[None, :]).float()

@@ -2,7 +2,7 @@
 without a GPU: every configuration it compiles must compile, every 16-bit kernel must use wgmma,
 and no default configuration may spill registers.
 
-It compiles every configuration (222 for sm_90, about 120 s with 2 jobs on the 2-core
+It compiles every configuration (228 for sm_90, about 120 s with 2 jobs on the 2-core
 development machine): what the dispatcher can launch is what must compile. No default
 configuration spills there; the test holds the defaults to that, as the report does.
 """

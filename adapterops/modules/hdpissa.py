@@ -1,0 +1,131 @@
+"""HD-PiSSA's layer (methods.md §4): an `nn.Linear` replacement whose forward is the base layer
+alone and whose backward gives this rank's fixed factors their LoRA gradients.
+
+    y = x W^T + bias,   gA_k = s (dY B_k)^T x,   gB_k = s dY^T (x A_k^T),   dx = dY W
+
+Rank k of K owns slice k of W's principal components (`adapterops.pissa.hdpissa_factors`):
+the trainable `lora_A` (r, in) and `lora_B` (out, r) hold A_k and B_k, and never change; the
+optimizer (`adapterops.hdpissa.HDPiSSAOptimizer`) turns their gradients into Adam steps,
+exchanges the steps between ranks and merges the update into W. Every rank keeps all K
+ranks' factors (`factor_A` (K r, in), `factor_B` (out, K r), fp32 buffers): the update sums
+over all of them.
+
+Weights **[ours]**: with a weight in fp16 or bf16 the layer keeps an fp32 master copy of W
+(`master_weight`, a buffer) that the update is applied to; `weight` is its rounding to the
+model's dtype, rewritten by the same pass. Each step's update is about lr * sqrt(σ) per entry,
+far below a bf16 ulp of W's entries, so applied to bf16 directly most of it would round away.
+(Stochastic rounding would save the memory of the copy but make the update random; every rank
+must compute the same W, which a shared master copy guarantees simply.)
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .. import dispatch
+from ..ops import hdpissa_linear
+from ..pissa import SVD_METHODS, hdpissa_factors
+from .common import check_layer_args, check_linear, copy_base, frozen_base
+
+
+class HDPiSSALinear(nn.Module):
+    """Rank `rank_index` of `world_size`'s HD-PiSSA layer; scaling = alpha / rank.
+
+    Args: in_features, out_features, rank (r), alpha, world_size (K), rank_index (k), bias,
+    svd ("full", or "lowrank" for large matrices), niter (for "lowrank"), device, dtype,
+    backend (None: dispatch picks; "triton"/"torch" forces).
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float,
+                 world_size: int, rank_index: int, bias: bool = True, svd: str = "full",
+                 niter: int = 8, device=None, dtype=None, backend: Optional[str] = None):
+        super().__init__()
+        check_layer_args(in_features=in_features, out_features=out_features, rank=rank,
+                         world_size=world_size, alpha=alpha, dropout=0.0)
+        if isinstance(rank_index, bool) or not isinstance(rank_index, int) or not 0 <= rank_index < world_size:
+            raise ValueError(f"rank_index must be an int in [0, world_size) = [0, {world_size}), "
+                             f"got {rank_index!r}")
+        if world_size * rank > min(in_features, out_features):
+            raise ValueError(f"HD-PiSSA needs world_size * rank <= min(in_features, out_features): "
+                             f"{world_size} * {rank} = {world_size * rank} > "
+                             f"{min(in_features, out_features)}")
+        if svd not in SVD_METHODS:
+            raise ValueError(f"svd must be one of {', '.join(SVD_METHODS)}, got {svd!r}")
+        dispatch.check_backend_name(backend)
+        self.in_features, self.out_features, self.rank, self.alpha = in_features, out_features, rank, alpha
+        self.world_size, self.rank_index, self.svd, self.niter = world_size, rank_index, svd, niter
+        self.scaling = alpha / rank
+        self.backend = backend
+        factory = {"device": device, "dtype": dtype}
+        self.weight, self.bias = frozen_base(in_features, out_features, bias, **factory)
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(out_features, rank, **factory))
+        fp32 = {"device": device, "dtype": torch.float32}
+        self.register_buffer("factor_A", torch.empty(world_size * rank, in_features, **fp32))
+        self.register_buffer("factor_B", torch.empty(out_features, world_size * rank, **fp32))
+        low_precision = self.weight.dtype in (torch.float16, torch.bfloat16)
+        self.register_buffer("master_weight", torch.empty(out_features, in_features, **fp32)
+                             if low_precision else None)
+        self.reset_factors()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, rank: int, alpha: float, world_size: int,
+                    rank_index: int, svd: str = "full", niter: int = 8,
+                    backend: Optional[str] = None):
+        """An HD-PiSSA layer on `linear`'s weight (copied; `linear` is left untouched)."""
+        check_linear(linear)
+        layer = cls(linear.in_features, linear.out_features, rank, alpha, world_size, rank_index,
+                    bias=linear.bias is not None, svd=svd, niter=niter,
+                    device=linear.weight.device, dtype=linear.weight.dtype, backend=backend)
+        copy_base(layer, linear)
+        layer.reset_factors()
+        return layer
+
+    @torch.no_grad()
+    def reset_factors(self) -> None:
+        """Every rank's factors from the SVD of the current weight (taken as the original W),
+        this rank's into lora_A and lora_B, and the master copy from the weight."""
+        A_all, B_all = hdpissa_factors(self.weight, self.rank, self.world_size, self.svd, self.niter)
+        self.factor_A.copy_(A_all)
+        self.factor_B.copy_(B_all)
+        if self.master_weight is not None:
+            self.master_weight.copy_(self.weight)
+        self.set_rank_index(self.rank_index)
+
+    @torch.no_grad()
+    def set_rank_index(self, rank_index: int) -> None:
+        """Makes lora_A and lora_B hold rank `rank_index`'s factors (virtual ranks switch the
+        rank a process computes for)."""
+        if not 0 <= rank_index < self.world_size:
+            raise ValueError(f"rank_index must be in [0, {self.world_size}), got {rank_index}")
+        rows = slice(rank_index * self.rank, (rank_index + 1) * self.rank)
+        self.lora_A.copy_(self.factor_A[rows])
+        self.lora_B.copy_(self.factor_B[:, rows])
+        self.rank_index = rank_index
+
+    def update_target(self) -> tuple[Tensor, Optional[Tensor]]:
+        """(the tensor the W update is applied to, the model weight to round it into or None):
+        (master_weight, weight) for fp16/bf16 weights, else (weight, None)."""
+        if self.master_weight is not None:
+            return self.master_weight, self.weight.data
+        return self.weight.data, None
+
+    def consistency_tensors(self) -> dict[str, Tensor]:
+        """What must be bit-identical on every rank (`adapterops.distributed.check_consistency`):
+        the weight, its master copy, the bias and every rank's factors."""
+        tensors = {"weight": self.weight, "factor_A": self.factor_A, "factor_B": self.factor_B}
+        if self.master_weight is not None:
+            tensors["master_weight"] = self.master_weight
+        if self.bias is not None:
+            tensors["bias"] = self.bias
+        return tensors
+
+    def forward(self, x: Tensor) -> Tensor:
+        return hdpissa_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
+                              backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"alpha={self.alpha}, world_size={self.world_size}, rank_index={self.rank_index}, "
+                f"svd={self.svd!r}, master_weight={self.master_weight is not None}, "
+                f"bias={self.bias is not None}, backend={self.backend or 'auto'}")
