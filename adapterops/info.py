@@ -19,10 +19,10 @@ def _version(module_name: str) -> str:
 
 
 def _probe_inputs(device: str, dtype: torch.dtype) -> dict:
-    """Tiny inputs that ask a backend the support question of either op family (lowrank,
-    routed: 4 heads of rank 16) for `device` and `dtype`."""
+    """Tiny inputs that ask a backend the support question of every op family (routed: 4 heads
+    of rank 16) for `device` and `dtype`."""
     return {"x": torch.empty(1, 16, device=device, dtype=dtype),
-            "weight": torch.empty(16, 16, device=device, dtype=dtype),
+            "weight": torch.empty(16, 16, device=device, dtype=dtype),  # the update's W too
             "lora_A": torch.empty(16, 16, device=device, dtype=dtype),
             "lora_B": torch.empty(4, 16, 16, device=device, dtype=dtype)}
 
@@ -45,14 +45,15 @@ def report() -> str:
     else:
         lines.append("no CUDA device")
     lines.append("CUDA C++ extension adapterops._C: not part of this version (csrc/ has no sources yet)")
-    lines.append("backends, in priority order (ops: lowrank, routed):")
+    lines.append("backends, in priority order (ops: lowrank, routed, hdpissa; update needs an "
+                 "fp32 weight):")
     for name, backend in BACKENDS.items():
         reason = backend.unavailable_reason()
         if reason is not None:
             lines.append(f"  {name}: unavailable: {reason}")
             continue
         lines.append(f"  {name}: available")
-        for op in ("lowrank", "routed"):
+        for op in ("lowrank", "routed", "hdpissa", "update"):
             for device in devices:
                 for dtype in (torch.float32, torch.bfloat16):
                     why_not = backend.reasons(op, **_probe_inputs(device, dtype))
