@@ -1,8 +1,9 @@
-"""`python -m benchmarks [--quick] [--ops lamda,lora,hydra] [--out DIR] [--device cuda|cpu]
-[--dtype bf16|fp16|fp32]`: runs the microbenchmarks (ops: lamda and lora in
-benchmarks/lowrank.py, hydra in benchmarks/routed.py), writes DIR/results.csv,
-DIR/summary.md and, when matplotlib is installed, PNG plots (benchmarks/plots.py) into DIR
-(default: benchmarks/results/<device>-<YYYY-MM-DD>/) and prints the summary.
+"""`python -m benchmarks [--quick] [--ops lamda,lora,hydra,hdpissa,hdpissa_update] [--out DIR]
+[--device cuda|cpu] [--dtype bf16|fp16|fp32]`: runs the microbenchmarks (ops: lamda and lora
+in benchmarks/lowrank.py, hydra in benchmarks/routed.py, hdpissa and hdpissa_update in
+benchmarks/hdpissa.py), writes DIR/results.csv, DIR/summary.md and, when matplotlib is
+installed, PNG plots (benchmarks/plots.py) into DIR (default:
+benchmarks/results/<device>-<YYYY-MM-DD>/) and prints the summary.
 
 On a machine without a GPU the run sets TRITON_INTERPRET=1 (unless already set), so the
 `triton` provider runs under the Triton interpreter: its times measure the emulator, not the
@@ -16,10 +17,11 @@ from pathlib import Path
 
 import torch
 
-from . import harness, lowrank, routed
+from . import harness, hdpissa, lowrank, routed
 
 # Adding an op: write its benchmark file (see lowrank.py) and list its BENCHMARKS here.
-BENCHMARKS = {bench.name: bench for bench in lowrank.BENCHMARKS + routed.BENCHMARKS}
+BENCHMARKS = {bench.name: bench
+              for bench in lowrank.BENCHMARKS + routed.BENCHMARKS + hdpissa.BENCHMARKS}
 
 
 def main(argv=None) -> None:

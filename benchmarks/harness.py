@@ -2,7 +2,7 @@
 
 An op's benchmark file (`benchmarks/lowrank.py` is the model) declares one `OpBenchmark` per
 op: its cases (shapes), its providers (the implementations timed side by side, the floor
-first) and, per provider, a `Workload`: the forward to run, the tensors backward
+first), its modes and, per provider, a `Workload`: the forward to run, the tensors backward
 differentiates, the weights, and the op's FLOP and byte counts. The harness runs every
 case x provider x mode and writes one long-format row per measurement (`COLUMNS`).
 
@@ -10,19 +10,24 @@ What each column measures:
 - mode: `fwd` is the forward with autograd recording, as in training (it builds the graph and
   saves what backward needs); `bwd` is backward alone, `torch.autograd.grad(y, inputs, dy,
   retain_graph=True)` repeated on one retained graph; `fwdbwd` is one forward then its backward.
+  These three are an op's modes by default (`MODES`). `update` (an op that declares it, such
+  as HD-PiSSA's weight update) is the workload's call alone under `torch.no_grad()`: no graph,
+  no backward; it may change the workload's tensors in place, every call.
 - p20_ms, p50_ms, p80_ms: on CUDA from `triton.testing.do_bench` (it flushes the L2 cache
   before every call); on CPU from a timed loop: warm-up calls (at least one, for lazy
   initialisation and Triton's first-call work, up to `CPU_WARMUP_S`), then calls until
   `cpu_budget_s` has passed (at least `CPU_MIN_REPS`, at most `CPU_MAX_REPS`), each timed
   with `time.perf_counter`.
 - tflops, gbps: the workload's FLOPs and minimum bytes (inputs read once, outputs written once;
-  the op file documents its model) divided by the p50 time. fwdbwd counts fwd + bwd.
+  the op file documents its model) divided by the p50 time. fwdbwd counts fwd + bwd; update
+  counts the workload's forward counts (its call is the update).
 - peak_mem_mb: CUDA only: `torch.cuda.max_memory_allocated` during one call minus what was
   allocated before it, so inputs, weights and (for bwd) the retained graph are not counted.
 - saved_mb: the bytes autograd saves for backward during one forward, counted with
   `torch.autograd.graph.saved_tensors_hooks` over distinct storages. The workload's weights are
   not counted (they live whether or not backward runs); its input activation x is, because in a
-  network x is the previous layer's output, kept alive only if some layer saves it.
+  network x is the previous layer's output, kept alive only if some layer saves it. Empty in
+  an op without autograd modes (only `update`): nothing is recorded.
 MB means 2^20 bytes throughout.
 
 A provider that cannot run (an unsupported device, a missing package, out of memory) gives
@@ -42,7 +47,9 @@ import numpy
 import torch
 from torch import Tensor
 
-MODES = ("fwd", "bwd", "fwdbwd")
+MODES = ("fwd", "bwd", "fwdbwd")  # an op's modes unless it declares its own
+UPDATE = "update"                   # the workload's call alone, without autograd
+KNOWN_MODES = MODES + (UPDATE,)
 QUANTILES = (0.2, 0.5, 0.8)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MB = 2 ** 20
@@ -58,8 +65,9 @@ SHAPE_COLUMNS = ("M", "K", "N", "r", "heads", "world")
 @dataclasses.dataclass(frozen=True)
 class Case:
     """One shape: M tokens, K = in_features, N = out_features, rank r; heads (HydraLoRA) and
-    world (HD-PiSSA ranks) only for the ops that have them."""
-    M: int
+    world (HD-PiSSA ranks) only for the ops that have them; M None for an op without tokens
+    (HD-PiSSA's weight update)."""
+    M: Optional[int]
     K: int
     N: int
     r: int
@@ -73,7 +81,9 @@ class Case:
 
 @dataclasses.dataclass
 class Workload:
-    """One provider's computation on one case's freshly made tensors."""
+    """One provider's computation on one case's freshly made tensors. For an `update` op,
+    forward is the update call (its result is ignored), grad_inputs is empty and the fwd_
+    counts are the update's."""
     forward: Callable[[], Tensor]   # returns the output y
     grad_inputs: tuple[Tensor, ...]  # what backward differentiates (x and the trainable weights)
     weights: tuple[Tensor, ...]      # every weight it reads: not counted in saved_mb
@@ -84,11 +94,13 @@ class Workload:
 
     def flops(self, mode: str) -> float:
         both = self.fwd_flops + self.bwd_flops
-        return {"fwd": self.fwd_flops, "bwd": self.bwd_flops}.get(mode, both)
+        by_mode = {"fwd": self.fwd_flops, UPDATE: self.fwd_flops, "bwd": self.bwd_flops}
+        return by_mode.get(mode, both)
 
     def io_bytes(self, mode: str) -> float:
         both = self.fwd_bytes + self.bwd_bytes
-        return {"fwd": self.fwd_bytes, "bwd": self.bwd_bytes}.get(mode, both)
+        by_mode = {"fwd": self.fwd_bytes, UPDATE: self.fwd_bytes, "bwd": self.bwd_bytes}
+        return by_mode.get(mode, both)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +110,8 @@ class OpBenchmark:
     cases(quick, device_type) lists the shapes; workload(provider, case, dtype, device) makes
     fresh tensors and returns the provider's `Workload` (it raises when the provider cannot
     run: the message becomes the rows' error). `baseline` is the provider every other is
-    divided by in the summary; `speedups` are the (fast, slow) pairs whose ratio it shows.
+    divided by in the summary; `speedups` are the (fast, slow) pairs whose ratio it shows;
+    `modes` are the modes timed, from `KNOWN_MODES` (default `MODES`).
     """
     name: str
     cases: Callable[[bool, str], list[Case]]
@@ -106,6 +119,16 @@ class OpBenchmark:
     workload: Callable[[str, Case, torch.dtype, torch.device], Workload]
     baseline: str
     speedups: tuple[tuple[str, str], ...] = ()
+    modes: tuple[str, ...] = MODES
+
+    def __post_init__(self):
+        unknown = [mode for mode in self.modes if mode not in KNOWN_MODES]
+        if unknown or not self.modes:
+            raise ValueError(f"{self.name}: modes {self.modes}; known: {KNOWN_MODES}")
+
+    @property
+    def uses_autograd(self) -> bool:
+        return any(mode in MODES for mode in self.modes)
 
 
 def make_tensor(*shape: int, fan_in: int, dtype: torch.dtype, device: torch.device,
@@ -163,17 +186,20 @@ def _forward_saving(workload: Workload) -> tuple[Tensor, int]:
 
 @dataclasses.dataclass
 class Prepared:
-    """A provider's workload on one case after one recorded forward: what every mode times."""
+    """A provider's workload on one case after one recorded forward (or, for an op without
+    autograd modes, one call): what every mode times."""
     workload: Workload
-    y: Tensor         # the recorded forward's output, its graph retained for `bwd`
-    dy: Tensor        # the output gradient backward is given
-    saved_bytes: int  # what that forward saved for backward (see saved_mb)
+    y: Optional[Tensor]          # the recorded forward's output, its graph retained for `bwd`
+    dy: Optional[Tensor]         # the output gradient backward is given
+    saved_bytes: Optional[int]   # what that forward saved for backward (see saved_mb)
 
     def mode_fn(self, mode: str) -> Callable:
         """The call that `mode` times."""
         workload, y, dy = self.workload, self.y, self.dy
         if mode == "fwd":
             return workload.forward
+        if mode == UPDATE:
+            return torch.no_grad()(workload.forward)
         if mode == "bwd":
             return lambda: torch.autograd.grad(y, workload.grad_inputs, dy, retain_graph=True)
         return lambda: torch.autograd.grad(workload.forward(), workload.grad_inputs, dy)
@@ -182,9 +208,14 @@ class Prepared:
 def prepare(bench: OpBenchmark, provider: str, case: Case, dtype: torch.dtype,
             device: torch.device) -> Prepared:
     """Makes the provider's workload from the same seed every provider gets and runs one
-    forward; raises whatever stops the provider from running."""
+    forward (recorded, or for an op without autograd modes one `update` call); raises whatever
+    stops the provider from running."""
     torch.manual_seed(0)
     workload = bench.workload(provider, case, dtype, device)
+    if not bench.uses_autograd:
+        with torch.no_grad():
+            workload.forward()
+        return Prepared(workload, None, None, None)
     y, saved = _forward_saving(workload)
     return Prepared(workload, y, torch.randn_like(y), saved)
 
@@ -234,7 +265,7 @@ def _environment(device: torch.device, dtype: torch.dtype) -> dict:
 def _measure(bench: OpBenchmark, provider: str, case: Case, dtype: torch.dtype,
              device: torch.device, cpu_budget_s: float, base_row: dict) -> list[dict]:
     """The rows of one (case, provider): one per mode."""
-    rows = [{**base_row, "provider": provider, "mode": mode} for mode in MODES]
+    rows = [{**base_row, "provider": provider, "mode": mode} for mode in bench.modes]
     # Any exception is a reason to record, not a crash: a sweep over many cases must finish,
     # and a provider that cannot serve a case must still show up in the table.
     try:
@@ -245,7 +276,8 @@ def _measure(bench: OpBenchmark, provider: str, case: Case, dtype: torch.dtype,
         return rows
     for row in rows:
         mode = row["mode"]
-        row["saved_mb"] = prepared.saved_bytes / MB
+        if prepared.saved_bytes is not None:
+            row["saved_mb"] = prepared.saved_bytes / MB
         try:
             fn = prepared.mode_fn(mode)
             if device.type == "cuda":
@@ -310,7 +342,8 @@ def _cell(value: Optional[float], fmt: str = ".4g") -> str:
 
 def summary_markdown(rows: Sequence[dict], benchmarks: Sequence[OpBenchmark]) -> str:
     """One table per (op, mode): per shape, each provider's p50 ms and its ratio to the
-    baseline, the declared speed-ups, and each provider's saved MB."""
+    baseline, the declared speed-ups, and each provider's saved MB (in an `update` table, where
+    nothing is saved, its GB/s instead: the bandwidth an update's target is stated in)."""
     if not rows:
         return "# Benchmark summary\n\nNo rows.\n"
     first = rows[0]
@@ -319,19 +352,22 @@ def summary_markdown(rows: Sequence[dict], benchmarks: Sequence[OpBenchmark]) ->
              f"torch {first['torch']}, "
              f"triton {first['triton'] or '-'}, git {first['git_sha']}, {first['timestamp']}", "",
              "Cells: p50 ms (ratio to the baseline). 'a vs b': p50 of b / p50 of a (above 1: a is "
-             "faster). saved MB: activations autograd keeps for backward.", ""]
+             "faster). saved MB: activations autograd keeps for backward. GB/s (update tables): "
+             "the op's byte model over p50.", ""]
     for bench in benchmarks:
-        for mode in MODES:
+        for mode in bench.modes:
             table = [row for row in rows if row["op"] == bench.name and row["mode"] == mode]
             if not table:
                 continue
             shape_columns = [c for c in SHAPE_COLUMNS if any(row[c] is not None for row in table)]
+            extra, extra_title, extra_fmt = (("gbps", "GB/s", ".4g") if mode == UPDATE
+                                             else ("saved_mb", "saved MB", ".3g"))
             by_shape: dict[tuple, dict[str, dict]] = {}
             for row in table:
                 by_shape.setdefault(tuple(row[c] for c in shape_columns), {})[row["provider"]] = row
             header = (shape_columns + list(bench.providers)
                       + [f"{fast} vs {slow}" for fast, slow in bench.speedups]
-                      + [f"saved MB {p}" for p in bench.providers])
+                      + [f"{extra_title} {p}" for p in bench.providers])
             lines += [f"## {bench.name} {mode}", "", "| " + " | ".join(header) + " |",
                       "|" + "---|" * len(header)]
             for shape, by_provider in by_shape.items():
@@ -350,7 +386,7 @@ def summary_markdown(rows: Sequence[dict], benchmarks: Sequence[OpBenchmark]) ->
                 for fast, slow in bench.speedups:
                     ok = p50.get(fast) is not None and p50.get(slow) is not None
                     cells.append(f"{p50[slow] / p50[fast]:.3g}x" if ok else "")
-                cells += [_cell(by_provider.get(p, {}).get("saved_mb"), ".3g")
+                cells += [_cell(by_provider.get(p, {}).get(extra), extra_fmt)
                           for p in bench.providers]
                 lines.append("| " + " | ".join(cells) + " |")
             lines.append("")

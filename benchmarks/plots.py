@@ -4,7 +4,8 @@
   the p20-p80 spread as error bars; the floor is drawn as a thick dashed black line, so every
   provider reads as a distance from it. The x axis is M when only M varies within the table,
   otherwise a label of the shape columns that vary.
-- `saved_mb.png`: per op, the MB autograd saves for backward, per provider and shape (bars).
+- `saved_mb.png`: per op with autograd modes, the MB autograd saves for backward, per provider
+  and shape (bars); an op with only an `update` mode saves nothing and has no panel.
 
 Rows with an error are left out (summary.md lists them). `python -m benchmarks.plots DIR`
 replots DIR/results.csv into DIR.
@@ -89,7 +90,7 @@ def _times_figure(op: str, mode: str, rows: Sequence[dict]) -> Figure:
 
 
 def _saved_figure(rows: Sequence[dict]) -> Figure:
-    ops = _ordered(row["op"] for row in rows)
+    ops = _ordered(row["op"] for row in rows if row["saved_mb"] is not None)  # not update ops
     figure = Figure(figsize=(8.0, 3.2 * len(ops) + 0.8), layout="constrained")
     axes = figure.subplots(len(ops), 1, squeeze=False)[:, 0]
     for ax, op in zip(axes, ops):

@@ -21,7 +21,7 @@ PARAMS = [pytest.param(bench, case, provider, mode,
           for bench in cli.BENCHMARKS.values()
           for case in bench.cases(True, DEVICE.type)
           for provider in bench.providers
-          for mode in harness.MODES]
+          for mode in bench.modes]
 
 
 @pytest.mark.parametrize("bench, case, provider, mode", PARAMS)
@@ -39,7 +39,8 @@ def test_bench(benchmark, bench, case, provider, mode):
             torch.cuda.synchronize()  # time the kernels, not their launch
 
     benchmark.extra_info.update(op=bench.name, provider=provider, mode=mode,
-                                saved_mb=prepared.saved_bytes / harness.MB,
+                                saved_mb=(None if prepared.saved_bytes is None
+                                          else prepared.saved_bytes / harness.MB),
                                 flops=prepared.workload.flops(mode),
                                 bytes=prepared.workload.io_bytes(mode),
                                 **{k: v for k, v in vars(case).items() if v is not None})

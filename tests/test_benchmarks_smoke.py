@@ -1,7 +1,7 @@
 """Smoke test of the benchmark suite (benchmarks/harness.py, benchmarks/lowrank.py,
-benchmarks/routed.py): one tiny case per op, every provider in every mode, run in-process;
-checks the CSV's columns, that every row was measured, and that the low-rank and routed ops'
-memory contracts show in `saved_mb`."""
+benchmarks/routed.py, benchmarks/hdpissa.py): one tiny case per op, every provider in every
+mode the op declares, run in-process; checks the CSV's columns, that every row was measured,
+and that the low-rank, routed and HD-PiSSA ops' memory contracts show in `saved_mb`."""
 import csv
 import dataclasses
 import importlib.util
@@ -13,21 +13,25 @@ import torch
 # `benchmarks` is not an installed package (setup.py ships adapterops only): import it from the
 # checkout, whichever way pytest was started.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import harness, lowrank, routed  # noqa: E402
+from benchmarks import harness, hdpissa, lowrank, routed  # noqa: E402
 
 CASE = harness.Case(M=16, K=64, N=32, r=16)
-CASES = {"lamda": CASE, "lora": CASE, "hydra": harness.Case(M=16, K=64, N=32, r=8, heads=4)}
+CASES = {"lamda": CASE, "lora": CASE, "hydra": harness.Case(M=16, K=64, N=32, r=8, heads=4),
+         "hdpissa": harness.Case(M=16, K=64, N=32, r=8),
+         "hdpissa_update": harness.Case(M=None, K=64, N=32, r=4, world=2)}
+# A copy does no arithmetic: the update's floor is credited 0 FLOPs.
+NO_FLOPS = {("hdpissa_update", "floor")}
 
 
 def test_every_provider_and_mode_measured_and_saved_bytes_follow_the_contract(device, tmp_path):
     benchmarks = [dataclasses.replace(bench, cases=lambda quick, device_type,
                                       case=CASES[bench.name]: [case])
-                  for bench in lowrank.BENCHMARKS + routed.BENCHMARKS]
+                  for bench in lowrank.BENCHMARKS + routed.BENCHMARKS + hdpissa.BENCHMARKS]
     # fp32: under the interpreter, bf16 dots go through an upcast and only cost time here.
     seen = []  # the row count each after_case call saw: one call per case, rows so far
     rows = harness.run(benchmarks, device=device, dtype=torch.float32, quick=True,
                        cpu_budget_s=0.0, after_case=lambda so_far: seen.append(len(so_far)))
-    per_case = [len(b.providers) * len(harness.MODES) for b in benchmarks]
+    per_case = [len(b.providers) * len(b.modes) for b in benchmarks]
     assert seen == [sum(per_case[:i + 1]) for i in range(len(per_case))], seen
     summary = harness.summary_markdown(rows, benchmarks)
     harness.write_results(rows, summary, tmp_path)
@@ -36,7 +40,9 @@ def test_every_provider_and_mode_measured_and_saved_bytes_follow_the_contract(de
         reader = csv.DictReader(f)
         assert tuple(reader.fieldnames) == harness.COLUMNS, f"CSV header: {reader.fieldnames}"
         table = list(reader)
-    expected = {(b.name, p, m) for b in benchmarks for p in b.providers for m in harness.MODES}
+    expected = {(b.name, p, m) for b in benchmarks for p in b.providers for m in b.modes}
+    assert {m for b in benchmarks for m in b.modes} == set(harness.KNOWN_MODES), \
+        "some mode is not exercised"
     got = [(row["op"], row["provider"], row["mode"]) for row in table]
     assert sorted(got) == sorted(expected), f"rows: {got}"
     # peft is optional: without it, its rows must say so (and only they may fail).
@@ -50,17 +56,21 @@ def test_every_provider_and_mode_measured_and_saved_bytes_follow_the_contract(de
     for key, row in zip(got, table):
         p20, p50, p80 = (float(row[c]) for c in ("p20_ms", "p50_ms", "p80_ms"))
         assert 0 < p20 <= p50 <= p80, f"{key}: percentiles {p20}, {p50}, {p80}"
-        assert float(row["tflops"]) > 0 and float(row["gbps"]) > 0, f"{key}: {row}"
+        assert float(row["gbps"]) > 0, f"{key}: {row}"
+        assert (float(row["tflops"]) == 0) == (key[:2] in NO_FLOPS), f"{key}: {row}"
         case = CASES[row["op"]]
         assert tuple(row[c] for c in harness.SHAPE_COLUMNS) == tuple(
             "" if getattr(case, c) is None else str(getattr(case, c))
             for c in harness.SHAPE_COLUMNS), f"{key}: shape columns"
 
+    # The update runs without autograd: nothing is recorded, the column stays empty.
+    for key, row in zip(got, table):
+        assert (row["saved_mb"] == "") == (key[2] == harness.UPDATE), f"{key}: {row['saved_mb']!r}"
     saved = {(row["op"], row["provider"]): round(float(row["saved_mb"]) * harness.MB)
-             for row in table}
+             for row in table if row["saved_mb"]}
     M, K, r, size = CASE.M, CASE.K, CASE.r, 4
     h_bytes, x_bytes = M * r * size, M * K * size
-    for op in ("lamda", "lora", "hydra"):
+    for op in ("lamda", "lora", "hydra", "hdpissa"):
         assert saved[op, "floor"] == 0, f"{op}: the frozen base layer saved {saved[op, 'floor']} B"
     # LaMDA (W and A frozen): our op saves h1 and h2 (M x r each), never x (M x in) ...
     for provider in ("torch", "triton"):
@@ -87,9 +97,22 @@ def test_every_provider_and_mode_measured_and_saved_bytes_follow_the_contract(de
             f"{want} B"
     assert saved["hydra", "triton"] <= saved["hydra", "torch_eager"], saved
     assert saved["hydra", "triton"] < saved["hydra", "official"], saved
+    # HD-PiSSA (W frozen, A and B trainable): x for gA and h = x A^T (M x r) for gB; the cuBLAS
+    # alternative saves x alone (it recomputes h), the published scheme x and the out x in
+    # W + s (B A - B0 A0) it multiplies x by.
+    layer = CASES["hdpissa"]
+    x_bytes, h_bytes = layer.M * layer.K * size, layer.M * layer.r * size
+    for provider in ("torch", "triton", "torch_eager"):
+        assert saved["hdpissa", provider] == x_bytes + h_bytes, \
+            f"hdpissa/{provider} saved {saved['hdpissa', provider]} B, want x + h = " \
+            f"{x_bytes + h_bytes} B"
+    assert saved["hdpissa", "addmm"] == x_bytes, saved
+    assert saved["hdpissa", "official"] == x_bytes + layer.N * layer.K * size, saved
 
     assert (tmp_path / "summary.md").read_text() == summary
     for bench in benchmarks:
-        for mode in harness.MODES:
+        for mode in bench.modes:
             assert f"## {bench.name} {mode}" in summary, \
                 f"summary lacks the {bench.name} {mode} table"
+    assert "GB/s triton" in summary.split("## hdpissa_update update")[1], \
+        "the update table lacks its GB/s columns"
