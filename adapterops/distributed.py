@@ -21,12 +21,13 @@ This module is a method utility: it imports torch only, no module class (layers 
 import hashlib
 import math
 from collections.abc import Sequence
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["aggregate_lowrank_deltas", "check_consistency"]
+__all__ = ["aggregate_lowrank_deltas", "check_consistency", "raise_together", "world_and_rank"]
 
 # Integer dtype of each element size: checksums read a tensor's bytes as integers of the same
 # width, so they are exact for every floating dtype (bf16 and fp16 included) and never round.
@@ -83,7 +84,7 @@ def aggregate_lowrank_deltas(deltas, *, group=None, bucket_mb: float = 64.0) -> 
         raise TypeError(f"bucket_mb must be a number, got {type(bucket_mb).__name__}")
     if not (math.isfinite(bucket_mb) and bucket_mb > 0):
         raise ValueError(f"bucket_mb must be a positive finite number, got {bucket_mb!r}")
-    world, rank = _world_and_rank(group)
+    world, rank = world_and_rank(group)
     if world == 1:
         return [(a.detach().unsqueeze(0), b.detach().unsqueeze(0)) for a, b in layers]
 
@@ -153,7 +154,7 @@ def check_consistency(model: nn.Module, group=None) -> None:
             entries.append((f"{owner} {name}", tensor))
     if not entries:
         raise ValueError("check_consistency: no module exposes consistency_tensors()")
-    world, rank = _world_and_rank(group)
+    world, rank = world_and_rank(group)
     if world == 1:
         return
     device = entries[0][1].device
@@ -207,7 +208,34 @@ def _check_deltas(deltas) -> list[tuple[Tensor, Tensor]]:
     return layers
 
 
-def _world_and_rank(group) -> tuple[int, int]:
+def raise_together(problem: Optional[str], *, group=None, device=None,
+                   error: type = RuntimeError) -> None:
+    """Collective: raises `error` on EVERY rank when any rank passes a `problem` (None: all is
+    well).
+
+    An error found on one rank before a collective (a missing gradient, a mismatched setting)
+    would otherwise leave its peers waiting in that collective until the process group's
+    timeout, and then blaming a dead peer. Costs one all-reduce of one int64; on a problem, one
+    all_gather_object of the messages, so that every rank's error names each culprit rank.
+    `device`: where the flag lives (the CUDA device for NCCL; default CPU, for gloo).
+    """
+    world, rank = world_and_rank(group)
+    if world == 1:
+        if problem is not None:
+            raise error(problem)
+        return
+    flag = torch.tensor([int(problem is not None)], dtype=torch.int64, device=device)
+    _run_collective("the all-reduce of the ranks' error flags", rank, world, dist.all_reduce, flag,
+                    op=dist.ReduceOp.MAX, group=group)
+    if not flag.item():
+        return
+    messages = [None] * world
+    dist.all_gather_object(messages, problem, group=group)
+    raise error("; ".join(f"rank {k}: {m}" for k, m in enumerate(messages) if m is not None))
+
+
+def world_and_rank(group=None) -> tuple[int, int]:
+    """(world size, this process's rank) in `group`; (1, 0) without a process group."""
     if not (dist.is_available() and dist.is_initialized()):
         return 1, 0
     world, rank = dist.get_world_size(group), dist.get_rank(group)

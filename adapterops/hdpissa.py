@@ -27,18 +27,16 @@ This module builds `HDPiSSALinear` layers (`convert`), so it sits above `adapter
 in the layering: a user-facing utility, imported by nothing inside the package.
 """
 import contextlib
-import math
 import re
 from typing import Iterable, Optional
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
-from .distributed import aggregate_lowrank_deltas
+from .distributed import aggregate_lowrank_deltas, check_consistency, raise_together, world_and_rank
 from .modules.hdpissa import HDPiSSALinear
 from .ops import lowrank_update_
-from .pissa import hdpissa_factors
+from .pissa import check_rank_index, hdpissa_factors
 
 __all__ = ["init_factors", "convert", "HDPiSSAOptimizer", "HDPiSSALinear"]
 
@@ -48,18 +46,10 @@ def init_factors(weight: Tensor, rank: int, world_size: int, rank_index: int, *,
     """(A_k, B_k) in fp32 for rank k = `rank_index` of `world_size`: A_k = sqrt(Σ_sl) Vh_sl
     (r x in), B_k = U_sl sqrt(Σ_sl) (out x r), sl = [k r, (k+1) r) of the SVD of `weight`
     (`svd="lowrank"`: a randomised SVD with `niter` iterations, the same on every rank)."""
-    if isinstance(rank_index, bool) or not isinstance(rank_index, int) or not 0 <= rank_index < world_size:
-        raise ValueError(f"rank_index must be an int in [0, world_size) = [0, {world_size}), "
-                         f"got {rank_index!r}")
+    check_rank_index(rank_index, world_size)
     A_all, B_all = hdpissa_factors(weight, rank, world_size, svd, niter)
     rows = slice(rank_index * rank, (rank_index + 1) * rank)
     return A_all[rows].clone(), B_all[:, rows].clone()
-
-
-def _group_world_and_rank(group) -> Optional[tuple[int, int]]:
-    if not (dist.is_available() and dist.is_initialized()):
-        return None
-    return dist.get_world_size(group), dist.get_rank(group)
 
 
 def _matches(name: str, targets: Iterable[str]) -> bool:
@@ -74,24 +64,32 @@ def convert(model: nn.Module, rank: int, alpha: float, world_size: Optional[int]
     one of `target_modules`: the name itself, a dotted suffix of it, or a regular expression
     matching it whole) with an `HDPiSSALinear` for rank `rank_index` of `world_size`; both
     default to the initialised process group. Returns the model."""
-    group = _group_world_and_rank(None)
     if world_size is None or rank_index is None:
-        if group is None:
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             raise ValueError("convert: pass world_size and rank_index, or initialise a "
                              "torch.distributed process group first")
-        world_size = group[0] if world_size is None else world_size
-        rank_index = group[1] if rank_index is None else rank_index
+        group_world, group_rank = world_and_rank()
+        world_size = group_world if world_size is None else world_size
+        rank_index = group_rank if rank_index is None else rank_index
     targets = None if target_modules is None else [target_modules] if isinstance(target_modules, str) else list(target_modules)
-    replaced = []
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            qualified = f"{name}.{child_name}" if name else child_name
-            if type(child) is nn.Linear and (targets is None or _matches(qualified, targets)):
-                setattr(module, child_name, HDPiSSALinear.from_linear(
-                    child, rank, alpha, world_size, rank_index, svd=svd, niter=niter, backend=backend))
-                replaced.append(qualified)
-    if not replaced:
+    chosen = [(module, child_name, f"{name}.{child_name}" if name else child_name, child)
+              for name, module in model.named_modules()
+              for child_name, child in module.named_children()
+              if type(child) is nn.Linear and (targets is None or _matches(
+                  f"{name}.{child_name}" if name else child_name, targets))]
+    if not chosen:
         raise ValueError(f"convert: no nn.Linear in the model matches target_modules={targets}")
+    # Every layer is built before any is swapped in: a layer that cannot be converted (K r
+    # too large for it) leaves the model untouched, and the error names it.
+    replacements = []
+    for module, child_name, qualified, child in chosen:
+        try:
+            replacements.append((module, child_name, HDPiSSALinear.from_linear(
+                child, rank, alpha, world_size, rank_index, svd=svd, niter=niter, backend=backend)))
+        except ValueError as exc:
+            raise ValueError(f"convert: layer {qualified}: {exc}") from exc
+    for module, child_name, layer in replacements:
+        setattr(module, child_name, layer)
     return model
 
 
@@ -116,8 +114,11 @@ class HDPiSSAOptimizer(torch.optim.Optimizer):
         if not layers:
             raise ValueError("HDPiSSAOptimizer: the model has no HDPiSSALinear layer "
                              "(adapterops.hdpissa.convert replaces its nn.Linear layers)")
-        if not (isinstance(lr, (int, float)) and lr >= 0) or not 0 <= betas[0] < 1 or not 0 <= betas[1] < 1 or not eps > 0:
-            raise ValueError(f"invalid Adam settings lr={lr!r}, betas={betas!r}, eps={eps!r}")
+        finite = all(isinstance(v, (int, float)) and v == v and abs(v) != float("inf")
+                     for v in (lr, eps, *betas))
+        if not (finite and len(betas) == 2 and lr >= 0 and eps > 0 and 0 <= min(betas) and max(betas) < 1):
+            raise ValueError(f"invalid Adam settings lr={lr!r}, betas={betas!r}, eps={eps!r}: "
+                             "lr >= 0, 0 <= beta < 1 (two of them) and eps > 0, all finite")
         if not bucket_mb > 0:
             raise ValueError(f"bucket_mb must be > 0, got {bucket_mb!r}")
         names = {id(m): n for n, m in model.named_modules()}
@@ -125,18 +126,30 @@ class HDPiSSAOptimizer(torch.optim.Optimizer):
         if len(set(world_sizes.values())) > 1:
             raise ValueError(f"HDPiSSAOptimizer: the layers were converted with different world "
                              f"sizes: {world_sizes}")
+        for m in layers:
+            low_precision = m.weight.dtype in (torch.float16, torch.bfloat16)
+            if m.factor_A.dtype != torch.float32 or low_precision != (m.master_weight is not None):
+                raise ValueError(
+                    f"HDPiSSAOptimizer: layer {names[id(m)]} has a {m.weight.dtype} weight, "
+                    f"{m.factor_A.dtype} factors and {'a' if m.master_weight is not None else 'no'} "
+                    "fp32 master copy: the model was cast after adapterops.hdpissa.convert. Cast "
+                    "it first, then convert (the factors and the master copy of fp16/bf16 "
+                    "weights are fp32)")
         self.world_size = layers[0].world_size
         self.virtual_ranks = virtual_ranks
+        self._flag_device = layers[0].weight.device if layers[0].weight.is_cuda else None
         if not virtual_ranks:
-            group = _group_world_and_rank(process_group)
-            world, rank = group if group is not None else (1, 0)
-            for m in layers:
-                if m.world_size != world or m.rank_index != rank:
-                    raise ValueError(
-                        f"HDPiSSAOptimizer: layer {names[id(m)]} was built for rank "
-                        f"{m.rank_index} of {m.world_size}, but this process is rank {rank} of "
-                        f"{world} in the process group" + ("" if group is not None else
-                        " (none is initialised; pass virtual_ranks=True to simulate the ranks)"))
+            world, rank = world_and_rank(process_group)
+            wrong = [f"layer {names[id(m)]} was built for rank {m.rank_index} of {m.world_size}"
+                     for m in layers if (m.world_size, m.rank_index) != (world, rank)]
+            problem = None if not wrong else (
+                f"HDPiSSAOptimizer: {wrong[0]}, but this process is rank {rank} of {world} in "
+                "the process group" + ("" if world > 1 else " (pass virtual_ranks=True to "
+                                       "simulate the ranks in one process)"))
+            raise_together(problem, group=process_group, device=self._flag_device, error=ValueError)
+            if world > 1:
+                # Every rank must start from the same W: each applies every rank's steps to it.
+                check_consistency(model, process_group)
         self._layers = layers
         self._layer_names = [names[id(m)] for m in layers]
         self._group = process_group
@@ -163,38 +176,44 @@ class HDPiSSAOptimizer(torch.optim.Optimizer):
             m.set_rank_index(rank_index)
         try:
             yield
-        finally:
-            previous = self._virtual_grads.get(rank_index)
-            grads = [p.grad for p in params]
-            if previous is not None:  # a second block for the same rank accumulates
-                grads = [g if old is None else old if g is None else old + g
-                         for g, old in zip(grads, previous)]
-            self._virtual_grads[rank_index] = grads
-            for p in params:
+        except BaseException:
+            for p in params:  # a failed block leaves no partial gradients behind
                 p.grad = None
+            raise
+        previous = self._virtual_grads.get(rank_index)
+        grads = [p.grad for p in params]
+        if previous is not None:  # a second block for the same rank accumulates
+            grads = [g if old is None else old if g is None else old + g
+                     for g, old in zip(grads, previous)]
+        self._virtual_grads[rank_index] = grads
+        for p in params:
+            p.grad = None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
         self._virtual_grads.clear()
 
-    def _gradients(self, rank_index: int) -> list[Tensor]:
+    def _gradients(self, rank_index: int) -> tuple[list[Optional[Tensor]], Optional[str]]:
+        """(the factors' gradients of one rank, None or what is missing)."""
         params = self.param_groups[0]["params"]
         grads = (self._virtual_grads.get(rank_index, [None] * len(params)) if self.virtual_ranks
                  else [p.grad for p in params])
-        for i, g in enumerate(grads):
-            if g is None:
-                name = f"{self._layer_names[i // 2]}.{('lora_A', 'lora_B')[i % 2]}"
-                where = f" of virtual rank {rank_index}" if self.virtual_ranks else ""
-                raise RuntimeError(f"HDPiSSAOptimizer.step(): no gradient for {name}{where}; "
-                                   "run backward (inside virtual_rank(k) for every k) before step()")
-        return grads
+        missing = [f"{self._layer_names[i // 2]}.{('lora_A', 'lora_B')[i % 2]}"
+                   for i, g in enumerate(grads) if g is None]
+        if not missing:
+            return grads, None
+        if self.virtual_ranks:
+            return grads, (f"HDPiSSAOptimizer.step(): no gradient for {missing[0]} of virtual rank "
+                           f"{rank_index}; run backward inside virtual_rank(k) for every k first")
+        return grads, f"HDPiSSAOptimizer.step(): no gradient for {missing[0]}; run backward first"
 
-    def _adam_steps(self, rank_index: int, slot: int) -> list[Tensor]:
-        """δ of every factor for one rank, updating its moments (slot `slot` of the state)."""
+    def _adam_steps(self, grads: list[Tensor], slot: int) -> list[Tensor]:
+        """δ of every factor for one rank from its gradients, updating its moments (slot
+        `slot` of the state)."""
         group = self.param_groups[0]
         lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
         steps = []
-        for p, g in zip(group["params"], self._gradients(rank_index)):
+        for p, g in zip(group["params"], grads):
             state = self.state[p]
             if not state:
                 slots = len(self._ranks_here())
@@ -218,8 +237,16 @@ class HDPiSSAOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        ranks = self._ranks_here()
-        per_rank = [self._adam_steps(k, slot) for slot, k in enumerate(ranks)]
+        # Every rank's gradients are checked before any state changes, and a problem on one
+        # process raises on all of them (not a hang in the exchange).
+        checked = [self._gradients(k) for k in self._ranks_here()]
+        problem = next((p for _, p in checked if p is not None), None)
+        if self.virtual_ranks:
+            if problem is not None:
+                raise RuntimeError(problem)
+        else:
+            raise_together(problem, group=self._group, device=self._flag_device)
+        per_rank = [self._adam_steps(grads, slot) for slot, (grads, _) in enumerate(checked)]
         if self.virtual_ranks:
             gathered = [(torch.stack([steps[2 * i] for steps in per_rank]),
                          torch.stack([steps[2 * i + 1] for steps in per_rank]))
@@ -244,13 +271,29 @@ class HDPiSSAOptimizer(torch.optim.Optimizer):
         P = torch.stack([delta_B, B], 1).permute(2, 0, 1, 3).reshape(layer.out_features, 2 * K * r)
         Q = torch.stack([A - delta_A, delta_A], 1).reshape(2 * K * r, layer.in_features)
         target, copy = layer.update_target()
-        # fp32 factors and steps; a float64 weight takes the update in float64.
+        # The factors and steps are fp32 (so is the update's precision); the product is added
+        # into the weight in its own dtype (a float64 model's W stays float64).
         P, Q = P.to(target.dtype, memory_format=torch.contiguous_format), Q.to(target.dtype)
         lowrank_update_(target, P, Q, -layer.scaling, copy=copy, backend=layer.backend)
 
+    def _layout(self) -> dict:
+        return {"world_size": self.world_size, "ranks": self._ranks_here(),
+                "virtual_ranks": self.virtual_ranks}
+
+    def state_dict(self) -> dict:
+        """torch's optimizer state plus which ranks it holds (`hdpissa`), checked on load."""
+        return {**super().state_dict(), "hdpissa": self._layout()}
+
     def load_state_dict(self, state_dict: dict) -> None:
-        """torch's loader casts floating state to each parameter's dtype; the moments stay
-        fp32 here whatever the factors' dtype, so they are restored as saved."""
+        """Loads a state saved by an optimizer holding the same ranks (ValueError otherwise:
+        rank 0's moments on rank 1 would train with the wrong history). torch's loader casts
+        floating state to each parameter's dtype; the moments stay fp32 here whatever the
+        factors' dtype, so they are restored as saved."""
+        saved = state_dict.get("hdpissa")
+        if saved != self._layout():
+            raise ValueError(f"HDPiSSAOptimizer.load_state_dict: the state was saved for {saved}, "
+                             f"this optimizer holds {self._layout()}")
+        state_dict = {k: v for k, v in state_dict.items() if k != "hdpissa"}
         super().load_state_dict(state_dict)
         params = self.param_groups[0]["params"]
         for index, saved in state_dict["state"].items():

@@ -59,6 +59,26 @@ def to_lora(lora_A: Tensor, lora_B: Tensor, initial_A: Tensor, initial_B: Tensor
 SVD_METHODS = ("full", "lowrank")
 
 
+def check_rank_index(rank_index, world_size: int) -> None:
+    if isinstance(rank_index, bool) or not isinstance(rank_index, int) or not 0 <= rank_index < world_size:
+        raise ValueError(f"rank_index must be an int in [0, world_size) = [0, {world_size}), "
+                         f"got {rank_index!r}")
+
+
+def check_factor_args(rank, world_size, weight_shape: tuple, svd, niter) -> None:
+    """ValueError unless rank, world_size and niter are positive ints, svd is known and the K r
+    factors fit in a weight of `weight_shape` (out, in)."""
+    if svd not in SVD_METHODS:
+        raise ValueError(f"svd must be one of {', '.join(SVD_METHODS)}, got {svd!r}")
+    for name, value in (("rank", rank), ("world_size", world_size), ("niter", niter)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if world_size * rank > min(weight_shape):
+        raise ValueError(f"HD-PiSSA needs world_size * rank <= min(in_features, out_features): "
+                         f"{world_size} * {rank} = {world_size * rank} > {min(weight_shape)} "
+                         f"for a weight of shape {weight_shape}")
+
+
 def hdpissa_factors(weight: Tensor, rank: int, world_size: int, svd: str = "full",
                     niter: int = 8) -> tuple[Tensor, Tensor]:
     """Every rank's HD-PiSSA factors (methods.md §4), fp32, from one SVD of `weight` (the
@@ -70,26 +90,30 @@ def hdpissa_factors(weight: Tensor, rank: int, world_size: int, svd: str = "full
     Returns (A_all, B_all) = ([A_0; ...; A_{K-1}] (K r x in), [B_0 | ... | B_{K-1}] (out x K r)).
     Every rank needs all of them: the W update is a sum over all ranks' factors.
 
-    svd="lowrank" uses `torch.svd_lowrank` (q = K r, `niter` subspace iterations) for large
-    matrices; it draws from its own generator seeded with 0, so every rank computes the same
-    factors (on the same kind of device).
+    svd="lowrank" is a randomised SVD for large matrices (`_randomized_svd`, `niter` subspace
+    iterations), drawn from its own generator seeded with 0: every rank computes the same
+    factors (on the same kind of device), and torch's global generators are left alone.
     """
-    if svd not in SVD_METHODS:
-        raise ValueError(f"svd must be one of {', '.join(SVD_METHODS)}, got {svd!r}")
-    for name, value in (("rank", rank), ("world_size", world_size), ("niter", niter)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    check_factor_args(rank, world_size, tuple(weight.shape), svd, niter)
     total = world_size * rank
-    if total > min(weight.shape):
-        raise ValueError(f"HD-PiSSA needs world_size * rank <= min(in_features, out_features): "
-                         f"{world_size} * {rank} = {total} > {min(weight.shape)} for a weight of "
-                         f"shape {tuple(weight.shape)}")
     if svd == "full":
         U, sigma, Vh = top_singular_triplets(weight, total)
     else:
-        devices = [weight.device] if weight.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(0)
-            U, sigma, Vh = top_singular_triplets(weight, total, niter)
+        U, sigma, Vh = _randomized_svd(weight.detach().to(factor_dtype(weight)), total, niter)
     root = sigma.clamp_min(0).sqrt()
     return (root[:, None] * Vh).float(), (U * root[None, :]).float()
+
+
+def _randomized_svd(w: Tensor, q: int, niter: int, oversample: int = 8):
+    """Top-q (U, Σ, Vh) of w by randomised subspace iteration (Halko, Martinsson and Tropp,
+    Algorithm 4.4), from a CPU generator seeded with 0: deterministic, and unlike
+    `torch.svd_lowrank` it draws nothing from torch's global generators (which every rank
+    would otherwise have to keep in step, and which the caller's training uses)."""
+    generator = torch.Generator().manual_seed(0)
+    width = min(q + oversample, *w.shape)
+    sketch = torch.randn(w.shape[1], width, generator=generator, dtype=w.dtype).to(w.device)
+    basis = torch.linalg.qr(w @ sketch).Q
+    for _ in range(niter):
+        basis = torch.linalg.qr(w @ torch.linalg.qr(w.t() @ basis).Q).Q
+    U_small, sigma, Vh = torch.linalg.svd(basis.t() @ w, full_matrices=False)
+    return (basis @ U_small)[:, :q], sigma[:q], Vh[:q]

@@ -6,8 +6,11 @@ Every step, with K ranks' fixed factors (A_k, B_k) and Adam steps (δA_k, δB_k)
     P = [δB_1 | B_1 | ... | δB_K | B_K]            (out x 2 K r)
     Q = [A_1 - δA_1; δA_1; ... ; A_K - δA_K; δA_K]  (2 K r x in)
 
-one GEMM of inner size 2 K r added into W in place: one read and one write of W, which makes
-it memory-bound (2 K r = 256 is 8 FLOPs per byte of an fp32 W). With a low-precision model
+one GEMM of inner size 2 K r added into W in place: one read and one write of W. Its
+arithmetic intensity is K r / 2 FLOPs per byte of an fp32 W (64 at 2 K r = 256): memory-bound
+on tensor cores (TF32), but more than an H100's fp32 FMAs keep up with, so in full fp32
+precision (torch's default "highest") the update is compute-bound for large K r. The P and Q
+chunks are re-read from L2 for every W tile. With a low-precision model
 weight, the update runs on the fp32 master copy and writes the rounded result into the
 model's weight in the same pass (no second pass over W).
 

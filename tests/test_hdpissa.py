@@ -9,7 +9,7 @@ the optimizer is compared with an fp32 tolerance.
 """
 import copy
 import dataclasses
-import math
+import datetime
 
 import pytest
 import torch
@@ -130,6 +130,58 @@ def test_layer_memory_contract(backend, device):
     assert saved_shapes((True, False)) == [(M, K)]
 
 
+def test_no_h_without_a_gradient_for_lora_B(monkeypatch):
+    """h = x A^T costs a read of x and only gB uses it: not computed in eval or for a frozen B."""
+    from adapterops.backends.triton import lowrank
+    calls = []
+    shrink = lowrank.shrink
+    monkeypatch.setattr(lowrank, "shrink", lambda *a: calls.append(1) or shrink(*a))
+    layer = HDPiSSALinear(24, 20, 2, 4.0, world_size=2, rank_index=0, backend="triton")
+    x = torch.randn(5, 24)
+    with torch.no_grad():
+        layer(x)
+    layer.lora_B.requires_grad_(False)
+    layer(x).sum().backward()
+    assert not calls and layer.lora_A.grad is not None
+    layer.lora_B.requires_grad_(True)
+    layer(x)
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_opcheck(backend, device):
+    g = torch.Generator().manual_seed(13)
+    x, W, b = torch.randn(19, 24, generator=g), torch.randn(20, 24, generator=g), torch.randn(20, generator=g)
+    A, B = torch.randn(4, 24, generator=g), torch.randn(20, 4, generator=g)
+    x, W, b, A, B = (t.to(device) for t in (x, W, b, A, B))
+    for t in (x, A, B):
+        t.requires_grad_()
+    torch.library.opcheck(torch.ops.adapterops.hdpissa_linear_fwd.default,
+                          (x, W, b, A, B, 0.5, True, backend))
+    with torch.no_grad():
+        _, h = torch.ops.adapterops.hdpissa_linear_fwd(x, W, b, A, B, 0.5, True, "torch")
+    grad_y = torch.randn(19, 20, device=device)
+    for needs in ((True, True, True), (False, False, True), (True, True, False)):
+        torch.library.opcheck(torch.ops.adapterops.hdpissa_linear_bwd.default,
+                              (grad_y, x.detach(), h, W, A.detach(), B.detach(), 0.5, *needs, backend))
+    P, Q = torch.randn(20, 6, device=device), torch.randn(6, 24, device=device)
+    for copy_ in (None, torch.empty(20, 24, dtype=torch.bfloat16, device=device)):
+        torch.library.opcheck(torch.ops.adapterops.lowrank_update_.default,
+                              (W.clone(), P, Q, -0.5, copy_, backend))
+
+
+def test_torch_compile_fullgraph_matches_eager(device):
+    torch._dynamo.reset()
+    model = convert(_net(), 2, 4.0, world_size=2, rank_index=1).to(device)
+    x = torch.randn(6, 12, device=device, requires_grad=True)
+    eager = torch.autograd.grad(model(x).square().sum(), [x] + [p for p in model.parameters() if p.requires_grad])
+    compiled = torch.compile(model, fullgraph=True)
+    got = torch.autograd.grad(compiled(x).square().sum(), [x] + [p for p in model.parameters() if p.requires_grad])
+    for i, (a, e) in enumerate(zip(got, eager)):
+        bound = 16 * torch.finfo(torch.float32).eps * e.abs().max().item()
+        assert (a - e).abs().max().item() <= bound, f"gradient {i}: compiled differs from eager"
+
+
 BAD_LAYER = [
     (dict(lora_B=torch.randn(20, 5)), ValueError, r"lora_B has shape \(20, 5\).*rank.*4"),
     (dict(lora_B=torch.randn(21, 4)), ValueError, r"lora_B has shape \(21, 4\).*out_features.*20"),
@@ -216,8 +268,10 @@ def test_lowrank_svd_factors_are_close_and_identical_on_every_call():
     W = (U[:, :48] * (0.7 ** torch.arange(48.0, dtype=torch.float64))) @ V.t()
     exact = init_factors(W, 2, 3, 1)
     first = init_factors(W, 2, 3, 1, svd="lowrank", niter=4)
-    torch.manual_seed(123)  # the caller's generator does not matter
+    torch.manual_seed(123)  # the caller's generator does not matter, and is left alone
+    state = torch.get_rng_state()
     second = init_factors(W, 2, 3, 1, svd="lowrank", niter=4)
+    assert torch.equal(torch.get_rng_state(), state), "the lowrank SVD drew from torch's generator"
     assert all(torch.equal(a, b) for a, b in zip(first, second)), "lowrank factors are not repeatable"
     torch.testing.assert_close(first[1].double() @ first[0].double(),
                                exact[1].double() @ exact[0].double(), rtol=0, atol=1e-4)
@@ -262,6 +316,18 @@ def _net(dtype=torch.float32):
                          nn.Sequential(nn.Linear(10, 9), nn.Tanh()), nn.Linear(9, 8)).to(dtype)
 
 
+def test_a_state_dict_from_another_rank_keeps_this_ranks_slice():
+    """Data-parallel trainers save on rank 0 and load everywhere: rank 1 must go on training
+    its own slice, not rank 0's."""
+    linear = nn.Linear(40, 24)
+    rank0 = HDPiSSALinear.from_linear(linear, 3, 6.0, world_size=2, rank_index=0)
+    rank1 = HDPiSSALinear.from_linear(nn.Linear(40, 24), 3, 6.0, world_size=2, rank_index=1)
+    rank1.load_state_dict(rank0.state_dict())
+    A, B = init_factors(linear.weight, 3, 2, 1)
+    assert torch.equal(rank1.lora_A, A) and torch.equal(rank1.lora_B, B)
+    assert torch.equal(rank1.weight, rank0.weight)
+
+
 def test_convert_all_or_targets():
     model = convert(_net(), 2, 4.0, world_size=3, rank_index=1)
     assert [type(m).__name__ for m in (model[0], model[2][0], model[3])] == ["HDPiSSALinear"] * 3
@@ -271,6 +337,11 @@ def test_convert_all_or_targets():
         convert(_net(), 2, 4.0, world_size=3, rank_index=1, target_modules=["q_proj"])
     with pytest.raises(ValueError, match="pass world_size and rank_index"):
         convert(_net(), 2, 4.0)
+    # One layer too small for K r: the error names it and no layer is replaced.
+    model = _net()
+    with pytest.raises(ValueError, match=r"layer 3: HD-PiSSA needs world_size \* rank .*3 \* 3 = 9 > 8"):
+        convert(model, 3, 4.0, world_size=3, rank_index=0)
+    assert not any(isinstance(m, HDPiSSALinear) for m in model.modules())
 
 
 # 5. The optimizer, virtual ranks.
@@ -389,6 +460,41 @@ def test_lr_scheduler_and_resume_reproduce_an_uninterrupted_run(tmp_path):
         assert torch.equal(a, b), f"{name} differs after resuming"
 
 
+def test_bf16_model_trains_its_fp32_master():
+    """The update goes to the fp32 master; the bf16 weight is its rounding. Steps far below a
+    bf16 ulp of W still move the master (they would round away in bf16)."""
+    K = 2
+    xs, targets = _shards(K)
+    model = convert(_net(torch.bfloat16), 2, 4.0, world_size=K, rank_index=0)
+    layers = [m for m in model.modules() if isinstance(m, HDPiSSALinear)]
+    masters0 = [m.master_weight.clone() for m in layers]
+    weights0 = [m.weight.detach().clone() for m in layers]
+    _train_virtual(model, [x.bfloat16() for x in xs], [t.bfloat16() for t in targets], 1e-4, 2)
+    for m, master0, weight0 in zip(layers, masters0, weights0):
+        assert torch.equal(m.weight, m.master_weight.to(torch.bfloat16))
+        moved = m.master_weight != master0
+        assert moved.any(), "the master did not move"
+        assert (moved & (m.weight == weight0)).any(), "no sub-ulp step was kept by the master"
+
+
+def test_a_failed_step_changes_no_state():
+    xs, targets = _shards(2)
+    model = convert(_net(), 2, 4.0, world_size=2, rank_index=0)
+    opt = HDPiSSAOptimizer(model, lr=1e-2, virtual_ranks=True)
+    weights = copy.deepcopy(model.state_dict())
+    with opt.virtual_rank(0):
+        F.mse_loss(model(xs[0]), targets[0]).backward()
+    with pytest.raises(RuntimeError, match=r"no gradient for 0.lora_A of virtual rank 1"):
+        opt.step()  # rank 1 never ran backward
+    assert not opt.state, "a failed step started Adam state"
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items() if "lora" not in k)
+    with pytest.raises(ZeroDivisionError):
+        with opt.virtual_rank(1):
+            F.mse_loss(model(xs[1]), targets[1]).backward()
+            1 / 0
+    assert 1 not in opt._virtual_grads, "a failed virtual_rank block kept its gradients"
+
+
 def test_optimizer_faults():
     xs, targets = _shards(2)
     model = convert(_net(), 2, 4.0, world_size=2, rank_index=0)
@@ -406,13 +512,23 @@ def test_optimizer_faults():
         HDPiSSAOptimizer(model, lr=1e-2)  # no process group, not virtual
     with pytest.raises(ValueError, match="no HDPiSSALinear layer"):
         HDPiSSAOptimizer(_net(), lr=1e-2)
+    with pytest.raises(ValueError, match="the model was cast after adapterops.hdpissa.convert"):
+        HDPiSSAOptimizer(convert(_net(), 2, 4.0, world_size=2, rank_index=0).bfloat16(), lr=1e-2,
+                         virtual_ranks=True)
+    for bad in (dict(lr=float("inf")), dict(betas=(0.9,)), dict(eps=0.0), dict(betas=(0.9, 1.0))):
+        with pytest.raises(ValueError, match="invalid Adam settings"):
+            HDPiSSAOptimizer(model, **{"lr": 1e-2, **bad}, virtual_ranks=True)
+    other = HDPiSSAOptimizer(convert(_net(), 2, 4.0, world_size=3, rank_index=0), lr=1e-2,
+                             virtual_ranks=True)
+    with pytest.raises(ValueError, match="the state was saved for"):
+        other.load_state_dict(opt.state_dict())
 
 
 # 6. Real ranks: gloo processes.
 
 def _gloo_worker(rank, world, init_file, steps, results):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=__import__("datetime").timedelta(seconds=30))
+                            timeout=datetime.timedelta(seconds=30))
     try:
         xs, targets = _shards(world)
         model = convert(_net(), 2, 4.0)  # world size and rank from the process group
@@ -442,6 +558,40 @@ def _gloo_worker(rank, world, init_file, steps, results):
                                      if isinstance(m, HDPiSSALinear)], "handed": list(handed)}
     finally:
         dist.destroy_process_group()
+
+
+def _gloo_fault_worker(rank, world, init_file, results):
+    """Faults found on ONE rank: every rank must raise the same clear error, none may hang."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=20))
+    try:
+        errors = []
+        xs, targets = _shards(world)
+        model = convert(_net(), 2, 4.0)
+        opt = HDPiSSAOptimizer(model, lr=1e-2)
+        if rank != 1:  # rank 1 forgets its backward
+            F.mse_loss(model(xs[rank]), targets[rank]).backward()
+        try:
+            opt.step()
+        except RuntimeError as exc:
+            errors.append(str(exc))
+        wrong = convert(_net(), 2, 4.0, world_size=world, rank_index=0 if rank == 1 else rank)
+        try:
+            HDPiSSAOptimizer(wrong, lr=1e-2)  # rank 1 built its layers for rank 0
+        except ValueError as exc:
+            errors.append(str(exc))
+        results[rank] = errors
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gloo_a_fault_on_one_rank_raises_on_every_rank(tmp_path):
+    results = mp.Manager().dict()
+    mp.spawn(_gloo_fault_worker, args=(2, str(tmp_path / "init"), results), nprocs=2, join=True)
+    for rank in range(2):
+        step_error, setup_error = results[rank]
+        assert "rank 1: HDPiSSAOptimizer.step(): no gradient for 0.lora_A" in step_error, step_error
+        assert "rank 1: HDPiSSAOptimizer: layer 0 was built for rank 0 of 2, but this process is rank 1" in setup_error, setup_error
 
 
 @pytest.mark.parametrize("world", [2, 3])

@@ -127,9 +127,11 @@ def routed_backward(grad_y: Tensor, grad_probs: Tensor, x: Optional[Tensor], h: 
     return dx, dA, dB, dWg
 
 
-def hdpissa_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor):
-    """(y, h): the base layer's output (the adapter adds nothing) and h = x A^T for gB."""
-    return F.linear(x, weight, bias), F.linear(x, lora_A)
+def hdpissa_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
+                    need_h: bool):
+    """(y, h): the base layer's output (the adapter adds nothing) and h = x A^T for gB (an
+    empty tensor unless need_h)."""
+    return F.linear(x, weight, bias), (F.linear(x, lora_A) if need_h else x.new_empty(0))
 
 
 def hdpissa_backward(grad_y: Tensor, x: Optional[Tensor], h: Optional[Tensor], weight: Tensor,

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .. import dispatch
 from ..ops import hdpissa_linear
-from ..pissa import SVD_METHODS, hdpissa_factors
+from ..pissa import check_factor_args, check_rank_index, hdpissa_factors
 from .common import check_layer_args, check_linear, copy_base, frozen_base
 
 
@@ -42,15 +42,8 @@ class HDPiSSALinear(nn.Module):
         super().__init__()
         check_layer_args(in_features=in_features, out_features=out_features, rank=rank,
                          world_size=world_size, alpha=alpha, dropout=0.0)
-        if isinstance(rank_index, bool) or not isinstance(rank_index, int) or not 0 <= rank_index < world_size:
-            raise ValueError(f"rank_index must be an int in [0, world_size) = [0, {world_size}), "
-                             f"got {rank_index!r}")
-        if world_size * rank > min(in_features, out_features):
-            raise ValueError(f"HD-PiSSA needs world_size * rank <= min(in_features, out_features): "
-                             f"{world_size} * {rank} = {world_size * rank} > "
-                             f"{min(in_features, out_features)}")
-        if svd not in SVD_METHODS:
-            raise ValueError(f"svd must be one of {', '.join(SVD_METHODS)}, got {svd!r}")
+        check_rank_index(rank_index, world_size)
+        check_factor_args(rank, world_size, (out_features, in_features), svd, niter)
         dispatch.check_backend_name(backend)
         self.in_features, self.out_features, self.rank, self.alpha = in_features, out_features, rank, alpha
         self.world_size, self.rank_index, self.svd, self.niter = world_size, rank_index, svd, niter
@@ -67,6 +60,11 @@ class HDPiSSALinear(nn.Module):
         self.register_buffer("master_weight", torch.empty(out_features, in_features, **fp32)
                              if low_precision else None)
         self.reset_factors()
+        # lora_A and lora_B are this rank's slice of the factors. A state_dict saved on another
+        # rank (rank 0's, loaded everywhere as data-parallel trainers do) holds that rank's
+        # slice: after any load, take this rank's slice from the loaded factors again.
+        self.register_load_state_dict_post_hook(
+            lambda module, _: module.set_rank_index(module.rank_index))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, rank: int, alpha: float, world_size: int,
@@ -96,8 +94,7 @@ class HDPiSSALinear(nn.Module):
     def set_rank_index(self, rank_index: int) -> None:
         """Makes lora_A and lora_B hold rank `rank_index`'s factors (virtual ranks switch the
         rank a process computes for)."""
-        if not 0 <= rank_index < self.world_size:
-            raise ValueError(f"rank_index must be in [0, {self.world_size}), got {rank_index}")
+        check_rank_index(rank_index, self.world_size)
         rows = slice(rank_index * self.rank, (rank_index + 1) * self.rank)
         self.lora_A.copy_(self.factor_A[rows])
         self.lora_B.copy_(self.factor_B[:, rows])

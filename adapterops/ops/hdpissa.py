@@ -10,7 +10,8 @@ gradients of the LoRA form B_k A_k at its current value:
 
 with x (..., in), weight W (out, in), lora_A A (r, in), lora_B B (out, r), s = scaling; fp32,
 fp16 or bf16. No out x in matrix is ever formed. Memory contract: backward keeps x (for gA)
-and h = x A^T (M x r, for gB), each only when that gradient is asked for.
+and h = x A^T (M x r, for gB), each only when that gradient is asked for; without a gradient
+for lora_B the forward does not compute h at all.
 
 `lowrank_update_`: W += scale P Q in place, with W (out x in) and P (out x R), Q (R x in) of
 one dtype, optionally writing the result rounded into `copy` (the model's low-precision weight
@@ -38,16 +39,18 @@ def _serving_backend(backend, x, weight, lora_A):
 
 @torch.library.custom_op("adapterops::hdpissa_linear_fwd", mutates_args=())
 def hdpissa_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
-                       lora_B: Tensor, scaling: float, backend: Optional[str]
+                       lora_B: Tensor, scaling: float, need_h: bool, backend: Optional[str]
                        ) -> tuple[Tensor, Tensor]:
-    """(y, h) for 2-D x: the base layer's output and h = x A^T."""
+    """(y, h) for 2-D x: the base layer's output and h = x A^T (empty unless need_h: only gB
+    needs it, and computing it costs a read of x)."""
     chosen = _serving_backend(backend, x, weight, lora_A)
-    return chosen.hdpissa_forward(x, weight, bias, lora_A)
+    return chosen.hdpissa_forward(x, weight, bias, lora_A, need_h)
 
 
 @hdpissa_linear_fwd.register_fake
-def _(x, weight, bias, lora_A, lora_B, scaling, backend):
-    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], lora_A.shape[0]))
+def _(x, weight, bias, lora_A, lora_B, scaling, need_h, backend):
+    return (x.new_empty((x.shape[0], weight.shape[0])),
+            x.new_empty((x.shape[0], lora_A.shape[0]) if need_h else 0))
 
 
 @torch.library.custom_op("adapterops::hdpissa_linear_bwd", mutates_args=())
@@ -72,7 +75,7 @@ def _(grad_y, x, h, weight, lora_A, lora_B, scaling, need_x, need_A, need_B, bac
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, scaling, backend = inputs
+    x, weight, bias, lora_A, lora_B, scaling, _need_h, backend = inputs
     _, h = output
     need_x, need_W, need_bias, need_A, need_B = (ctx.needs_input_grad[i] for i in range(5))
     ctx.flags = (need_x, need_W, need_bias, need_A, need_B)
@@ -94,7 +97,7 @@ def _backward(ctx, grad_y, _grad_h):
         dW = grad_y.t().mm(x)
     if need_bias:
         dbias = grad_y.sum(0)
-    return dx, dW, dbias, gA, gB, None, None
+    return dx, dW, dbias, gA, gB, None, None, None
 
 
 hdpissa_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -118,8 +121,9 @@ def hdpissa_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Te
     scaling = check_hdpissa_args(x, weight, bias, lora_A, lora_B, scaling)
     dispatch.check_backend_name(backend)
     leading = x.shape[:-1]
+    need_h = torch.is_grad_enabled() and lora_B.requires_grad  # gB is the only user of h
     y, _ = hdpissa_linear_fwd(x.reshape(math.prod(leading), x.shape[-1]), weight, bias, lora_A,
-                              lora_B, scaling, backend)
+                              lora_B, scaling, need_h, backend)
     return y.reshape(*leading, weight.shape[0])
 
 

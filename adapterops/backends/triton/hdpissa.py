@@ -45,9 +45,9 @@ def update_reasons(weight: Tensor, **_) -> list[str]:
 
 
 @device_guard
-def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor):
-    """(y, h) for 2-D x: y = x W^T + bias, h = x A^T."""
-    h, _ = lowrank.shrink(x, lora_A, None)
+def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, need_h: bool):
+    """(y, h) for 2-D x: y = x W^T + bias, h = x A^T (empty unless need_h)."""
+    h = lowrank.shrink(x, lora_A, None)[0] if need_h else x.new_empty(0)
     return F.linear(x, weight, bias), h
 
 
