@@ -1,5 +1,6 @@
 """What the ops share at the Python boundary: argument checks (they run before any kernel and
-name the argument and the sizes in the error) and the autocast cast."""
+name the argument and the sizes in the error), the autocast cast, and the base layer's own
+gradients."""
 from typing import Optional
 
 import torch
@@ -89,3 +90,9 @@ def check_scaling(scaling, name: str = "scaling") -> float:
     if scaling != scaling or scaling in (float("inf"), float("-inf")):
         raise ValueError(f"{name} must be finite, got {scaling}")
     return scaling
+
+
+def base_layer_grads(grad_y: Tensor, x: Optional[Tensor], need_weight: bool, need_bias: bool):
+    """(dW, dbias) of the frozen base layer y = x W^T + bias, for a user who trains it too:
+    dW = dY^T x and dbias = Σ_tokens dY (plain GEMM and sum), None where not asked for."""
+    return (grad_y.t().mm(x) if need_weight else None, grad_y.sum(0) if need_bias else None)

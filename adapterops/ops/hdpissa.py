@@ -29,8 +29,8 @@ import torch
 from torch import Tensor
 
 from .. import dispatch
-from .checks import (cast_for_autocast, check_base_and_A, check_dim, check_same_dtype_and_device,
-                     check_scaling, check_tensor)
+from .checks import (base_layer_grads, cast_for_autocast, check_base_and_A, check_dim,
+                     check_same_dtype_and_device, check_scaling, check_tensor)
 
 
 def _serving_backend(backend, x, weight, lora_A):
@@ -88,15 +88,12 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_y, _grad_h):
     need_x, need_W, need_bias, need_A, need_B = ctx.flags
     x, h, weight, lora_A, lora_B = ctx.saved_tensors
-    dx = gA = gB = dW = dbias = None
+    dx = gA = gB = None
     if need_x or need_A or need_B:
         dx, gA, gB = hdpissa_linear_bwd(grad_y, x, h, weight, lora_A, lora_B, ctx.scaling,
                                         need_x, need_A, need_B, ctx.backend)
         dx, gA, gB = (g if need else None for g, need in zip((dx, gA, gB), (need_x, need_A, need_B)))
-    if need_W:
-        dW = grad_y.t().mm(x)
-    if need_bias:
-        dbias = grad_y.sum(0)
+    dW, dbias = base_layer_grads(grad_y, x, need_W, need_bias)
     return dx, dW, dbias, gA, gB, None, None, None
 
 

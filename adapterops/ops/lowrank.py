@@ -30,7 +30,8 @@ import torch
 from torch import Tensor
 
 from .. import dispatch
-from .checks import cast_for_autocast, check_base_and_A, check_dim, check_scaling, check_tensor
+from .checks import (base_layer_grads, cast_for_autocast, check_base_and_A, check_dim,
+                     check_scaling, check_tensor)
 
 
 def _serving_backend(backend, x, weight, lora_A):
@@ -98,18 +99,14 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_y, _grad_h1, _grad_h2):
     need_x, need_W, need_bias, need_A, need_B, need_S = ctx.flags
     x, h1, h2, weight, lora_A, lora_B, lora_S = ctx.saved_tensors
-    dx = dA = dB = dS = dW = dbias = None
+    dx = dA = dB = dS = None
     if need_x or need_A or need_B or need_S:
         dx, dA, dB, dS = lowrank_linear_bwd(grad_y, x, h1, h2, weight, lora_A, lora_B, lora_S,
                                             ctx.scaling, need_x, need_A, need_B, need_S,
                                             ctx.backend)
         dx, dA, dB, dS = (g if need else None
                           for g, need in zip((dx, dA, dB, dS), (need_x, need_A, need_B, need_S)))
-    # The frozen base layer's own gradients, when a user trains it too: plain GEMMs.
-    if need_W:
-        dW = grad_y.t().mm(x)
-    if need_bias:
-        dbias = grad_y.sum(0)
+    dW, dbias = base_layer_grads(grad_y, x, need_W, need_bias)
     return dx, dW, dbias, dA, dB, dS, None, None
 
 

@@ -41,8 +41,8 @@ import torch
 from torch import Tensor
 
 from .. import dispatch
-from .checks import (cast_for_autocast, check_base_and_A, check_dim, check_scaling, check_tensor,
-                     check_top_k)
+from .checks import (base_layer_grads, cast_for_autocast, check_base_and_A, check_dim,
+                     check_scaling, check_tensor, check_top_k)
 
 
 def _serving_backend(backend, x, weight, lora_A, lora_B):
@@ -129,18 +129,14 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_y, _grad_h, _grad_hg, grad_probs, _grad_gates):
     need_x, need_W, need_bias, need_A, need_B, need_router = ctx.flags
     x, h, hg, probs, gates, weight, lora_A, lora_B, router_weight = ctx.saved_tensors
-    dx = dA = dB = dWg = dW = dbias = None
+    dx = dA = dB = dWg = None
     if need_x or need_A or need_B or need_router:
         dx, dA, dB, dWg = routed_lowrank_linear_bwd(
             grad_y, grad_probs, x, h, hg, probs, gates, weight, lora_A, lora_B, router_weight,
             ctx.scaling, need_x, need_A, need_B, need_router, ctx.backend)
         dx, dA, dB, dWg = (g if need else None for g, need in
                            zip((dx, dA, dB, dWg), (need_x, need_A, need_B, need_router)))
-    # The frozen base layer's own gradients, when a user trains it too: plain GEMMs.
-    if need_W:
-        dW = grad_y.t().mm(x)
-    if need_bias:
-        dbias = grad_y.sum(0)
+    dW, dbias = base_layer_grads(grad_y, x, need_W, need_bias)
     return dx, dW, dbias, dA, dB, dWg, None, None, None
 
 
