@@ -111,7 +111,8 @@ class OpBenchmark:
     fresh tensors and returns the provider's `Workload` (it raises when the provider cannot
     run: the message becomes the rows' error). `baseline` is the provider every other is
     divided by in the summary; `speedups` are the (fast, slow) pairs whose ratio it shows;
-    `modes` are the modes timed, from `KNOWN_MODES` (default `MODES`).
+    `modes` are the modes timed, from `KNOWN_MODES` (default `MODES`); `dtype`, when set, is
+    the dtype the op always runs in (its rows record it instead of the run's).
     """
     name: str
     cases: Callable[[bool, str], list[Case]]
@@ -120,6 +121,7 @@ class OpBenchmark:
     baseline: str
     speedups: tuple[tuple[str, str], ...] = ()
     modes: tuple[str, ...] = MODES
+    dtype: Optional[torch.dtype] = None  # an op whose tensors ignore the run's dtype (fp32 master weights)
 
     def __post_init__(self):
         unknown = [mode for mode in self.modes if mode not in KNOWN_MODES]
@@ -246,6 +248,10 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return next(k for k, v in DTYPES.items() if v == dtype)
+
+
 def _environment(device: torch.device, dtype: torch.dtype) -> dict:
     try:
         import triton
@@ -256,7 +262,7 @@ def _environment(device: torch.device, dtype: torch.dtype) -> dict:
         device_name = torch.cuda.get_device_name(device)
     else:
         device_name = _cpu_name()
-    return {"dtype": next(k for k, v in DTYPES.items() if v == dtype), "device": device.type,
+    return {"dtype": _dtype_name(dtype), "device": device.type,
             "device_name": device_name, "git_sha": _git_sha(), "torch": torch.__version__,
             "triton": triton_version,
             "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
@@ -312,10 +318,11 @@ def run(benchmarks: Sequence[OpBenchmark], *, device: str, dtype: torch.dtype, q
     for index, (bench, case) in enumerate(plan, 1):
         start = time.perf_counter()
         base_row = {column: None for column in COLUMNS}
-        base_row.update(env, op=bench.name, **dataclasses.asdict(case))
+        op_dtype = bench.dtype or dtype
+        base_row.update(env, op=bench.name, dtype=_dtype_name(op_dtype), **dataclasses.asdict(case))
         case_rows = []
         for provider in bench.providers:
-            case_rows += _measure(bench, provider, case, dtype, device, cpu_budget_s, base_row)
+            case_rows += _measure(bench, provider, case, op_dtype, device, cpu_budget_s, base_row)
             if device.type == "cuda":
                 torch.cuda.empty_cache()  # the next provider's tensors start from a clean pool
         errors = sum(row["error"] is not None for row in case_rows)

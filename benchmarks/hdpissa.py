@@ -57,8 +57,8 @@ already sweeps.
 One optimizer step's work after each rank's Adam: gather every rank's steps (δA_k, δB_k) and
 apply W <- W - s Σ_k [δB_k (A_k - δA_k) + B_k δA_k] to each of L = 8 layers of (in, out), with
 K (the Case's `world`) ranks simulated in one process ("virtual ranks"). W is the fp32 master
-weight, the factors and steps fp32, whatever the run's --dtype (the CSV's dtype column is the
-run's, not this op's), and no bf16 copy of W is written (`lowrank_update_(copy=None)`). No
+weight, the factors and steps fp32, whatever the run's --dtype (the op declares dtype fp32, so
+its rows say fp32), and no bf16 copy of W is written (`lowrank_update_(copy=None)`). No
 autograd; every call changes W in place (the values do not affect the time). The issue's
 targets: the update at >= 80% of the copy bandwidth (read off as GB/s against
 `floor`), and the phase >= 2x faster than `official` for 8 layers and K = 8.
@@ -274,7 +274,7 @@ def _update_counts(case: Case, provider: str) -> tuple[float, float]:
 
 def update_workload(provider: str, case: Case, dtype: torch.dtype,
                     device: torch.device) -> Workload:
-    """Fresh fp32 tensors for L layers of `case` (dtype is not used: see the docstring) and the
+    """Fresh fp32 tensors for L layers of `case` (dtype is the op's fp32: see the docstring) and the
     provider's update of all of them."""
     layers = [_Layer(case, device) for _ in range(LAYERS)]
     copies = [torch.empty_like(layer.weight) for layer in layers] if provider == "floor" else []
@@ -320,5 +320,5 @@ BENCHMARKS = (
                 workload=update_workload, baseline="floor",
                 speedups=(("triton", "official"), ("triton", "torch_eager"),
                           ("triton", "addmm")),
-                modes=(UPDATE,)),
+                modes=(UPDATE,), dtype=torch.float32),
 )

@@ -116,3 +116,13 @@ def test_every_provider_and_mode_measured_and_saved_bytes_follow_the_contract(de
                 f"summary lacks the {bench.name} {mode} table"
     assert "GB/s triton" in summary.split("## hdpissa_update update")[1], \
         "the update table lacks its GB/s columns"
+
+
+def test_an_op_with_a_fixed_dtype_records_it(device):
+    """HD-PiSSA's update runs on fp32 master weights whatever the run's dtype: its rows say fp32
+    while the other ops' rows say the run's dtype."""
+    update = dataclasses.replace(hdpissa.BENCHMARKS[1], providers=("floor", "torch"),
+                                 cases=lambda quick, device_type: [CASES["hdpissa_update"]])
+    assert update.name == "hdpissa_update" and update.dtype == torch.float32
+    rows = harness.run([update], device=device, dtype=torch.bfloat16, quick=True, cpu_budget_s=0.0)
+    assert {row["dtype"] for row in rows} == {"fp32"} and not any(row["error"] for row in rows), rows
