@@ -585,6 +585,49 @@ def _gloo_fault_worker(rank, world, init_file, results):
         dist.destroy_process_group()
 
 
+def _gloo_resume_worker(rank, world, init_file, checkpoint_dir, results):
+    """4 uninterrupted steps vs 2 steps, a checkpoint as data-parallel trainers write it (the
+    model's state from rank 0 only, the optimizer's from every rank), 2 more steps."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=30))
+    try:
+        xs, targets = _shards(world)
+
+        def train(model, opt, steps):
+            for _ in range(steps):
+                F.mse_loss(model(xs[rank]), targets[rank]).backward()
+                opt.step()
+                opt.zero_grad()
+
+        full = convert(_net(), 2, 4.0)
+        train(full, HDPiSSAOptimizer(full, lr=1e-2), 4)
+        first = convert(_net(), 2, 4.0)
+        opt = HDPiSSAOptimizer(first, lr=1e-2)
+        train(first, opt, 2)
+        if rank == 0:
+            torch.save(first.state_dict(), f"{checkpoint_dir}/model.pt")
+        torch.save(opt.state_dict(), f"{checkpoint_dir}/opt{rank}.pt")
+        dist.barrier()
+        resumed = convert(_net(), 2, 4.0)
+        resumed.load_state_dict(torch.load(f"{checkpoint_dir}/model.pt"))
+        opt = HDPiSSAOptimizer(resumed, lr=1e-2)
+        opt.load_state_dict(torch.load(f"{checkpoint_dir}/opt{rank}.pt"))
+        train(resumed, opt, 2)
+        results[rank] = [name for (name, a), (_, b) in zip(full.state_dict().items(),
+                                                           resumed.state_dict().items())
+                         if not torch.equal(a, b)]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gloo_resume_reproduces_an_uninterrupted_run(tmp_path):
+    results = mp.Manager().dict()
+    mp.spawn(_gloo_resume_worker, args=(2, str(tmp_path / "init"), str(tmp_path), results),
+             nprocs=2, join=True)
+    for rank in range(2):
+        assert results[rank] == [], f"rank {rank}: {results[rank]} differ after resuming"
+
+
 def test_gloo_a_fault_on_one_rank_raises_on_every_rank(tmp_path):
     results = mp.Manager().dict()
     mp.spawn(_gloo_fault_worker, args=(2, str(tmp_path / "init"), results), nprocs=2, join=True)
