@@ -1,8 +1,11 @@
 """Test set-up shared by every test file.
 
 Without a GPU, Triton kernels run under the interpreter on CPU tensors: TRITON_INTERPRET must be
-set before adapterops first imports its kernels, hence here, at the top. With a GPU the same
-tests run on CUDA tensors (`device` fixture) and compiled kernels.
+set before adapterops first imports its kernels, hence here, at the top. Likewise the `cuda`
+backend's C++ runs on CPU tensors (ADAPTEROPS_CSRC_ON_CPU=1: ATen's CPU GEMMs and the host
+drivers of its kernels, built just in time on first use); its CUDA kernels themselves run only
+on a GPU. With a GPU the same tests run on CUDA tensors (`device` fixture), compiled Triton
+kernels and the CUDA build of adapterops._C.
 """
 import os
 
@@ -10,6 +13,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("ADAPTEROPS_CSRC_ON_CPU", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import pytest  # noqa: E402

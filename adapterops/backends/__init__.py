@@ -1,9 +1,10 @@
-"""Backends, in the order the dispatcher tries them (the `cuda` C++ backend joins between
-`triton` and `torch` when csrc/ lands)."""
+"""Backends, in the order the dispatcher tries them: `triton`, then the compiled `cuda` C++
+backend, then `torch` (plain PyTorch, which serves everything)."""
 from .base import Backend
+from .cuda import CudaBackend
 from .reference import TorchBackend
 from .triton import TritonBackend
 
-BACKENDS: dict[str, Backend] = {b.name: b for b in (TritonBackend(), TorchBackend())}
+BACKENDS: dict[str, Backend] = {b.name: b for b in (TritonBackend(), CudaBackend(), TorchBackend())}
 
 __all__ = ["Backend", "BACKENDS"]

@@ -44,7 +44,7 @@ def hdpissa_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A
     """(y, h) for 2-D x: the base layer's output and h = x A^T (empty unless need_h: only gB
     needs it, and computing it costs a read of x)."""
     chosen = _serving_backend(backend, x, weight, lora_A)
-    return chosen.hdpissa_forward(x, weight, bias, lora_A, need_h)
+    return chosen.hdpissa_forward(x, weight, bias, lora_A, lora_B, scaling, need_h)
 
 
 @hdpissa_linear_fwd.register_fake
@@ -63,7 +63,8 @@ def hdpissa_linear_bwd(grad_y: Tensor, x: Optional[Tensor], h: Optional[Tensor],
         if need and saved is None:
             raise ValueError(f"hdpissa_linear_bwd: {why} was asked for but {name} is None")
     chosen = _serving_backend(backend, grad_y, weight, lora_A)
-    grads = chosen.hdpissa_backward(grad_y, x, h, weight, lora_B, scaling, need_x, need_A, need_B)
+    grads = chosen.hdpissa_backward(grad_y, x, h, weight, lora_A, lora_B, scaling, need_x, need_A,
+                                    need_B)
     return tuple(g if g is not None else grad_y.new_empty(0) for g in grads)
 
 

@@ -45,7 +45,8 @@ def update_reasons(weight: Tensor, **_) -> list[str]:
 
 
 @device_guard
-def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, need_h: bool):
+def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+            scaling: float, need_h: bool):
     """(y, h) for 2-D x: y = x W^T + bias, h = x A^T (empty unless need_h)."""
     h = lowrank.shrink(x, lora_A, None)[0] if need_h else x.new_empty(0)
     return F.linear(x, weight, bias), h
@@ -53,7 +54,8 @@ def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, n
 
 @device_guard
 def backward(grad_y: Tensor, x: Optional[Tensor], h: Optional[Tensor], weight: Tensor,
-             lora_B: Tensor, scaling: float, need_x: bool, need_A: bool, need_B: bool):
+             lora_A: Tensor, lora_B: Tensor, scaling: float, need_x: bool, need_A: bool,
+             need_B: bool):
     """(dx, gA, gB), None where not asked for."""
     g = gB = None
     if need_A or need_B:

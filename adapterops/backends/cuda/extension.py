@@ -1,0 +1,139 @@
+"""Loading adapterops._C, the `cuda` backend's compiled ops, once per process.
+
+In order: the prebuilt extension (`setup.py` builds it when a CUDA build of torch and nvcc are
+present); else a just-in-time build of csrc/ with `torch.utils.cpp_extension.load` (ninja),
+cached on disk per torch version and variant, so only the first use in an environment pays for
+the compile. The CUDA variant is built when torch is a CUDA build and a CUDA toolchain is found;
+the host variant (CPU tensors only, for testing without a GPU; see build.py) when
+ADAPTEROPS_CSRC_ON_CPU=1. ADAPTEROPS_JIT_BUILD=0 forbids building. Nothing here raises: every
+failure becomes the reason the backend gives, shown by the dispatcher and
+`python -m adapterops.info`.
+"""
+import dataclasses
+import functools
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Optional
+
+import torch
+
+from . import build
+
+ON_CPU_ENV = "ADAPTEROPS_CSRC_ON_CPU"
+JIT_ENV = "ADAPTEROPS_JIT_BUILD"
+# One op per family is enough to tell that the library registered.
+PROBE_OP = "lowrank_linear_fwd_cuda"
+
+
+@dataclasses.dataclass(frozen=True)
+class Extension:
+    module: Optional[ModuleType]   # None when it could not be loaded
+    how: str                       # "prebuilt", "just-in-time (cuda)", "just-in-time (host)", or ""
+    reason: Optional[str]          # why it is not loaded (None when it is)
+
+    @property
+    def with_cuda(self) -> bool:
+        return self.module is not None and bool(self.module.with_cuda)
+
+
+def on_cpu_requested() -> bool:
+    return os.environ.get(ON_CPU_ENV) == "1"
+
+
+def _registered() -> bool:
+    return hasattr(torch.ops.adapterops, PROBE_OP)
+
+
+def _import_prebuilt() -> tuple[Optional[ModuleType], str]:
+    try:
+        from ... import _C
+    except ImportError as exc:
+        return None, f"no prebuilt adapterops._C ({exc})"
+    except Exception as exc:  # a broken build (ABI mismatch, missing library) is a reason too
+        return None, f"adapterops._C failed to load ({type(exc).__name__}: {exc})"
+    return _C, ""
+
+
+def jit_variant() -> tuple[Optional[str], str]:
+    """("cuda" or "host", "") when a just-in-time build is possible here, else (None, why not)."""
+    if os.environ.get(JIT_ENV) == "0":
+        return None, f"{JIT_ENV}=0 forbids a just-in-time build"
+    if not build.sources(with_cuda=False):
+        return None, f"the csrc/ sources are not there to build from ({build.CSRC})"
+    from torch.utils.cpp_extension import CUDA_HOME, is_ninja_available
+    if not is_ninja_available():
+        return None, "a just-in-time build needs ninja (pip install ninja)"
+    if torch.version.cuda is not None and CUDA_HOME is not None:
+        return "cuda", ""
+    if on_cpu_requested():
+        return "host", ""
+    if torch.version.cuda is None:
+        return None, (f"torch {torch.__version__} is a CPU build, so the CUDA extension cannot "
+                      f"be built ({ON_CPU_ENV}=1 builds its host variant for CPU tensors)")
+    return None, "no CUDA toolchain (CUDA_HOME/nvcc) to build the CUDA extension with"
+
+
+def _build_directory(variant: str) -> Path:
+    """Per torch version and variant, under torch's extension cache (TORCH_EXTENSIONS_DIR)."""
+    from torch.utils.cpp_extension import _get_build_directory
+    root = Path(_get_build_directory("adapterops", verbose=False))
+    path = root / f"torch-{torch.__version__}-{variant}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _jit_build(variant: str) -> ModuleType:
+    from torch.utils.cpp_extension import load
+    with_cuda = variant == "cuda"
+    if with_cuda:
+        build.default_arch_list()
+    directory = _build_directory(variant)
+    print(f"adapterops: loading the {variant} variant of the C++ extension, built just in time "
+          f"(the first use in an environment compiles it, a few minutes; cached in {directory})",
+          file=sys.stderr, flush=True)
+    flags = build.compile_args(with_cuda)
+    return load(name=f"adapterops_C_{variant}", sources=build.sources(with_cuda),
+                extra_cflags=flags["cxx"], extra_cuda_cflags=flags.get("nvcc"),
+                build_directory=str(directory), with_cuda=with_cuda, verbose=False)
+
+
+@functools.cache
+def load() -> Extension:
+    """The extension, loaded (or built) at the first call; the outcome is kept for the process."""
+    module, prebuilt_reason = _import_prebuilt()
+    if module is not None:
+        return _checked(module, "prebuilt")
+    variant, jit_reason = jit_variant()
+    if variant is None:
+        return Extension(None, "", f"{prebuilt_reason}; {jit_reason}")
+    try:
+        module = _jit_build(variant)
+    except Exception as exc:
+        return Extension(None, "", f"{prebuilt_reason}; the just-in-time {variant} build failed: "
+                                   f"{type(exc).__name__}: {str(exc).strip()[-2000:]}")
+    return _checked(module, f"just-in-time ({variant})")
+
+
+def _checked(module: ModuleType, how: str) -> Extension:
+    if not _registered():
+        return Extension(None, how, f"{how} adapterops._C loaded but registered no "
+                                    f"torch.ops.adapterops.{PROBE_OP}")
+    return Extension(module, how, None)
+
+
+def describe() -> str:
+    """One line for `python -m adapterops.info`, without building anything."""
+    if load.cache_info().currsize:
+        ext = load()
+        if ext.module is None:
+            return f"not loaded: {ext.reason}"
+        return f"loaded ({ext.how}; {'CUDA and CPU' if ext.with_cuda else 'CPU only'} kernels)"
+    module, prebuilt_reason = _import_prebuilt()
+    if module is not None:
+        return f"prebuilt ({'CUDA and CPU' if module.with_cuda else 'CPU only'} kernels)"
+    variant, jit_reason = jit_variant()
+    if variant is not None:
+        return f"not built ({prebuilt_reason}); the {variant} variant builds just in time on first use"
+    return f"not available: {prebuilt_reason}; {jit_reason}"

@@ -1,0 +1,36 @@
+#include "common.h"
+
+namespace adapterops {
+
+void check_args(const char* op, std::initializer_list<Arg> args) {
+  const Arg* first = nullptr;
+  for (const Arg& arg : args) {
+    if (!arg.tensor.defined()) continue;
+    TORCH_CHECK(arg.tensor.dim() == arg.ndim, op, ": ", arg.name, " must have ", arg.ndim,
+                " dimensions, got shape ", arg.tensor.sizes());
+    if (first == nullptr) {
+      first = &arg;
+      const at::ScalarType dtype = arg.tensor.scalar_type();
+      TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op, ": ",
+                  arg.name, " must be float32, float16 or bfloat16, got ", dtype);
+      continue;
+    }
+    TORCH_CHECK(arg.tensor.scalar_type() == first->tensor.scalar_type(), op, ": ", arg.name,
+                " is ", arg.tensor.scalar_type(), " but ", first->name, " is ",
+                first->tensor.scalar_type());
+    TORCH_CHECK(arg.tensor.device() == first->tensor.device(), op, ": ", arg.name, " is on ",
+                arg.tensor.device(), " but ", first->name, " is on ", first->tensor.device());
+  }
+}
+
+const at::Tensor& or_undefined(const std::optional<at::Tensor>& tensor) {
+  static const at::Tensor undefined;
+  return tensor.has_value() ? *tensor : undefined;
+}
+
+at::Tensor scaled_mm(const at::Tensor& a, const at::Tensor& b, double alpha) {
+  at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
+  return at::addmm_out(out, out, a, b, /*beta=*/0, /*alpha=*/alpha);
+}
+
+}  // namespace adapterops

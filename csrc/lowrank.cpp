@@ -1,0 +1,75 @@
+// The low-rank linear (LoRA, PiSSA, LaMDA) on the `cuda` backend: cuBLAS GEMMs through ATen,
+// the low-rank terms folded into the base GEMMs as accumulation (beta = 1).
+//
+//     h1 = x A^T,  h2 = h1 S^T (h2 = h1 without S),  y = x W^T + bias + s h2 B^T
+//     g = s dY B,  dB = s dY^T h2,  dS = g^T h1,  dx = dY W + (g S) A,  dA = (g S)^T x
+//
+// Forward: the base GEMM writes y (cuBLASLt's bias epilogue), then y += s h2 B^T is one GEMM
+// with beta = 1 and alpha = s: no M x out temporary, no elementwise pass. Backward: the scaled
+// GEMMs take s as alpha; dx = dY W, then dx += (g S) A with beta = 1. The memory contract
+// (LaMDA saves only h1/h2, never x) is the Python op's: backward gets x only when dA needs it.
+#include "common.h"
+
+namespace adapterops {
+namespace {
+
+constexpr const char* kForward = "lowrank_linear_fwd_cuda";
+constexpr const char* kBackward = "lowrank_linear_bwd_cuda";
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lowrank_linear_fwd(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& lora_A, const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_S,
+    double scaling) {
+  check_args(kForward, {{"x", x}, {"weight", weight}, {"bias", or_undefined(bias), 1},
+                        {"lora_A", lora_A}, {"lora_B", lora_B}, {"lora_S", or_undefined(lora_S)}});
+  at::Tensor h1 = at::mm(x, lora_A.t());
+  at::Tensor h2 = lora_S.has_value() ? at::mm(h1, lora_S->t()) : h1;
+  at::Tensor y = at::linear(x, weight, bias);
+  y.addmm_(h2, lora_B.t(), /*beta=*/1, /*alpha=*/scaling);
+  return {y, h1, lora_S.has_value() ? h2 : at::empty({0}, x.options())};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_linear_bwd(
+    const at::Tensor& grad_y, const std::optional<at::Tensor>& x,
+    const std::optional<at::Tensor>& h1, const std::optional<at::Tensor>& h2,
+    const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
+    const std::optional<at::Tensor>& lora_S, double scaling, bool need_x, bool need_A,
+    bool need_B, bool need_S) {
+  check_args(kBackward, {{"grad_y", grad_y}, {"x", or_undefined(x)}, {"h1", or_undefined(h1)},
+                         {"h2", or_undefined(h2)}, {"weight", weight}, {"lora_A", lora_A},
+                         {"lora_B", lora_B}, {"lora_S", or_undefined(lora_S)}});
+  TORCH_CHECK(!need_A || x.has_value(), kBackward, ": dA was asked for but x is None");
+  TORCH_CHECK(!need_S || h1.has_value(), kBackward, ": dS was asked for but h1 is None");
+  TORCH_CHECK(!need_B || h2.has_value(), kBackward, ": dB was asked for but h2 is None");
+  at::Tensor none = at::empty({0}, grad_y.options());
+  at::Tensor dx = none, dA = none, dB = none, dS = none;
+  if (need_B) dB = scaled_mm(grad_y.t(), *h2, scaling);
+  if (need_x || need_A || need_S) {
+    at::Tensor g = scaled_mm(grad_y, lora_B, scaling);
+    if (need_S) dS = at::mm(g.t(), *h1);
+    if (!need_x && !need_A) return {dx, dA, dB, dS};
+    at::Tensor gS = lora_S.has_value() ? at::mm(g, *lora_S) : g;
+    if (need_x) {
+      dx = at::mm(grad_y, weight);
+      dx.addmm_(gS, lora_A);
+    }
+    if (need_A) dA = at::mm(gS.t(), *x);
+  }
+  return {dx, dA, dB, dS};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(adapterops, CPU, m) {
+  m.impl(kForward, &lowrank_linear_fwd);
+  m.impl(kBackward, &lowrank_linear_bwd);
+}
+
+#ifdef ADAPTEROPS_WITH_CUDA
+TORCH_LIBRARY_IMPL(adapterops, CUDA, m) {
+  m.impl(kForward, &lowrank_linear_fwd);
+  m.impl(kBackward, &lowrank_linear_bwd);
+}
+#endif
+
+}  // namespace adapterops

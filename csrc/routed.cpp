@@ -1,0 +1,112 @@
+// The routed multi-head low-rank linear (HydraLoRA) on the `cuda` backend.
+//
+//     [h | logits] = x [A; Wg]^T           one GEMM, one read of x (logits in x's dtype, as the
+//                                          torch backend and the official code have them)
+//     p, g, hg = routed_gates_forward(...)  softmax (fp32), top-k, hg = [g_0 h | ... ]: a kernel
+//     y = x W^T + bias;  y += s hg Bcat^T  the routed sum as ONE GEMM of inner size E r, beta = 1
+//
+//     dBcat = s dY^T hg,  u = s dY Bcat     (Bcat = [B_0 | ... | B_{E-1}], out x E r)
+//     seed = [dh | dlogits] = routed_gates_backward(u, h, p, g, dprobs)   a kernel
+//     dx = dY W;  dx += seed [A; Wg]        beta = 1
+//     [dA; dWg] = seed^T x                  one GEMM, one read of x
+//
+// Bcat and [A; Wg] are per-call copies of the adapter's weights (E r (in + out) elements).
+#include "common.h"
+
+namespace adapterops {
+namespace {
+
+constexpr const char* kForward = "routed_lowrank_linear_fwd_cuda";
+constexpr const char* kBackward = "routed_lowrank_linear_bwd_cuda";
+
+at::ScalarType probs_dtype(const at::Tensor& x) {
+  return at::promote_types(x.scalar_type(), at::kFloat);
+}
+
+at::Tensor heads_side_by_side(const at::Tensor& lora_B) {
+  return lora_B.permute({1, 0, 2}).reshape({lora_B.size(1), lora_B.size(0) * lora_B.size(2)});
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_lowrank_linear_fwd(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& router_weight,
+    double scaling, std::optional<int64_t> top_k) {
+  check_args(kForward, {{"x", x}, {"weight", weight}, {"bias", or_undefined(bias), 1},
+                        {"lora_A", lora_A}, {"lora_B", lora_B, 3},
+                        {"router_weight", router_weight}});
+  const int64_t tokens = x.size(0), heads = lora_B.size(0), rank = lora_B.size(2);
+  TORCH_CHECK(!top_k.has_value() || (*top_k >= 1 && *top_k <= heads), kForward, ": top_k=",
+              top_k.value_or(0), " must be in [1, ", heads, "] (lora_B.shape[0] heads)");
+  at::Tensor hl = at::mm(x, at::cat({lora_A, router_weight}).t()).contiguous();
+  at::Tensor h = at::empty({tokens, rank}, x.options());
+  at::Tensor hg = at::empty({tokens, heads * rank}, x.options());
+  at::Tensor probs = at::empty({tokens, heads}, x.options().dtype(probs_dtype(x)));
+  at::Tensor gates = top_k.has_value() ? at::empty_like(probs) : at::empty({0}, probs.options());
+  routed_gates_forward(hl, rank, top_k.value_or(0), h, probs, gates, hg);
+  at::Tensor y = at::linear(x, weight, bias);
+  y.addmm_(hg, heads_side_by_side(lora_B).t(), /*beta=*/1, /*alpha=*/scaling);
+  return {y, h, hg, probs, gates};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_lowrank_linear_bwd(
+    const at::Tensor& grad_y, const at::Tensor& grad_probs, const std::optional<at::Tensor>& x,
+    const std::optional<at::Tensor>& h, const std::optional<at::Tensor>& hg,
+    const std::optional<at::Tensor>& probs, const std::optional<at::Tensor>& gates,
+    const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
+    const at::Tensor& router_weight, double scaling, bool need_x, bool need_A, bool need_B,
+    bool need_router) {
+  check_args(kBackward, {{"grad_y", grad_y}, {"x", or_undefined(x)}, {"h", or_undefined(h)},
+                         {"hg", or_undefined(hg)}, {"weight", weight}, {"lora_A", lora_A},
+                         {"lora_B", lora_B, 3}, {"router_weight", router_weight}});
+  const bool need_gate_grads = need_x || need_A || need_router;
+  TORCH_CHECK(!(need_A || need_router) || x.has_value(), kBackward,
+              ": dA or dWg was asked for but x is None");
+  TORCH_CHECK(!need_gate_grads || (h.has_value() && probs.has_value()), kBackward,
+              ": dx, dA or dWg was asked for but h or probs is None");
+  TORCH_CHECK(!need_B || hg.has_value(), kBackward, ": dB was asked for but hg is None");
+  const int64_t tokens = grad_y.size(0), heads = lora_B.size(0), out = lora_B.size(1),
+                rank = lora_B.size(2);
+  at::Tensor none = at::empty({0}, grad_y.options());
+  at::Tensor dx = none, dA = none, dB = none, dWg = none;
+  if (need_B)
+    dB = scaled_mm(grad_y.t(), *hg, scaling).view({out, heads, rank}).permute({1, 0, 2}).contiguous();
+  if (!need_gate_grads) return {dx, dA, dB, dWg};
+  TORCH_CHECK(probs->scalar_type() == probs_dtype(grad_y) && grad_probs.scalar_type() == probs_dtype(grad_y),
+              kBackward, ": probs and grad_probs must be ", probs_dtype(grad_y), ", got ",
+              probs->scalar_type(), " and ", grad_probs.scalar_type());
+  const bool has_top_k = gates.has_value();
+  at::Tensor u = scaled_mm(grad_y, heads_side_by_side(lora_B), scaling);
+  at::Tensor seed = at::empty({tokens, rank + heads}, grad_y.options());
+  const at::Tensor gates_or_probs = has_top_k ? gates->contiguous() : probs->contiguous();
+  routed_gates_backward(u, h->contiguous(), probs->contiguous(), gates_or_probs, has_top_k,
+                        grad_probs.contiguous(), seed);
+  if (need_x) {
+    dx = at::mm(grad_y, weight);
+    dx.addmm_(seed, at::cat({lora_A, router_weight}));
+  }
+  if (need_A || need_router) {
+    // The rows of [dA; dWg] asked for, as one GEMM. A custom op's outputs may not alias each
+    // other, so dWg (E x in) is copied out when dA shares the product.
+    const int64_t first = need_A ? 0 : rank, last = need_router ? rank + heads : rank;
+    at::Tensor dA_Wg = at::mm(seed.narrow(1, first, last - first).t(), *x);
+    if (need_A) dA = dA_Wg.narrow(0, 0, rank);
+    if (need_router) dWg = need_A ? dA_Wg.narrow(0, rank, heads).clone() : dA_Wg;
+  }
+  return {dx, dA, dB, dWg};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(adapterops, CPU, m) {
+  m.impl(kForward, &routed_lowrank_linear_fwd);
+  m.impl(kBackward, &routed_lowrank_linear_bwd);
+}
+
+#ifdef ADAPTEROPS_WITH_CUDA
+TORCH_LIBRARY_IMPL(adapterops, CUDA, m) {
+  m.impl(kForward, &routed_lowrank_linear_fwd);
+  m.impl(kBackward, &routed_lowrank_linear_bwd);
+}
+#endif
+
+}  // namespace adapterops
