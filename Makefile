@@ -6,6 +6,10 @@ VENV ?= .venv
 # The CPU build of torch lies on the development machines' disk; a GPU machine brings its own.
 TORCH_SPEC ?= torch==2.13.0
 TRITON_SPEC ?= triton>=3.6
+# csrc/ is compiled and linked (not run) in CI against the CUDA build of torch, which also lies
+# on the development machines' disk, in its own environment (about 5.5 GB).
+CUDA_VENV ?= .venv-cuda
+CUDA_TORCH_SPEC ?= torch==2.14.1
 PYTEST_ARGS ?=
 BENCH_ARGS ?= --quick
 
@@ -15,9 +19,11 @@ SETUP :=
 else
 PY := $(VENV)/bin/python
 SETUP := $(VENV)/.installed
+# A GPU machine (PYTHON=...) builds the real extension at install or first use instead.
+CSRC_CHECK := csrc-check
 endif
 
-.PHONY: test bench kernel-report check-installed clean
+.PHONY: test bench kernel-report check-installed csrc-check clean
 
 $(VENV)/.installed: setup.py Makefile
 	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
@@ -28,11 +34,21 @@ $(VENV)/.installed: setup.py Makefile
 	$(VENV)/bin/python -m pip install -q --no-build-isolation -e '.[test,plot]'
 	touch $@
 
+$(CUDA_VENV)/.installed: Makefile
+	test -x $(CUDA_VENV)/bin/python || python3 -m venv $(CUDA_VENV)
+	$(CUDA_VENV)/bin/python -m pip install -q --upgrade pip setuptools wheel
+	$(CUDA_VENV)/bin/python -m pip install -q "$(CUDA_TORCH_SPEC)" ninja numpy
+	touch $@
+
+# Compiles and links adapterops._C for sm_80 and sm_90, checks its cubins and op schemas.
+csrc-check: $(CUDA_VENV)/.installed
+	$(CUDA_VENV)/bin/python tests/csrc_build_check.py
+
 # With PYTHON=..., the package must already be installed in that environment.
 check-installed:
 	@$(PY) -c "import adapterops.kernels" 2>/dev/null || { echo "adapterops is not installed for $(PY): run '$(PY) -m pip install --no-deps --no-build-isolation -e .' once" >&2; exit 1; }
 
-test: $(SETUP) check-installed
+test: $(SETUP) check-installed $(CSRC_CHECK)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 bench: $(SETUP) check-installed
@@ -42,4 +58,4 @@ kernel-report: $(SETUP) check-installed
 	$(PY) -m benchmarks.kernel_report --arch sm_90
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(CUDA_VENV) build *.egg-info

@@ -8,6 +8,7 @@ import torch
 
 from . import __version__
 from .backends import BACKENDS
+from .backends.cuda import extension as cuda_extension
 
 
 def _version(module_name: str) -> str:
@@ -35,7 +36,9 @@ def report() -> str:
              f"numpy {_version('numpy')}",
              f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!r} "
              f"ADAPTEROPS_BACKEND={os.environ.get('ADAPTEROPS_BACKEND', '')!r} "
-             f"ADAPTEROPS_AUTOTUNE={os.environ.get('ADAPTEROPS_AUTOTUNE', '')!r}"]
+             f"ADAPTEROPS_AUTOTUNE={os.environ.get('ADAPTEROPS_AUTOTUNE', '')!r} "
+             f"ADAPTEROPS_CSRC_ON_CPU={os.environ.get('ADAPTEROPS_CSRC_ON_CPU', '')!r} "
+             f"ADAPTEROPS_JIT_BUILD={os.environ.get('ADAPTEROPS_JIT_BUILD', '')!r}"]
     devices = ["cpu"]
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
@@ -44,10 +47,13 @@ def report() -> str:
         devices.append("cuda")
     else:
         lines.append("no CUDA device")
-    lines.append("CUDA C++ extension adapterops._C: not part of this version (csrc/ has no sources yet)")
-    lines.append("backends, in priority order (ops: lowrank, routed, hdpissa; update needs an "
-                 "fp32 weight):")
+    lines.append(f"CUDA C++ extension adapterops._C: {cuda_extension.describe()}")
+    lines.append("backends, in priority order (ops: lowrank, routed, hdpissa; triton's update needs "
+                 "an fp32 weight):")
     for name, backend in BACKENDS.items():
+        if name == "cuda" and cuda_extension.load_if_built() is None:
+            lines.append("  cuda: not loaded (see adapterops._C above; info builds nothing)")
+            continue
         reason = backend.unavailable_reason()
         if reason is not None:
             lines.append(f"  {name}: unavailable: {reason}")

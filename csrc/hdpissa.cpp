@@ -29,10 +29,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hdpissa_linear_bwd(
                          {"weight", weight}, {"lora_A", lora_A}, {"lora_B", lora_B}});
   TORCH_CHECK(!need_A || x.has_value(), kBackward, ": gA was asked for but x is None");
   TORCH_CHECK(!need_B || h.has_value(), kBackward, ": gB was asked for but h is None");
-  at::Tensor none = at::empty({0}, grad_y.options());
-  at::Tensor dx = need_x ? at::mm(grad_y, weight) : none;
-  at::Tensor gA = need_A ? at::mm(scaled_mm(grad_y, lora_B, scaling).t(), *x) : none;
-  at::Tensor gB = need_B ? scaled_mm(grad_y.t(), *h, scaling) : none;
+  // A gradient not asked for: an empty tensor, a new one each (outputs may not alias).
+  const auto none = [&] { return at::empty({0}, grad_y.options()); };
+  at::Tensor dx = need_x ? at::mm(grad_y, weight) : none();
+  at::Tensor gA = need_A ? at::mm(scaled_mm(grad_y, lora_B, scaling).t(), *x) : none();
+  at::Tensor gB = need_B ? scaled_mm(grad_y.t(), *h, scaling) : none();
   return {dx, gA, gB};
 }
 

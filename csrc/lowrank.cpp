@@ -41,8 +41,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_linear_bwd(
   TORCH_CHECK(!need_A || x.has_value(), kBackward, ": dA was asked for but x is None");
   TORCH_CHECK(!need_S || h1.has_value(), kBackward, ": dS was asked for but h1 is None");
   TORCH_CHECK(!need_B || h2.has_value(), kBackward, ": dB was asked for but h2 is None");
-  at::Tensor none = at::empty({0}, grad_y.options());
-  at::Tensor dx = none, dA = none, dB = none, dS = none;
+  // A gradient not asked for: an empty tensor, a new one each (outputs may not alias).
+  const auto none = [&] { return at::empty({0}, grad_y.options()); };
+  at::Tensor dx = none(), dA = none(), dB = none(), dS = none();
   if (need_B) dB = scaled_mm(grad_y.t(), *h2, scaling);
   if (need_x || need_A || need_S) {
     at::Tensor g = scaled_mm(grad_y, lora_B, scaling);

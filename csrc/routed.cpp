@@ -66,8 +66,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_lowrank_linear
   TORCH_CHECK(!need_B || hg.has_value(), kBackward, ": dB was asked for but hg is None");
   const int64_t tokens = grad_y.size(0), heads = lora_B.size(0), out = lora_B.size(1),
                 rank = lora_B.size(2);
-  at::Tensor none = at::empty({0}, grad_y.options());
-  at::Tensor dx = none, dA = none, dB = none, dWg = none;
+  // A gradient not asked for: an empty tensor, a new one each (outputs may not alias).
+  const auto none = [&] { return at::empty({0}, grad_y.options()); };
+  at::Tensor dx = none(), dA = none(), dB = none(), dWg = none();
   if (need_B)
     dB = scaled_mm(grad_y.t(), *hg, scaling).view({out, heads, rank}).permute({1, 0, 2}).contiguous();
   if (!need_gate_grads) return {dx, dA, dB, dWg};

@@ -1,14 +1,16 @@
 """Tests of backend selection (adapterops/dispatch.py) through `lowrank_linear`.
 
 Default order: triton first (CUDA tensors, or CPU tensors under the Triton interpreter that
-tests/conftest.py turns on without a GPU), then torch. `backend=` and `ADAPTEROPS_BACKEND`
-force one; the argument wins.
+tests/conftest.py turns on without a GPU), then cuda (the compiled C++: CUDA tensors, or CPU
+tensors with ADAPTEROPS_CSRC_ON_CPU=1, which tests/conftest.py also sets without a GPU), then
+torch. `backend=` and `ADAPTEROPS_BACKEND` force one; the argument wins.
 """
 import pytest
 import torch
 
 from adapterops import dispatch, lowrank_linear
 from adapterops.backends import BACKENDS
+from adapterops.backends.cuda import extension as cuda_extension
 from utils import assert_close_to_reference
 
 
@@ -47,7 +49,7 @@ def _spy(monkeypatch):
 def test_default_picks_triton(device, monkeypatch):
     args = _inputs(device)
     assert dispatch.explain("lowrank", x=args["x"], weight=args["weight"],
-                            lora_A=args["lora_A"]) == {"triton": [], "torch": []}
+                            lora_A=args["lora_A"]) == {"triton": [], "cuda": [], "torch": []}
     assert _select(args) == "triton"
     calls = _spy(monkeypatch)
     lowrank_linear(**args)
@@ -59,6 +61,7 @@ def test_float64_falls_back_to_torch(device, monkeypatch):
     why = dispatch.explain("lowrank", x=args["x"], weight=args["weight"], lora_A=args["lora_A"])
     assert why["torch"] == []
     assert len(why["triton"]) == 1 and "torch.float64" in why["triton"][0], why
+    assert len(why["cuda"]) == 1 and "torch.float64" in why["cuda"][0], why
     assert _select(args) == "torch"
     calls = _spy(monkeypatch)
     lowrank_linear(**args)
@@ -97,14 +100,14 @@ def test_env_var_is_read_per_call(device, monkeypatch):
 
 def test_unknown_backend_argument(device):
     with pytest.raises(ValueError, match=r"backend='cutlass' is not a known backend; "
-                                         r"known backends: triton, torch"):
+                                         r"known backends: triton, cuda, torch"):
         lowrank_linear(**_inputs(device), backend="cutlass")
 
 
 def test_unknown_backend_env_var(device, monkeypatch):
     monkeypatch.setenv(dispatch.ENV_VAR, "tirton")
     with pytest.raises(ValueError, match=r"ADAPTEROPS_BACKEND='tirton' is not a known backend; "
-                                         r"known backends: triton, torch"):
+                                         r"known backends: triton, cuda, torch"):
         lowrank_linear(**_inputs(device))
     # A valid argument does not excuse a bad environment: the typo would silently hide
     # elsewhere.
@@ -121,13 +124,13 @@ def test_forcing_triton_on_float64_raises_with_reason(device, monkeypatch):
         lowrank_linear(**args)
 
 
-def test_rank_above_triton_maximum_falls_back_to_torch(device, monkeypatch):
+def test_rank_above_triton_maximum_falls_back_to_cuda(device, monkeypatch):
     M, K, N, r = 5, 24, 16, 129
     args = _inputs(device, M=M, K=K, N=N, r=r, seed=3)
     why = dispatch.explain("lowrank", x=args["x"], weight=args["weight"], lora_A=args["lora_A"])
-    assert why["torch"] == []
+    assert why["cuda"] == [] and why["torch"] == []
     assert any("rank 129" in reason for reason in why["triton"]), why
-    assert _select(args) == "torch"
+    assert _select(args) == "cuda"
     with pytest.raises(ValueError, match=r"backend 'triton' was forced .*rank 129 exceeds"):
         lowrank_linear(**args, backend="triton")
 
@@ -144,8 +147,38 @@ def test_rank_above_triton_maximum_falls_back_to_torch(device, monkeypatch):
 
     calls = _spy(monkeypatch)
     got = run(torch.float32)
-    assert calls == ["torch"]
+    assert calls == ["cuda"]
     ref = run(torch.float64, "torch")
     base = run(torch.float32, "torch")
     for name, a, r64, b in zip(("y", "dx", "dS", "dB"), got, ref, base):
         assert_close_to_reference(f"rank 129 auto {name}", a, r64, b)
+
+
+def test_cuda_backend_declines_cpu_tensors_unless_asked(monkeypatch):
+    """CPU tensors reach the C++ only with ADAPTEROPS_CSRC_ON_CPU=1 (a test mode); otherwise the
+    cuda backend declines them, naming the switch, and a rank the Triton kernels lack goes to
+    torch."""
+    monkeypatch.delenv(cuda_extension.ON_CPU_ENV, raising=False)
+    args = _inputs("cpu", r=129)
+    why = dispatch.explain("lowrank", x=args["x"], weight=args["weight"], lora_A=args["lora_A"])
+    assert len(why["cuda"]) == 1 and "CUDA tensors, not cpu" in why["cuda"][0], why
+    assert cuda_extension.ON_CPU_ENV in why["cuda"][0]
+    assert _select(args) == "torch"
+
+
+def test_cuda_backend_unavailable_gives_the_loaders_reason(device, monkeypatch):
+    """When adapterops._C can be neither imported nor built, forcing cuda raises with the
+    loader's reason and auto-dispatch goes on to torch."""
+    failed = cuda_extension.Extension(None, "", "no prebuilt adapterops._C (test); the build failed")
+    monkeypatch.setattr(cuda_extension, "_loaded", failed)
+    args = _inputs(device, r=129)
+    assert BACKENDS["cuda"].unavailable_reason() == failed.reason
+    with pytest.raises(ValueError, match=r"backend 'cuda' was forced .*the build failed"):
+        lowrank_linear(**args, backend="cuda")
+    assert _select(args) == "torch"
+
+
+def test_jit_build_can_be_forbidden(monkeypatch):
+    monkeypatch.setenv(cuda_extension.JIT_ENV, "0")
+    variant, why = cuda_extension.jit_variant()
+    assert variant is None and "ADAPTEROPS_JIT_BUILD=0" in why

@@ -87,14 +87,15 @@ def _run_layer(case, inputs, dtype, device, backend):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_layer_matches_the_explicit_lora_form(case, dtype, device):
+def test_layer_matches_the_explicit_lora_form(case, backend, dtype, device):
     inputs = _layer_inputs(case)
     rounded = {n: (v.to(dtype).double() if v is not None else None) for n, v in inputs.items()}
     ref_y, ref_grads = _run_layer(case, rounded, torch.float64, device, None)
     base_y, base_grads = _run_layer(case, inputs, dtype, device, "torch")
-    y, grads = _run_layer(case, inputs, dtype, device, "triton")
-    where = f"{case.id} {DTYPE_IDS[dtype]}"
+    y, grads = _run_layer(case, inputs, dtype, device, backend)
+    where = f"{case.id} {backend} {DTYPE_IDS[dtype]}"
     assert_close_to_reference(f"{where} y", y, ref_y, base_y)
     for name, grad in grads.items():
         assert_close_to_reference(f"{where} d{name}", grad, ref_grads[name], base_grads[name])
@@ -107,7 +108,7 @@ def test_layer_matches_the_explicit_lora_form(case, dtype, device):
         assert torch.allclose(grads64["x"], dx, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
 def test_layer_memory_contract(backend, device):
     """x is kept for gA, h = x A^T (M x r) for gB; nothing out x in is ever saved."""
     M, K, N, r = 40, 56, 48, 8
@@ -148,7 +149,7 @@ def test_no_h_without_a_gradient_for_lora_B(monkeypatch):
     assert calls == [1]
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
 def test_opcheck(backend, device):
     g = torch.Generator().manual_seed(13)
     x, W, b = torch.randn(19, 24, generator=g), torch.randn(20, 24, generator=g), torch.randn(20, generator=g)
@@ -204,7 +205,7 @@ def test_layer_bad_input(change, error, match, monkeypatch):
 
 # 2. The update op.
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
 @pytest.mark.parametrize("copy_dtype", [None, torch.float16, torch.bfloat16], ids=["nocopy", "fp16", "bf16"])
 def test_update_matches_float64(backend, copy_dtype, device):
     g = torch.Generator().manual_seed(8)
@@ -220,6 +221,35 @@ def test_update_matches_float64(backend, copy_dtype, device):
     assert err <= bound, f"{backend} update: max error {err:.2e} > {bound:.2e}"
     if copy_ is not None:
         assert torch.equal(copy_, W.to(copy_dtype)), "the copy is not the updated W rounded to nearest"
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
+def test_update_into_a_strided_copy(backend, device):
+    """The copy may be any 2-D view (here a transposed one): every element lands in its place."""
+    g = torch.Generator().manual_seed(9)
+    N, K, R = 37, 50, 8
+    W, P, Q = (torch.randn(*s, generator=g).to(device) for s in ((N, K), (N, R), (R, K)))
+    storage = torch.full((K, N), float("nan"), dtype=torch.bfloat16, device=device)
+    copy_ = storage.t()
+    expected = W.double() - 0.5 * P.double() @ Q.double()
+    lowrank_update_(W, P, Q, -0.5, copy=copy_, backend=backend)
+    assert not storage.isnan().any()
+    assert torch.equal(copy_, W.to(torch.bfloat16))
+    assert (W.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_cuda_update_of_a_low_precision_weight(dtype, device):
+    """Unlike the Triton update (fp32 masters only), the cuda backend's updates a 16-bit W in
+    place (one GEMM with beta = 1, rounded once): as close to float64 as torch's addmm_."""
+    g = torch.Generator().manual_seed(10)
+    N, K, R = 40, 56, 12
+    W64, P64, Q64 = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((N, K), (N, R), (R, K)))
+    expected = W64.to(dtype).double() - 0.25 * P64.to(dtype).double() @ Q64.to(dtype).double()
+    got, base = (W64.to(device, dtype) for _ in range(2))
+    lowrank_update_(got, P64.to(device, dtype), Q64.to(device, dtype), -0.25, backend="cuda")
+    lowrank_update_(base, P64.to(device, dtype), Q64.to(device, dtype), -0.25, backend="torch")
+    assert_close_to_reference(f"cuda update {dtype}", got, expected, base)
 
 
 def test_update_bad_input(monkeypatch):
@@ -407,7 +437,7 @@ def _train_virtual(model, xs, targets, lr, steps, opt=None):
     return opt
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
 def test_virtual_ranks_match_the_float64_algorithm(backend):
     K, r, alpha, lr, steps = 3, 2, 4.0, 1e-2, 3
     base = _net()

@@ -4,7 +4,7 @@
 
 1. The oracle: gradcheck of the torch backend in float64 (its backward formulas against
    numerical derivatives).
-2. The Triton backend against the float64 reference (the torch backend on float64 copies of
+2. The triton and cuda backends against the float64 reference (the torch backend on float64 copies of
    the same inputs), forward and every gradient asked for, by the rule in tests/utils.py (whose
    baseline is the torch backend in the same dtype), over odd shapes, ranks 1-128, and
    non-contiguous x, parameters and upstream gradients (stride 0 included).
@@ -29,7 +29,10 @@ from adapterops import lowrank_linear
 from adapterops.backends import BACKENDS
 from utils import assert_close_to_reference, forbid_backend_calls
 
-BACKEND_NAMES = ("triton", "torch")
+BACKEND_NAMES = ("triton", "cuda", "torch")
+# The backends judged against float64 by the rule in tests/utils.py (see
+# test_matches_float64_reference for why not torch).
+FUSED_BACKENDS = ("triton", "cuda")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -228,12 +231,11 @@ def _spy_layouts(monkeypatch, backend: str) -> dict:
     return seen
 
 
-# Only "triton": the baseline of the rule in tests/utils.py IS the torch backend in the same
+# Not "torch": the baseline of the rule in tests/utils.py IS the torch backend in the same
 # dtype, so the torch backend would be compared with itself (err == base_err) and could not
-# fail. The torch backend's own check is the float64 gradcheck below (the oracle). A further
-# backend (the `cuda` C++ one) joins this list when it lands.
+# fail. The torch backend's own check is the float64 gradcheck below (the oracle).
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
-@pytest.mark.parametrize("backend", ["triton"])
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_matches_float64_reference(case, backend, dtype, device, monkeypatch):
     inputs = make_inputs(case)
@@ -409,7 +411,8 @@ def _op_samples(device: str, with_s: bool, with_bias: bool, requires_grad: bool)
 
 
 @pytest.mark.parametrize("backend,with_s,with_bias", [("torch", True, True), ("torch", False, False),
-                                                      ("triton", True, False), ("triton", False, True)])
+                                                      ("triton", True, False), ("triton", False, True),
+                                                      ("cuda", True, False), ("cuda", False, True)])
 def test_opcheck_forward(backend, with_s, with_bias, device):
     x, weight, bias, lora_A, lora_B, lora_S = _op_samples(device, with_s, with_bias, True)
     torch.library.opcheck(torch.ops.adapterops.lowrank_linear_fwd.default,
@@ -422,6 +425,8 @@ def test_opcheck_forward(backend, with_s, with_bias, device):
     ("torch", False, (True, True, True, False)),   # LoRA
     ("triton", True, (True, False, True, True)),   # LaMDA
     ("triton", False, (True, True, True, False)),  # LoRA: dA from x
+    ("cuda", True, (True, False, True, True)),     # LaMDA
+    ("cuda", False, (True, True, True, False)),    # LoRA: dA from x
 ])
 def test_opcheck_backward(backend, with_s, needs, device):
     x, weight, bias, lora_A, lora_B, lora_S = _op_samples(device, with_s, False, False)

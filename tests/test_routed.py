@@ -5,7 +5,7 @@
 1. The oracle: a float64 per-head loop written here (the published formulation, independent of
    the backends' fused form). The torch backend in float64 must match it to float64 rounding
    (forward, probabilities and every gradient), and gradcheck checks its backward formulas.
-2. The Triton backend in fp32, fp16 and bf16 against the float64 loop, forward, the returned
+2. The triton and cuda backends in fp32, fp16 and bf16 against the float64 loop, forward, the returned
    probabilities and every gradient (x, lora_A, lora_B, router_weight; weight and bias when
    they train), by the rule in tests/utils.py (baseline: the torch backend in the same dtype).
    Dense and top-k (k = 1, 2), E in {1, 2, 3, 4, 8, 16}, ranks 1 to 128, E r up to 256, odd
@@ -13,8 +13,9 @@
 3. Top-k semantics: k kept, the rest exactly zero, no renormalisation, ties to the lower head.
 4. The memory contract (saved_tensors_hooks), frozen heads, zero tokens.
 5. opcheck and torch.compile(fullgraph=True); autocast.
-6. Bad input raises before any backend runs, naming the argument and the sizes; dispatch
-   limits of the Triton path fall back to torch with the reason.
+6. Bad input raises before any backend runs, naming the argument and the sizes; beyond the
+   Triton path's limits (heads, rank, E r) the dispatcher gives the reason and the cuda backend
+   serves, checked against the float64 loop up to 40 heads and rank 200.
 
 Top-k is discontinuous: a token whose k-th and (k+1)-th logits nearly tie may pick different
 heads in different dtypes. The test inputs are drawn so that every token's gap there is at
@@ -28,7 +29,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adapterops import routed_lowrank_linear
+from adapterops import dispatch, routed_lowrank_linear
 from adapterops.backends import BACKENDS
 from utils import assert_close_to_reference, forbid_backend_calls
 
@@ -233,17 +234,20 @@ def test_reference_gradcheck(top_k, device):
     assert torch.autograd.gradcheck(f, tuple(args))
 
 
-# 2. The Triton backend against float64.
+# 2. The fused backends against float64.
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_triton_matches_float64_reference(case, dtype, device):
+# Not "torch": it is the baseline of the rule in tests/utils.py (it would be compared with
+# itself); its own check is the float64 loop above.
+FUSED_BACKENDS = ("triton", "cuda")
+
+
+def check_against_float64_loop(case: Case, dtype: torch.dtype, device: str, backend: str):
     inputs = make_inputs(case)
     ref_y, ref_p, ref_grads = run_case(case, _rounded(inputs, dtype), torch.float64, device,
                                        None, per_head_loop)
     base_y, base_p, base_grads = run_case(case, inputs, dtype, device, "torch")
-    y, p, grads = run_case(case, inputs, dtype, device, "triton")
-    where = f"{case.id} triton {DTYPE_IDS[dtype]}"
+    y, p, grads = run_case(case, inputs, dtype, device, backend)
+    where = f"{case.id} {backend} {DTYPE_IDS[dtype]}"
     assert y.dtype == dtype and p.dtype == torch.float32
     assert p.shape == (*case.lead, case.heads)
     assert_close_to_reference(f"{where} y", y, ref_y, base_y)
@@ -253,35 +257,59 @@ def test_triton_matches_float64_reference(case, dtype, device):
         assert_close_to_reference(f"{where} d{name}", grad, ref_grads[name], base_grads[name])
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_matches_float64_reference(case, backend, dtype, device):
+    check_against_float64_loop(case, dtype, device, backend)
+
+
+# Shapes the Triton kernels decline (more than 16 heads, rank above 128, E r above 256), which
+# the cuda backend serves: more heads than a warp has lanes, top-k among many heads.
+BEYOND_TRITON_CASES = [
+    Case("e17-r4-top3", (29,), 40, 36, 4, 17, top_k=3, probs_loss=True, seed=71),
+    Case("e40-r8-top5", (23,), 36, 44, 8, 40, top_k=5, seed=72),
+    Case("e4-r65", (19,), 48, 40, 65, 4, seed=73),
+    Case("e1-r200-3d", (2, 7), 40, 36, 200, 1, scaling=0.7, seed=74),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("case", BEYOND_TRITON_CASES, ids=lambda c: c.id)
+def test_cuda_beyond_triton_limits_matches_float64_reference(case, dtype, device):
+    check_against_float64_loop(case, dtype, device, "cuda")
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("top_k", [None, 2], ids=["dense", "top2"])
-def test_a_loss_on_the_probabilities_alone(top_k, device):
+def test_a_loss_on_the_probabilities_alone(backend, top_k, device):
     """y unused (only a balance-style loss on p): the gradients still reach x, A and the
     router through the probabilities alone, and B gets none."""
     case = Case("probs-only", (23,), 40, 36, 8, 4, top_k=top_k, seed=15)
     inputs = make_inputs(case)
     grads = {}
-    for backend, dtype in (("triton", torch.float32), (None, torch.float64)):
+    for fused, dtype in ((backend, torch.float32), (None, torch.float64)):
         t = {n: inputs[n].to(device=device, dtype=dtype) for n in LEAVES if inputs[n] is not None}
         for n in ("x", "lora_A", "lora_B", "router_weight"):
             t[n].requires_grad_()
-        if backend is None:
+        if fused is None:
             _, probs = per_head_loop(t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"],
                                      t["router_weight"], case.scaling, top_k)
         else:
             _, probs = routed_lowrank_linear(t["x"], t["weight"], t["bias"], t["lora_A"],
                                              t["lora_B"], t["router_weight"], case.scaling,
-                                             top_k=top_k, return_router_probs=True, backend=backend)
+                                             top_k=top_k, return_router_probs=True, backend=fused)
         (probs.square().sum()).backward()
-        grads[backend] = {n: t[n].grad for n in ("x", "lora_A", "lora_B", "router_weight")}
+        grads[fused] = {n: t[n].grad for n in ("x", "lora_A", "lora_B", "router_weight")}
     for n in ("x", "router_weight"):
-        err = _rel_err(grads["triton"][n].double(), grads[None][n])
-        assert err <= 1e-5, f"probs-only loss d{n}: relative error {err:.2e} > 1e-5"
-    assert not grads["triton"]["lora_A"].any() and not grads["triton"]["lora_B"].any()
+        err = _rel_err(grads[backend][n].double(), grads[None][n])
+        assert err <= 1e-5, f"{backend} probs-only loss d{n}: relative error {err:.2e} > 1e-5"
+    assert not grads[backend]["lora_A"].any() and not grads[backend]["lora_B"].any()
 
 
 # 3. Top-k semantics.
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
 @pytest.mark.parametrize("top_k", [1, 2, 3])
 def test_top_k_keeps_k_unnormalised(backend, top_k, device):
     """Through the op alone (B = the identity per head, W = 0): y = s Σ_e g_e h, and with one
@@ -307,7 +335,7 @@ def test_top_k_keeps_k_unnormalised(backend, top_k, device):
                        (gates.abs() > 1e-6).nonzero()[:, 1].view(-1, top_k)), "not the largest"
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
 def test_top_k_ties_go_to_the_lower_head(backend, device):
     """Heads 1 and 2 have identical router rows, so equal probabilities: with k = 2 and head 0
     the largest, head 1 is kept and head 2 dropped."""
@@ -357,7 +385,7 @@ def _saved(backend: str, device: str, train: tuple, x_grad: bool, top_k=None):
     return activations, (M, K, N, r, E)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
 def test_memory_contract(backend, device):
     everything, (M, K, N, r, E) = _saved(backend, device, ("lora_A", "lora_B", "router_weight"), True)
     assert everything == sorted([(M, K), (M, r), (M, E * r), (M, E)]), everything
@@ -370,7 +398,7 @@ def test_memory_contract(backend, device):
     assert heads_only == [(M, E * r)], heads_only
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
 def test_zero_tokens(backend, device):
     x = torch.randn(0, 3, 16, device=device, requires_grad=True)
     A = torch.randn(4, 16, device=device, requires_grad=True)
@@ -397,7 +425,7 @@ def _op_samples(device, top_k):
 
 
 @pytest.mark.parametrize("backend,top_k", [("torch", None), ("torch", 2), ("triton", None),
-                                           ("triton", 1)])
+                                           ("triton", 1), ("cuda", None), ("cuda", 2)])
 def test_opcheck(backend, top_k, device):
     x, W, b, A, B, Wg = _op_samples(device, top_k)
     for t in (x, A, B, Wg):
@@ -432,7 +460,7 @@ class _Hydra(torch.nn.Module):
         return torch.nn.functional.gelu(y), p
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
 def test_torch_compile_fullgraph_matches_eager(backend, device):
     torch._dynamo.reset()
     model = _Hydra(backend).to(device)
@@ -537,5 +565,9 @@ def test_triton_declines_beyond_its_limits(E, r, why, device):
     assert any(why in reason for reason in reasons), reasons
     with pytest.raises(ValueError, match=why.replace("+", r"\+")):
         routed_lowrank_linear(**args, backend="triton")
+    assert BACKENDS["cuda"].reasons("routed", x=args["x"], weight=args["weight"],
+                                    lora_A=args["lora_A"], lora_B=args["lora_B"]) == []
+    assert dispatch.select("routed", None, x=args["x"], weight=args["weight"],
+                           lora_A=args["lora_A"], lora_B=args["lora_B"]).name == "cuda"
     auto = routed_lowrank_linear(**args)
     torch.testing.assert_close(auto, routed_lowrank_linear(**args, backend="torch"))

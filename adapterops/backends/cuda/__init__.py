@@ -43,9 +43,8 @@ class CudaBackend(Backend):
 
     def unavailable_reason(self) -> Optional[str]:
         """Only what is known without loading: the extension loads at the first servable input."""
-        if extension.load.cache_info().currsize:
-            return extension.load().reason
-        return None
+        ext = extension.loaded()
+        return ext.reason if ext is not None else None
 
     def _reasons(self, t: Tensor) -> list[str]:
         out = _device_and_dtype_reasons(t)

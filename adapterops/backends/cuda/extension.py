@@ -10,7 +10,6 @@ failure becomes the reason the backend gives, shown by the dispatcher and
 `python -m adapterops.info`.
 """
 import dataclasses
-import functools
 import os
 import sys
 from pathlib import Path
@@ -99,9 +98,31 @@ def _jit_build(variant: str) -> ModuleType:
                 build_directory=str(directory), with_cuda=with_cuda, verbose=False)
 
 
-@functools.cache
+_loaded: Optional[Extension] = None  # the outcome of the first `load()`, kept for the process
+
+
 def load() -> Extension:
     """The extension, loaded (or built) at the first call; the outcome is kept for the process."""
+    global _loaded
+    if _loaded is None:
+        _loaded = _load()
+    return _loaded
+
+
+def loaded() -> Optional[Extension]:
+    """What `load()` gave, or None when nothing has asked yet (loads nothing)."""
+    return _loaded
+
+
+def load_if_built() -> Optional[Extension]:
+    """`load()` when that builds nothing (already loaded, or a prebuilt extension to import);
+    None when loading would need a just-in-time build."""
+    if _loaded is None and _import_prebuilt()[0] is None:
+        return None
+    return load()
+
+
+def _load() -> Extension:
     module, prebuilt_reason = _import_prebuilt()
     if module is not None:
         return _checked(module, "prebuilt")
@@ -124,15 +145,14 @@ def _checked(module: ModuleType, how: str) -> Extension:
 
 
 def describe() -> str:
-    """One line for `python -m adapterops.info`, without building anything."""
-    if load.cache_info().currsize:
-        ext = load()
+    """One line for `python -m adapterops.info`; builds nothing (a prebuilt extension is loaded)."""
+    ext = load_if_built()
+    if ext is not None:
         if ext.module is None:
             return f"not loaded: {ext.reason}"
-        return f"loaded ({ext.how}; {'CUDA and CPU' if ext.with_cuda else 'CPU only'} kernels)"
-    module, prebuilt_reason = _import_prebuilt()
-    if module is not None:
-        return f"prebuilt ({'CUDA and CPU' if module.with_cuda else 'CPU only'} kernels)"
+        kernels = "CUDA and host" if ext.with_cuda else "host only: CPU tensors"
+        return f"loaded ({ext.how}; {kernels})"
+    prebuilt_reason = _import_prebuilt()[1]
     variant, jit_reason = jit_variant()
     if variant is not None:
         return f"not built ({prebuilt_reason}); the {variant} variant builds just in time on first use"
