@@ -5,9 +5,10 @@ benchmarks/hdpissa.py), writes DIR/results.csv, DIR/summary.md and, when matplot
 installed, PNG plots (benchmarks/plots.py) into DIR (default:
 benchmarks/results/<device>-<YYYY-MM-DD>/) and prints the summary.
 
-On a machine without a GPU the run sets TRITON_INTERPRET=1 (unless already set), so the
-`triton` provider runs under the Triton interpreter: its times measure the emulator, not the
-kernels. A provider that cannot run gives rows with the reason in `error`.
+On a machine without a GPU the run sets TRITON_INTERPRET=1 and ADAPTEROPS_CSRC_ON_CPU=1 (unless
+already set), so the `triton` provider runs under the Triton interpreter and the `cuda` provider
+runs the host build of its C++ on CPU tensors: their times measure the emulator and ATen's CPU
+GEMMs, not the GPU kernels. A provider that cannot run gives rows with the reason in `error`.
 """
 import argparse
 import datetime
@@ -46,8 +47,10 @@ def main(argv=None) -> None:
     if args.device == "cpu" and not torch.cuda.is_available():
         # Without a GPU the triton provider can only run under the interpreter, set before
         # adapterops first imports its kernels (here, before any case runs). Its times measure
-        # the emulator, not the kernels; they show the provider works end to end.
+        # the emulator, not the kernels; they show the provider works end to end. Likewise the
+        # cuda provider runs its C++ on CPU tensors (the host build, compiled on first use).
         os.environ.setdefault("TRITON_INTERPRET", "1")
+        os.environ.setdefault("ADAPTEROPS_CSRC_ON_CPU", "1")
     out_dir = args.out or (Path(__file__).parent / "results"
                            / f"{args.device}-{datetime.date.today().isoformat()}")
     benchmarks = [BENCHMARKS[name] for name in names]

@@ -312,7 +312,8 @@ def run(benchmarks: Sequence[OpBenchmark], *, device: str, dtype: torch.dtype, q
     plan = [(bench, case) for bench in benchmarks for case in bench.cases(quick, device.type)]
     print(f"{len(plan)} cases on {env['device']} ({env['device_name']}), {env['dtype']}, torch "
           f"{env['torch']}, triton {env['triton'] or '-'}, TRITON_INTERPRET="
-          f"{os.environ.get('TRITON_INTERPRET', '')!r}", flush=True)
+          f"{os.environ.get('TRITON_INTERPRET', '')!r}, ADAPTEROPS_CSRC_ON_CPU="
+          f"{os.environ.get('ADAPTEROPS_CSRC_ON_CPU', '')!r}", flush=True)
     rows = []
     run_start = time.perf_counter()
     for index, (bench, case) in enumerate(plan, 1):

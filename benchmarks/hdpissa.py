@@ -24,8 +24,9 @@ Providers, timed side by side:
   gradient dY^T x in backward. The released code (MuLabPKU/HD-PiSSA, hd_pissa.py) is costlier
   still: it adds a second full-size GEMM, `F.linear(x.float(), B A * 1e-16 * alpha)`, in fp32;
   this form keeps its defining cost (an out x in adapter and its gradient) in one GEMM.
-- `torch`, `triton`: adapterops.hdpissa_linear with backend="torch" (the reference) and
-  backend="triton" (the fused kernels).
+- `torch`, `triton`, `cuda`: adapterops.hdpissa_linear with backend="torch" (the reference),
+  backend="triton" (the fused kernels) and backend="cuda" (the compiled C++ fallback; on CPU
+  only with ADAPTEROPS_CSRC_ON_CPU=1).
 
 FLOP model (M tokens, K = in, N = out, rank r; 2 FLOPs per multiply-add; bias, scaling and
 elementwise ops not counted). As in routed.py, every provider but the floor is credited with
@@ -79,7 +80,8 @@ Providers, per layer:
   layer, each materialised and summed), and `W += s delta`.
 - `torch_eager`: `W.sub_(P @ Q, alpha=s)`: one out x in temporary.
 - `addmm`: `W.addmm_(P, Q, alpha=-s)` (cuBLAS, in place).
-- `torch`, `triton`: `adapterops.lowrank_update_(W, P, Q, -s, backend=...)`; triton is the fused
+- `torch`, `triton`, `cuda`: `adapterops.lowrank_update_(W, P, Q, -s, backend=...)`; cuda is
+  cuBLAS's in-place addmm (beta = 1) plus its rounding kernel for the copy; triton is the fused
   one-pass kernel, torch the reference (an addmm_ behind the dispatcher).
 
 FLOP model (per layer, times L; W is out x in, K ranks): the one GEMM W -= s P Q of inner
@@ -118,7 +120,7 @@ import adapterops
 
 from .harness import UPDATE, Case, OpBenchmark, Workload, make_tensor
 
-PROVIDERS = ("floor", "torch_eager", "addmm", "official", "torch", "triton")
+PROVIDERS = ("floor", "torch_eager", "addmm", "official", "torch", "triton", "cuda")
 SCALING = 0.5
 LAYERS = 8
 # (in, out) of LLaMA-7B-like projections: square attention, MLP up, MLP down.
@@ -208,7 +210,8 @@ def layer_workload(provider: str, case: Case, dtype: torch.dtype,
 
     forwards = {"floor": lambda: F.linear(x, weight, bias), "torch_eager": eager,
                 "addmm": lambda: _AddmmLayer.apply(x, weight, bias, lora_A, lora_B, SCALING),
-                "official": official, "torch": ours("torch"), "triton": ours("triton")}
+                "official": official, "torch": ours("torch"), "triton": ours("triton"),
+                "cuda": ours("cuda")}
     uses_adapter = provider != "floor"
     fwd_flops, bwd_flops = _layer_flops(case, provider)
     fwd_bytes, bwd_bytes = _layer_bytes(case, provider, x.element_size())
@@ -298,7 +301,8 @@ def update_workload(provider: str, case: Case, dtype: torch.dtype,
         return apply
 
     per_layer = {"torch_eager": eager, "addmm": addmm, "official": _Layer.official,
-                 "torch": ours("torch"), "triton": ours("triton")}.get(provider)
+                 "torch": ours("torch"), "triton": ours("triton"),
+                 "cuda": ours("cuda")}.get(provider)
 
     def every_layer():
         for layer in layers:
@@ -315,10 +319,10 @@ BENCHMARKS = (
     OpBenchmark(name="hdpissa", cases=layer_cases, providers=PROVIDERS, workload=layer_workload,
                 baseline="floor",
                 speedups=(("triton", "official"), ("triton", "torch_eager"),
-                          ("triton", "addmm"))),
+                          ("triton", "addmm"), ("triton", "cuda"))),
     OpBenchmark(name="hdpissa_update", cases=update_cases, providers=PROVIDERS,
                 workload=update_workload, baseline="floor",
                 speedups=(("triton", "official"), ("triton", "torch_eager"),
-                          ("triton", "addmm")),
+                          ("triton", "addmm"), ("triton", "cuda")),
                 modes=(UPDATE,), dtype=torch.float32),
 )

@@ -16,8 +16,10 @@ Providers, timed side by side:
   injected into a one-layer model with `peft.inject_adapter_in_model`) holding the same W, bias,
   A and B, with lora_alpha = s r so that its scaling is s. When `import peft` fails its rows
   carry the ImportError. peft is not a dependency of adapterops (`pip install peft`).
-- `torch`, `triton`: adapterops.lowrank_linear with backend="torch" (the reference) and
-  backend="triton" (the fused kernels).
+- `torch`, `triton`, `cuda`: adapterops.lowrank_linear with backend="torch" (the reference),
+  backend="triton" (the fused kernels) and backend="cuda" (the compiled C++ fallback: cuBLAS
+  GEMMs with the low-rank term folded in as beta = 1 accumulation). On CPU the cuda provider
+  runs only with ADAPTEROPS_CSRC_ON_CPU=1 (its rows carry the reason otherwise).
 
 FLOP model (M tokens, K = in, N = out, rank r; 2 FLOPs per multiply-add; bias, scaling and
 elementwise adds not counted):
@@ -41,8 +43,8 @@ import adapterops
 
 from .harness import Case, OpBenchmark, Workload, make_tensor
 
-PROVIDERS = {"lamda": ("floor", "torch_eager", "addmm", "torch", "triton"),
-             "lora": ("floor", "torch_eager", "addmm", "peft", "torch", "triton")}
+PROVIDERS = {"lamda": ("floor", "torch_eager", "addmm", "torch", "triton", "cuda"),
+             "lora": ("floor", "torch_eager", "addmm", "peft", "torch", "triton", "cuda")}
 SCALING = 0.5
 # (in, out) of LLaMA-7B-like projections: square attention, MLP up, MLP down.
 FULL_FEATURES = ((4096, 4096), (4096, 11008), (11008, 4096))
@@ -130,6 +132,8 @@ def workload(provider: str, case: Case, dtype: torch.dtype, device: torch.device
                                                    lora_S, backend="torch"),
         "triton": lambda: adapterops.lowrank_linear(x, weight, bias, lora_A, lora_B, SCALING,
                                                     lora_S, backend="triton"),
+        "cuda": lambda: adapterops.lowrank_linear(x, weight, bias, lora_A, lora_B, SCALING,
+                                                  lora_S, backend="cuda"),
     }
     if provider == "peft":
         if lamda:
@@ -149,6 +153,8 @@ def workload(provider: str, case: Case, dtype: torch.dtype, device: torch.device
 BENCHMARKS = tuple(
     OpBenchmark(name=name, cases=cases, providers=PROVIDERS[name],
                 workload=functools.partial(workload, lamda=name == "lamda"), baseline="floor",
-                speedups=(("triton", "torch_eager"), ("triton", "addmm"))
+                # ("triton", "cuda"): the cuda fallback's time over triton's (target <= 1.2).
+                speedups=(("triton", "torch_eager"), ("triton", "addmm"), ("triton", "cuda"),
+                          ("cuda", "torch_eager"))
                 + ((("triton", "peft"),) if "peft" in PROVIDERS[name] else ()))
     for name in ("lamda", "lora"))

@@ -16,8 +16,9 @@ Providers, timed side by side:
   `result = F.linear(x, W, b)`, the same g, then per head
   `result = result + g[:, e:e+1] * F.linear(F.linear(x, A), B_e) * s` in a Python loop; it
   recomputes x A^T for every head, as the released code does.
-- `torch`, `triton`: adapterops.routed_lowrank_linear with backend="torch" (the reference) and
-  backend="triton" (the fused kernels).
+- `torch`, `triton`, `cuda`: adapterops.routed_lowrank_linear with backend="torch" (the
+  reference), backend="triton" (the fused kernels) and backend="cuda" (the compiled C++
+  fallback; on CPU only with ADAPTEROPS_CSRC_ON_CPU=1).
 
 FLOP model (M tokens, K = in, N = out, rank r, E heads; 2 FLOPs per multiply-add; bias,
 scaling, softmax, gating and elementwise adds not counted). As in lowrank.py, every provider
@@ -59,7 +60,7 @@ import adapterops
 
 from .harness import Case, OpBenchmark, Workload, make_tensor
 
-PROVIDERS = ("floor", "torch_eager", "addmm", "official", "torch", "triton")
+PROVIDERS = ("floor", "torch_eager", "addmm", "official", "torch", "triton", "cuda")
 SCALING = 0.5
 MAX_HEADS_X_RANK = 256  # the Triton backend's limit on E r
 # (in, out) of LLaMA-7B-like projections: square attention, MLP up, MLP down.
@@ -149,7 +150,7 @@ def workload(provider: str, case: Case, dtype: torch.dtype, device: torch.device
 
     forwards = {"floor": lambda: F.linear(x, weight, bias), "torch_eager": eager,
                 "addmm": addmm, "official": official, "torch": ours("torch"),
-                "triton": ours("triton")}
+                "triton": ours("triton"), "cuda": ours("cuda")}
     uses_adapter = provider != "floor"
     fwd_flops, bwd_flops = _flops(case, provider)
     fwd_bytes, bwd_bytes = _bytes(case, provider, x.element_size())
@@ -163,4 +164,4 @@ def workload(provider: str, case: Case, dtype: torch.dtype, device: torch.device
 BENCHMARKS = (OpBenchmark(name="hydra", cases=cases, providers=PROVIDERS, workload=workload,
                           baseline="floor",
                           speedups=(("triton", "official"), ("triton", "torch_eager"),
-                                    ("triton", "addmm"))),)
+                                    ("triton", "addmm"), ("triton", "cuda"))),)

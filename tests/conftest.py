@@ -64,3 +64,11 @@ def device() -> str:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_report_header(config):
+    """Says which code the cuda backend's tests exercise here (its CUDA kernels run only on a GPU)."""
+    if torch.cuda.is_available():
+        return "cuda backend: the CUDA build of adapterops._C on CUDA tensors"
+    return ("cuda backend: its C++ on CPU tensors (host build, ADAPTEROPS_CSRC_ON_CPU=1); "
+            "its CUDA kernels are compiled (make csrc-check) but do not run without a GPU")

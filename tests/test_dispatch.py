@@ -182,3 +182,20 @@ def test_jit_build_can_be_forbidden(monkeypatch):
     monkeypatch.setenv(cuda_extension.JIT_ENV, "0")
     variant, why = cuda_extension.jit_variant()
     assert variant is None and "ADAPTEROPS_JIT_BUILD=0" in why
+
+
+def test_a_missing_extension_never_breaks_import_and_gives_a_reason(monkeypatch):
+    """No importable adapterops._C and no build allowed: the backend declines with both reasons
+    (the outcome is then kept for the process; monkeypatch restores it afterwards)."""
+    import sys
+    monkeypatch.setitem(sys.modules, "adapterops._C", None)  # `from adapterops import _C` fails
+    monkeypatch.setenv(cuda_extension.JIT_ENV, "0")
+    monkeypatch.setattr(cuda_extension, "_loaded", None)
+    args = _inputs("cpu")
+    monkeypatch.setenv(cuda_extension.ON_CPU_ENV, "1")
+    why = BACKENDS["cuda"].reasons("lowrank", x=args["x"], weight=args["weight"],
+                                   lora_A=args["lora_A"])
+    assert len(why) == 1 and "no prebuilt adapterops._C" in why[0], why
+    assert "ADAPTEROPS_JIT_BUILD=0" in why[0], why
+    assert cuda_extension.describe().startswith("not loaded: no prebuilt adapterops._C")
+    assert _select(args) == "triton"
