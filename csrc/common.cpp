@@ -33,4 +33,10 @@ at::Tensor scaled_mm(const at::Tensor& a, const at::Tensor& b, double alpha) {
   return at::addmm_out(out, out, a, b, /*beta=*/0, /*alpha=*/alpha);
 }
 
+at::Tensor low_rank_term(const at::Tensor& h, const at::Tensor& b_t,
+                         const std::optional<at::Tensor>& bias, double alpha) {
+  if (bias.has_value()) return at::addmm(*bias, h, b_t, /*beta=*/1, /*alpha=*/alpha);
+  return scaled_mm(h, b_t, alpha);
+}
+
 }  // namespace adapterops

@@ -15,6 +15,7 @@
 
 #include <initializer_list>
 #include <optional>
+#include <string>
 
 #ifdef __CUDACC__
 #define ADAPTEROPS_HOST_DEVICE __host__ __device__
@@ -65,6 +66,11 @@ const at::Tensor& or_undefined(const std::optional<at::Tensor>& tensor);
 // out = alpha * (a @ b): the scale is the GEMM's alpha (beta = 0: out's old contents are not read).
 at::Tensor scaled_mm(const at::Tensor& a, const at::Tensor& b, double alpha);
 
+// bias + alpha * (h @ b_t), the low-rank term a base GEMM then accumulates onto (beta = 1);
+// bias may be absent.
+at::Tensor low_rank_term(const at::Tensor& h, const at::Tensor& b_t,
+                         const std::optional<at::Tensor>& bias, double alpha);
+
 // The non-GEMM work, on the device of its arguments (routed_gates.cpp, round_copy.cpp and *_cuda.cu).
 void routed_gates_forward(const at::Tensor& hl, int64_t rank, int64_t top_k, at::Tensor& h,
                           at::Tensor& probs, at::Tensor& gates, at::Tensor& hg);
@@ -80,6 +86,8 @@ void routed_gates_backward_cuda(const at::Tensor& u, const at::Tensor& h, const 
                                 const at::Tensor& gates, bool has_top_k,
                                 const at::Tensor& grad_probs, at::Tensor& seed);
 void round_copy_cuda(const at::Tensor& source, at::Tensor& target);
+// Empty when the CUDA kernels have an image for `device`, else the CUDA error (kernel_image_cuda.cu).
+std::string kernel_image_problem(int64_t device);
 #endif
 
 }  // namespace adapterops

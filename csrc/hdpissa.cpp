@@ -4,6 +4,8 @@
 //     g = s dY B,  gA = g^T x,  gB = s dY^T h,  dx = dY W      (cuBLAS through ATen; s is alpha)
 //     update: W += scale P Q in place (one GEMM, beta = 1), then copy = W rounded to copy's
 //             dtype (round_copy: one pass over W)
+#include <ATen/MemoryOverlap.h>
+
 #include "common.h"
 
 namespace adapterops {
@@ -43,11 +45,21 @@ void lowrank_update_(at::Tensor weight, const at::Tensor& P, const at::Tensor& Q
   TORCH_CHECK(P.size(0) == weight.size(0) && Q.size(1) == weight.size(1) && P.size(1) == Q.size(0),
               kUpdate, ": weight ", weight.sizes(), " += P ", P.sizes(), " @ Q ", Q.sizes(),
               " does not fit");
+  // Everything about copy is checked before W changes: a failed call leaves W as it was.
+  if (copy.has_value()) {
+    const at::ScalarType dtype = copy->scalar_type();
+    TORCH_CHECK(copy->sizes() == weight.sizes() && copy->device() == weight.device() &&
+                    (dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16),
+                kUpdate, ": copy (", dtype, " ", copy->sizes(), " on ", copy->device(),
+                ") must be float32, float16 or bfloat16 of weight's shape ", weight.sizes(),
+                " on ", weight.device());
+    // Each element is written once, by the thread that reads it from W: copy may be W itself,
+    // but must not repeat elements or overlap W otherwise.
+    at::assert_no_internal_overlap(*copy);
+    at::assert_no_partial_overlap(weight, *copy);
+  }
   weight.addmm_(P, Q, /*beta=*/1, /*alpha=*/scale);
   if (copy.has_value()) {
-    TORCH_CHECK(copy->sizes() == weight.sizes() && copy->device() == weight.device(), kUpdate,
-                ": copy ", copy->sizes(), " on ", copy->device(), " must match weight ",
-                weight.sizes(), " on ", weight.device());
     at::Tensor target = *copy;
     round_copy(weight, target);
   }

@@ -34,6 +34,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "adapterops' CUDA C++ backend: importing this module registers its ops.";
 #ifdef ADAPTEROPS_WITH_CUDA
   module.attr("with_cuda") = true;
+  module.def("kernel_image_problem", &adapterops::kernel_image_problem, pybind11::arg("device"),
+             "Empty when the CUDA kernels can run on CUDA device `device`, else why not.");
 #else
   module.attr("with_cuda") = false;
 #endif

@@ -4,10 +4,12 @@
 //     h1 = x A^T,  h2 = h1 S^T (h2 = h1 without S),  y = x W^T + bias + s h2 B^T
 //     g = s dY B,  dB = s dY^T h2,  dS = g^T h1,  dx = dY W + (g S) A,  dA = (g S)^T x
 //
-// Forward: the base GEMM writes y (cuBLASLt's bias epilogue), then y += s h2 B^T is one GEMM
-// with beta = 1 and alpha = s: no M x out temporary, no elementwise pass. Backward: the scaled
-// GEMMs take s as alpha; dx = dY W, then dx += (g S) A with beta = 1. The memory contract
-// (LaMDA saves only h1/h2, never x) is the Python op's: backward gets x only when dA needs it.
+// Forward: y = bias + s h2 B^T (a GEMM of inner size r, alpha = s), then the base GEMM
+// accumulates onto it, y += x W^T (beta = 1): cuBLAS reads the low-rank term in the epilogue of
+// a compute-bound GEMM, where it costs next to nothing, instead of a separate memory-bound pass
+// over y; no M x out temporary, no elementwise pass. Backward likewise: dx = (g S) A, then
+// dx += dY W with beta = 1; the scaled GEMMs take s as alpha. The memory contract (LaMDA saves
+// only h1/h2, never x) is the Python op's: backward gets x only when dA needs it.
 #include "common.h"
 
 namespace adapterops {
@@ -24,8 +26,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lowrank_linear_fwd(
                         {"lora_A", lora_A}, {"lora_B", lora_B}, {"lora_S", or_undefined(lora_S)}});
   at::Tensor h1 = at::mm(x, lora_A.t());
   at::Tensor h2 = lora_S.has_value() ? at::mm(h1, lora_S->t()) : h1;
-  at::Tensor y = at::linear(x, weight, bias);
-  y.addmm_(h2, lora_B.t(), /*beta=*/1, /*alpha=*/scaling);
+  at::Tensor y = low_rank_term(h2, lora_B.t(), bias, scaling);
+  y.addmm_(x, weight.t());
   return {y, h1, lora_S.has_value() ? h2 : at::empty({0}, x.options())};
 }
 
@@ -51,8 +53,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_linear_bwd(
     if (!need_x && !need_A) return {dx, dA, dB, dS};
     at::Tensor gS = lora_S.has_value() ? at::mm(g, *lora_S) : g;
     if (need_x) {
-      dx = at::mm(grad_y, weight);
-      dx.addmm_(gS, lora_A);
+      dx = at::mm(gS, lora_A);
+      dx.addmm_(grad_y, weight);
     }
     if (need_A) dA = at::mm(gS.t(), *x);
   }

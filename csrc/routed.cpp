@@ -3,11 +3,12 @@
 //     [h | logits] = x [A; Wg]^T           one GEMM, one read of x (logits in x's dtype, as the
 //                                          torch backend and the official code have them)
 //     p, g, hg = routed_gates_forward(...)  softmax (fp32), top-k, hg = [g_0 h | ... ]: a kernel
-//     y = x W^T + bias;  y += s hg Bcat^T  the routed sum as ONE GEMM of inner size E r, beta = 1
+//     y = bias + s hg Bcat^T               the routed sum as ONE GEMM of inner size E r
+//     y += x W^T                           the base GEMM accumulates onto it (beta = 1)
 //
 //     dBcat = s dY^T hg,  u = s dY Bcat     (Bcat = [B_0 | ... | B_{E-1}], out x E r)
 //     seed = [dh | dlogits] = routed_gates_backward(u, h, p, g, dprobs)   a kernel
-//     dx = dY W;  dx += seed [A; Wg]        beta = 1
+//     dx = seed [A; Wg];  dx += dY W        beta = 1
 //     [dA; dWg] = seed^T x                  one GEMM, one read of x
 //
 // Bcat and [A; Wg] are per-call copies of the adapter's weights (E r (in + out) elements).
@@ -35,6 +36,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_lo
                         {"lora_A", lora_A}, {"lora_B", lora_B, 3},
                         {"router_weight", router_weight}});
   const int64_t tokens = x.size(0), heads = lora_B.size(0), rank = lora_B.size(2);
+  TORCH_CHECK(heads >= 1 && router_weight.size(0) == heads && lora_A.size(0) == rank, kForward,
+              ": lora_B ", lora_B.sizes(), ", lora_A ", lora_A.sizes(), " and router_weight ",
+              router_weight.sizes(), " must agree on E >= 1 heads of rank r");
   TORCH_CHECK(!top_k.has_value() || (*top_k >= 1 && *top_k <= heads), kForward, ": top_k=",
               top_k.value_or(0), " must be in [1, ", heads, "] (lora_B.shape[0] heads)");
   at::Tensor hl = at::mm(x, at::cat({lora_A, router_weight}).t()).contiguous();
@@ -43,8 +47,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_lo
   at::Tensor probs = at::empty({tokens, heads}, x.options().dtype(probs_dtype(x)));
   at::Tensor gates = top_k.has_value() ? at::empty_like(probs) : at::empty({0}, probs.options());
   routed_gates_forward(hl, rank, top_k.value_or(0), h, probs, gates, hg);
-  at::Tensor y = at::linear(x, weight, bias);
-  y.addmm_(hg, heads_side_by_side(lora_B).t(), /*beta=*/1, /*alpha=*/scaling);
+  at::Tensor y = low_rank_term(hg, heads_side_by_side(lora_B).t(), bias, scaling);
+  y.addmm_(x, weight.t());
   return {y, h, hg, probs, gates};
 }
 
@@ -72,18 +76,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_lowrank_linear
   if (need_B)
     dB = scaled_mm(grad_y.t(), *hg, scaling).view({out, heads, rank}).permute({1, 0, 2}).contiguous();
   if (!need_gate_grads) return {dx, dA, dB, dWg};
-  TORCH_CHECK(probs->scalar_type() == probs_dtype(grad_y) && grad_probs.scalar_type() == probs_dtype(grad_y),
-              kBackward, ": probs and grad_probs must be ", probs_dtype(grad_y), ", got ",
-              probs->scalar_type(), " and ", grad_probs.scalar_type());
   const bool has_top_k = gates.has_value();
+  using Named = std::pair<const char*, const at::Tensor*>;
+  const std::initializer_list<Named> per_head = {
+      {"probs", &*probs}, {"grad_probs", &grad_probs}, {"gates", has_top_k ? &*gates : &*probs}};
+  for (const auto& [name, t] : per_head) {
+    TORCH_CHECK(t->scalar_type() == probs_dtype(grad_y) && t->device() == grad_y.device() &&
+                    t->dim() == 2 && t->size(0) == tokens && t->size(1) == heads,
+                kBackward, ": ", name, " must be a ", probs_dtype(grad_y), " (", tokens, ", ",
+                heads, ") tensor on ", grad_y.device(), ", got ", t->scalar_type(), " ",
+                t->sizes(), " on ", t->device());
+  }
+  TORCH_CHECK(h->size(0) == tokens && h->size(1) == rank, kBackward, ": h must be (", tokens,
+              ", ", rank, "), got ", h->sizes());
   at::Tensor u = scaled_mm(grad_y, heads_side_by_side(lora_B), scaling);
   at::Tensor seed = at::empty({tokens, rank + heads}, grad_y.options());
   const at::Tensor gates_or_probs = has_top_k ? gates->contiguous() : probs->contiguous();
   routed_gates_backward(u, h->contiguous(), probs->contiguous(), gates_or_probs, has_top_k,
                         grad_probs.contiguous(), seed);
   if (need_x) {
-    dx = at::mm(grad_y, weight);
-    dx.addmm_(seed, at::cat({lora_A, router_weight}));
+    dx = at::mm(seed, at::cat({lora_A, router_weight}));
+    dx.addmm_(grad_y, weight);
   }
   if (need_A || need_router) {
     // The rows of [dA; dWg] asked for, as one GEMM. A custom op's outputs may not alias each

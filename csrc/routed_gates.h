@@ -43,9 +43,20 @@ ADAPTEROPS_HOST_DEVICE void routed_gates_forward_row(
     lanes.sync();
   }
   const acc_t* kept = top_k > 0 ? gates : probs;
-  for (int64_t i = lanes.first; i < heads * rank; i += lanes.count)
-    hg[i] = static_cast<scalar_t>(kept[i / rank] * static_cast<acc_t>(hl[i % rank]));
-  for (int64_t j = lanes.first; j < rank; j += lanes.count) h[j] = hl[j];
+  // hg[e r + j] = g_e h_j over the flat index i = e r + j, lane-strided; (e, j) advance by the
+  // stride's own (quotient, remainder) so no element pays an integer division.
+  const int64_t step_e = lanes.count / rank, step_j = lanes.count % rank;
+  int64_t e = lanes.first / rank, j = lanes.first % rank;
+  for (int64_t i = lanes.first; i < heads * rank; i += lanes.count) {
+    hg[i] = static_cast<scalar_t>(kept[e] * static_cast<acc_t>(hl[j]));
+    e += step_e;
+    j += step_j;
+    if (j >= rank) {
+      j -= rank;
+      ++e;
+    }
+  }
+  for (int64_t k = lanes.first; k < rank; k += lanes.count) h[k] = hl[k];
 }
 
 // dp_e = dg_e (0 for a head top-k dropped) + dprobs_e.

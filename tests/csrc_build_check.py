@@ -1,10 +1,13 @@
 """CI's check of csrc/ on a machine without a GPU (`make csrc-check`, part of `make test`):
 compile and link adapterops._C against a CUDA build of torch for every arch in
-TORCH_CUDA_ARCH_LIST (default sm_80 and sm_90), then prove what was built:
+TORCH_CUDA_ARCH_LIST (setup.py's default: sm_80 and sm_90, plus sm_90 PTX), then prove what was
+built:
 
-1. the shared library holds a cubin for each arch (cuobjdump --list-elf);
-2. it loads into torch (no GPU needed to load), and every op it registers has the schema of the
-   Python custom op it mirrors (adapterops/ops/*.py, less the `backend` argument).
+1. the shared library holds a cubin for each arch, and PTX where the list asks for it
+   (cuobjdump --list-elf / --list-ptx);
+2. it imports as the Python module adapterops._C (no GPU needed), a CUDA build with its
+   kernel-image probe, and every op it registers has the schema of the Python custom op it
+   mirrors (adapterops/ops/*.py, less the `backend` argument).
 
 Run it with the Python of a CUDA build of torch (the Makefile's .venv-cuda): `python
 tests/csrc_build_check.py`. The CUDA toolkit is the one `nvcc` on PATH runs from (CUDA_HOME
@@ -12,6 +15,7 @@ overrides); the cuBLAS headers and libraries come from the torch wheel's nvidia-
 `../shared/facts.md` describes. Exits non-zero, saying why, on any failure.
 """
 import glob
+import importlib.util
 import os
 import re
 import subprocess
@@ -20,6 +24,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+BUILD_SETTINGS = ROOT / "adapterops" / "backends" / "cuda" / "build.py"
 BUILD_LIB = ROOT / "build" / "csrc-check"
 BUILD_TEMP = ROOT / "build" / "csrc-temp"
 # Each C++ op and the Python custom op it mirrors.
@@ -37,6 +42,14 @@ MIRRORS = {
 def fail(message: str) -> None:
     print(f"csrc check FAILED: {message}", file=sys.stderr)
     sys.exit(1)
+
+
+def _load_file(name: str, path: Path):
+    """A module from its file (an extension module too), without importing its package."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def cuda_home() -> str:
@@ -57,7 +70,7 @@ def build_environment() -> dict:
         fail(f"{sys.executable} has torch {torch.__version__}, a CPU build; run this with a "
              "CUDA build of torch (make csrc-check does)")
     env = dict(os.environ, CUDA_HOME=cuda_home())
-    env.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    env.setdefault("TORCH_CUDA_ARCH_LIST", _load_file("build_settings", BUILD_SETTINGS).DEFAULT_ARCHS)
     env.setdefault("MAX_JOBS", "2")
     nvidia = [Path(p) for p in glob.glob(str(Path(torch.__file__).parents[1] / "nvidia" / "*"))]
     for variable, sub in (("CPATH", "include"), ("LIBRARY_PATH", "lib")):
@@ -77,19 +90,27 @@ def built_library() -> Path:
 def check_archs(library: Path, arch_list: str) -> list[str]:
     import triton
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    listing = subprocess.run([str(cuobjdump), "--list-elf", str(library)], capture_output=True,
-                             text=True, check=True).stdout
-    archs = [f"sm_{a.replace('.', '').replace('+PTX', '')}" for a in re.split(r"[;\s]+", arch_list) if a]
-    missing = [a for a in archs if f".{a}.cubin" not in listing]
+    def listing(kind: str) -> str:
+        return subprocess.run([str(cuobjdump), f"--list-{kind}", str(library)],
+                              capture_output=True, text=True, check=True).stdout
+
+    entries = [a for a in re.split(r"[;\s]+", arch_list) if a]
+    archs = [f"sm_{a.replace('.', '').replace('+PTX', '')}" for a in entries]
+    ptx = [f"sm_{a.replace('.', '').replace('+PTX', '')}" for a in entries if a.endswith("+PTX")]
+    cubins, ptxs = listing("elf"), listing("ptx") if ptx else ""
+    missing = [a for a in archs if f".{a}.cubin" not in cubins]
+    missing += [f"{a} PTX" for a in ptx if f".{a}.ptx" not in ptxs]
     if missing:
-        fail(f"{library.name} has no cubin for {missing}:\n{listing}")
-    return archs
+        fail(f"{library.name} lacks {missing}:\n{cubins}{ptxs}")
+    return archs + [f"{a} PTX" for a in ptx]
 
 
 def check_schemas(library: Path) -> None:
     """Run in a fresh interpreter (`--schemas`): load the library, import the Python ops, compare."""
     import torch
-    torch.ops.load_library(str(library))
+    extension = _load_file("adapterops._C", library)
+    if extension.with_cuda is not True or not callable(getattr(extension, "kernel_image_problem", None)):
+        fail(f"{library.name} imported but is not a CUDA build with its kernel-image probe")
     sys.path.insert(0, str(ROOT))
     import adapterops.ops  # noqa: F401  (registers the Python custom ops)
 
@@ -122,7 +143,7 @@ def main() -> None:
     library = built_library()
     archs = check_archs(library, env["TORCH_CUDA_ARCH_LIST"])
     print(f"csrc check: {library.relative_to(ROOT)} compiled and linked in {seconds:.0f} s "
-          f"(MAX_JOBS={env['MAX_JOBS']}) with cubins for {', '.join(archs)}; its ops:")
+          f"(MAX_JOBS={env['MAX_JOBS']}) for {', '.join(archs)}; its ops:")
     subprocess.run([sys.executable, __file__, "--schemas"], cwd=ROOT, check=True)
     print("csrc check passed")
 

@@ -238,6 +238,37 @@ def test_update_into_a_strided_copy(backend, device):
     assert (W.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
+@pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
+@pytest.mark.parametrize("layout", ["transposed", "stride0"])
+def test_update_rejects_a_copy_that_overlaps_or_repeats_before_changing_weight(backend, layout,
+                                                                               device):
+    """A copy that aliases W (here W's transpose) or repeats elements would race (or make the
+    torch backend raise after W changed): rejected before any backend runs, W untouched. W
+    itself as its own copy is allowed."""
+    W = torch.randn(6, 6, device=device)
+    before = W.clone()
+    copy_ = W.t() if layout == "transposed" else torch.zeros(1, 6, device=device).expand(6, 6)
+    with pytest.raises(ValueError, match="overlaps weight" if layout == "transposed" else "repeats"):
+        lowrank_update_(W, torch.ones(6, 1, device=device), torch.ones(1, 6, device=device), 1.0,
+                        copy=copy_, backend=backend)
+    assert torch.equal(W, before)
+    lowrank_update_(W, torch.ones(6, 1, device=device), torch.ones(1, 6, device=device), 1.0,
+                    copy=W, backend=backend)
+    assert torch.equal(W, before + 1)
+
+
+def test_cuda_update_declines_a_copy_dtype_it_cannot_write(device):
+    W = torch.randn(4, 5, device=device)
+    before = W.clone()
+    P, Q, copy_ = torch.ones(4, 1, device=device), torch.ones(1, 5, device=device), torch.empty(
+        4, 5, dtype=torch.float64, device=device)
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16 copies, not torch.float64"):
+        lowrank_update_(W, P, Q, 1.0, copy=copy_, backend="cuda")
+    assert torch.equal(W, before)
+    lowrank_update_(W, P, Q, 1.0, copy=copy_, backend="torch")
+    assert torch.equal(copy_, (before + 1).double())
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_cuda_update_of_a_low_precision_weight(dtype, device):
     """Unlike the Triton update (fp32 masters only), the cuda backend's updates a 16-bit W in

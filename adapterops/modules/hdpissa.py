@@ -33,7 +33,7 @@ class HDPiSSALinear(nn.Module):
 
     Args: in_features, out_features, rank (r), alpha, world_size (K), rank_index (k), bias,
     svd ("full", or "lowrank" for large matrices), niter (for "lowrank"), device, dtype,
-    backend (None: dispatch picks; "triton"/"torch" forces).
+    backend (None: dispatch picks; "triton"/"cuda"/"torch" forces).
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int, alpha: float,

@@ -38,7 +38,7 @@ class FusedHydraLoRALinear(nn.Module):
 
     Args: in_features, out_features, rank (r), num_heads (E), alpha (scaling = alpha / rank),
     bias, top_k (None: dense routing; k: keep the k largest gates, not renormalised), dropout,
-    balance_loss_weight, device, dtype, backend (None: dispatch picks; "triton"/"torch" forces
+    balance_loss_weight, device, dtype, backend (None: dispatch picks; "triton"/"cuda"/"torch" forces
     the backend of the fused path; training with dropout > 0 runs plain PyTorch whatever it is).
     """
 

@@ -19,7 +19,9 @@ when W is its fp32 master) in the same pass. HD-PiSSA's step is scale = -s, P = 
 ... ], Q = [A_1 - δA_1; δA_1; ...], R = 2 K r (see `adapterops.hdpissa.HDPiSSAOptimizer`).
 
 Backends: `triton` (CUDA sm_80+, or CPU under TRITON_INTERPRET=1; the layer in fp32, fp16,
-bf16 at rank <= 128; the update on an fp32 W) and `torch` (everything else). Both are
+bf16 at rank <= 128; the update on an fp32 W), `cuda` (the compiled C++: CUDA tensors in fp32,
+fp16, bf16, any rank; the update as one cuBLAS GEMM with beta = 1 plus a rounding kernel for
+the copy) and `torch` (everything else). Both are
 `torch.library` custom ops, so `torch.compile(fullgraph=True)` traces the layer.
 """
 import math
@@ -114,7 +116,7 @@ def hdpissa_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Te
                    lora_B: Tensor, scaling: float, *, backend: Optional[str] = None) -> Tensor:
     """y = x W^T + bias, with HD-PiSSA's factor gradients in backward; see this module's
     docstring. backend: None picks the first backend that supports the input
-    (`ADAPTEROPS_BACKEND` overrides); "triton" or "torch" forces one."""
+    (`ADAPTEROPS_BACKEND` overrides); "triton", "cuda" or "torch" forces one."""
     x, weight, bias, lora_A, lora_B = cast_for_autocast(x, weight, bias, lora_A, lora_B)
     scaling = check_hdpissa_args(x, weight, bias, lora_A, lora_B, scaling)
     dispatch.check_backend_name(backend)
@@ -128,7 +130,7 @@ def hdpissa_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Te
 @torch.library.custom_op("adapterops::lowrank_update_", mutates_args=("weight", "copy"))
 def _lowrank_update_op(weight: Tensor, P: Tensor, Q: Tensor, scale: float, copy: Optional[Tensor],
                        backend: Optional[str]) -> None:
-    chosen = dispatch.select("update", backend, weight=weight)
+    chosen = dispatch.select("update", backend, weight=weight, copy=copy)
     chosen.update_(weight, P, Q, scale, copy)
 
 
@@ -137,10 +139,32 @@ def _(weight, P, Q, scale, copy, backend):
     return None
 
 
+def _byte_range(t: Tensor) -> tuple[int, int]:
+    span = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) + 1
+    return t.data_ptr(), t.data_ptr() + span * t.element_size()
+
+
+def _check_copy_memory(weight: Tensor, copy: Tensor) -> None:
+    """copy receives each element of the updated weight once: it must not repeat elements
+    (a stride 0) nor overlap weight's memory, unless it is weight itself (same view). Checked
+    before any backend runs, so a bad copy never leaves weight half-updated."""
+    if any(size > 1 and stride == 0 for size, stride in zip(copy.shape, copy.stride())):
+        raise ValueError(f"copy has strides {copy.stride()} for shape {tuple(copy.shape)}: it "
+                         "repeats elements")
+    same_view = (copy.data_ptr() == weight.data_ptr() and copy.stride() == weight.stride()
+                 and copy.dtype == weight.dtype)
+    (c0, c1), (w0, w1) = _byte_range(copy), _byte_range(weight)
+    if copy.numel() and weight.numel() and not same_view and c0 < w1 and w0 < c1:
+        raise ValueError(f"copy (strides {copy.stride()}, {copy.dtype}) overlaps weight's memory "
+                         f"(strides {weight.stride()}, {weight.dtype}) without being weight itself")
+
+
 def lowrank_update_(weight: Tensor, P: Tensor, Q: Tensor, scale: float, *,
                     copy: Optional[Tensor] = None, backend: Optional[str] = None) -> None:
     """weight += scale * P @ Q in place (one pass over weight); `copy`, when given, receives
-    the result rounded to its dtype in the same pass. See this module's docstring."""
+    the result rounded to its dtype in the same pass. copy must not repeat elements (a stride
+    0) nor overlap weight's memory unless it is weight itself; a bad argument raises before
+    weight changes. See this module's docstring."""
     for name, t in (("weight", weight), ("P", P), ("Q", Q)):
         check_tensor(name, t, ndim=2)
     check_tensor("copy", copy, ndim=2, optional=True)
@@ -150,6 +174,7 @@ def lowrank_update_(weight: Tensor, P: Tensor, Q: Tensor, scale: float, *,
             raise ValueError(f"copy is on {copy.device} but weight is on {weight.device}")
         check_dim("copy", copy, 0, weight.shape[0], "weight.shape[0]")
         check_dim("copy", copy, 1, weight.shape[1], "weight.shape[1]")
+        _check_copy_memory(weight, copy)
     check_dim("P", P, 0, weight.shape[0], "weight.shape[0]")
     check_dim("Q", Q, 1, weight.shape[1], "weight.shape[1]")
     check_dim("Q", Q, 0, P.shape[1], "the inner size (P.shape[1])")

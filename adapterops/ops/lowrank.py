@@ -15,8 +15,9 @@ when lora_A or weight needs a gradient (LoRA mode); otherwise (LaMDA: W and A fr
 only the M x r activations h1 (for dS) and h2 (for dB), each only when that gradient is
 needed. With lora_B frozen, backward does not compute dB at all.
 
-Backends: `triton` (CUDA sm_80+, or CPU under TRITON_INTERPRET=1; fp32, fp16, bf16; rank <= 128)
-and `torch` (everything else); see `adapterops.dispatch`. Under `torch.autocast` the op runs in
+Backends: `triton` (CUDA sm_80+, or CPU under TRITON_INTERPRET=1; fp32, fp16, bf16; rank <= 128),
+`cuda` (the compiled C++ of csrc/: CUDA tensors in fp32, fp16, bf16, any rank) and `torch`
+(everything else); see `adapterops.dispatch`. Under `torch.autocast` the op runs in
 the autocast dtype.
 
 Both halves are `torch.library` custom ops (`adapterops::lowrank_linear_fwd` and
@@ -132,7 +133,7 @@ def lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Te
     """y = x W^T + bias + scaling * ((x A^T) S^T) B^T; see this module's docstring.
 
     backend: None picks the first backend that supports the input (`ADAPTEROPS_BACKEND`
-    overrides); "triton" or "torch" forces one, and raises ValueError if it cannot serve.
+    overrides); "triton", "cuda" or "torch" forces one, and raises ValueError if it cannot serve.
     """
     x, weight, bias, lora_A, lora_B, lora_S = cast_for_autocast(x, weight, bias, lora_A, lora_B,
                                                                  lora_S)

@@ -27,7 +27,9 @@ needs a gradient (HydraLoRA trains A and Wg, so in training it does), hg = [g_e 
 only for dB, and h (M x r) with p (M x E, plus the gates with top-k) for everything else.
 
 Backends: `triton` (CUDA sm_80+, or CPU under TRITON_INTERPRET=1; fp32, fp16, bf16; r <= 128,
-E <= 16, E r <= 256) and `torch` (everything else); see `adapterops.dispatch`. Under
+E <= 16, E r <= 256), `cuda` (the compiled C++ of csrc/: CUDA tensors in fp32, fp16, bf16, any
+r and E; its logits are rounded to x's dtype, as the torch backend's are) and `torch`
+(everything else); see `adapterops.dispatch`. Under
 `torch.autocast` the op runs in the autocast dtype.
 
 Both halves are `torch.library` custom ops (`adapterops::routed_lowrank_linear_fwd` and
@@ -172,7 +174,7 @@ def routed_lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lor
     top-k; fp32, float64 for float64 inputs; differentiable), e.g. for
     `adapterops.hydra.balance_loss`.
     backend: None picks the first backend that supports the input (`ADAPTEROPS_BACKEND`
-    overrides); "triton" or "torch" forces one, and raises ValueError if it cannot serve.
+    overrides); "triton", "cuda" or "torch" forces one, and raises ValueError if it cannot serve.
     """
     x, weight, bias, lora_A, lora_B, router_weight = cast_for_autocast(
         x, weight, bias, lora_A, lora_B, router_weight)

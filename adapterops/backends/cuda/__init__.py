@@ -53,8 +53,12 @@ class CudaBackend(Backend):
         ext = extension.load()
         if ext.reason is not None:
             return [f"adapterops._C is not available: {ext.reason}"]
-        if t.device.type == "cuda" and not ext.with_cuda:
-            return ["the loaded adapterops._C is the host build (CPU tensors only)"]
+        if t.device.type == "cuda":
+            if not ext.with_cuda:
+                return ["the loaded adapterops._C is the host build (CPU tensors only)"]
+            problem = extension.kernel_image_problem(t.device)
+            if problem is not None:
+                return [problem]
         return []
 
     def lowrank_reasons(self, x: Tensor, **_) -> list[str]:
@@ -66,8 +70,12 @@ class CudaBackend(Backend):
     def hdpissa_reasons(self, x: Tensor, **_) -> list[str]:
         return self._reasons(x)
 
-    def update_reasons(self, weight: Tensor, **_) -> list[str]:
-        return self._reasons(weight)
+    def update_reasons(self, weight: Tensor, copy: Optional[Tensor] = None, **_) -> list[str]:
+        out = self._reasons(weight)
+        if copy is not None and copy.dtype not in DTYPES:
+            out.append(f"the cuda backend's update writes float32, float16 or bfloat16 copies, "
+                       f"not {copy.dtype}")
+        return out
 
     def lowrank_forward(self, x, weight, bias, lora_A, lora_B, lora_S, scaling):
         return _ops().lowrank_linear_fwd_cuda(x, weight, bias, lora_A, lora_B, lora_S, scaling)

@@ -4,7 +4,7 @@ imports nothing from adapterops.
 
 Two variants of the same C++ (csrc/common.h says why):
 - the CUDA build: every csrc/*.cpp and *.cu with ADAPTEROPS_WITH_CUDA, for the archs in
-  TORCH_CUDA_ARCH_LIST (default sm_80 and sm_90);
+  TORCH_CUDA_ARCH_LIST (prebuilt default: sm_80 and sm_90, plus sm_90 PTX);
 - the host build: csrc/*.cpp only, against any torch (the CPU build included); its ops run on
   CPU tensors, for testing the backend's C++ without a GPU (ADAPTEROPS_CSRC_ON_CPU=1).
 """
@@ -14,7 +14,8 @@ from pathlib import Path
 # csrc/ beside the package in a source checkout (editable installs, CI); a wheel carries the
 # prebuilt extension instead.
 CSRC = Path(__file__).resolve().parents[3] / "csrc"
-DEFAULT_ARCHS = "8.0;9.0"
+# sm_80 and sm_90 cubins, plus sm_90 PTX that newer GPUs compile at load time.
+DEFAULT_ARCHS = "8.0;9.0+PTX"
 WITH_CUDA_DEFINE = "-DADAPTEROPS_WITH_CUDA"
 
 
@@ -34,5 +35,7 @@ def compile_args(with_cuda: bool) -> dict[str, list[str]]:
 
 
 def default_arch_list() -> None:
-    """TORCH_CUDA_ARCH_LIST defaults to sm_80 and sm_90 (torch's default is the local GPU)."""
+    """For a prebuilt extension (setup.py, often on a machine without a GPU),
+    TORCH_CUDA_ARCH_LIST defaults to DEFAULT_ARCHS. (A just-in-time build keeps torch's
+    default: the GPUs of the machine it runs on.)"""
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)

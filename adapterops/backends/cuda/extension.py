@@ -74,11 +74,24 @@ def jit_variant() -> tuple[Optional[str], str]:
     return None, "no CUDA toolchain (CUDA_HOME/nvcc) to build the CUDA extension with"
 
 
+def _arch_tag() -> str:
+    """The GPU archs a CUDA build targets, for its cache directory's name (torch's build cache
+    does not notice a changed arch list): TORCH_CUDA_ARCH_LIST, or torch's default, the
+    visible GPUs' compute capabilities."""
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if not archs:
+        archs = "local-" + "-".join(sorted({"{}.{}".format(*torch.cuda.get_device_capability(i))
+                                            for i in range(torch.cuda.device_count())}))
+    return "".join(c if c.isalnum() or c in ".-" else "_" for c in archs)
+
+
 def _build_directory(variant: str) -> Path:
-    """Per torch version and variant, under torch's extension cache (TORCH_EXTENSIONS_DIR)."""
+    """Per torch version, variant and (CUDA) arch list, under torch's extension cache
+    (TORCH_EXTENSIONS_DIR)."""
     from torch.utils.cpp_extension import _get_build_directory
     root = Path(_get_build_directory("adapterops", verbose=False))
-    path = root / f"torch-{torch.__version__}-{variant}"
+    tag = f"torch-{torch.__version__}-{variant}" + (f"-{_arch_tag()}" if variant == "cuda" else "")
+    path = root / tag
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -86,8 +99,6 @@ def _build_directory(variant: str) -> Path:
 def _jit_build(variant: str) -> ModuleType:
     from torch.utils.cpp_extension import load
     with_cuda = variant == "cuda"
-    if with_cuda:
-        build.default_arch_list()
     directory = _build_directory(variant)
     print(f"adapterops: loading the {variant} variant of the C++ extension, built just in time "
           f"(the first use in an environment compiles it, a few minutes; cached in {directory})",
@@ -142,6 +153,22 @@ def _checked(module: ModuleType, how: str) -> Extension:
         return Extension(None, how, f"{how} adapterops._C loaded but registered no "
                                     f"torch.ops.adapterops.{PROBE_OP}")
     return Extension(module, how, None)
+
+
+def kernel_image_problem(device: torch.device) -> Optional[str]:
+    """Why the loaded CUDA build's kernels cannot run on `device` (no cubin for its architecture
+    and no PTX it can compile), or None when they can. Asked once per device."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _kernel_image_problems:
+        problem = load().module.kernel_image_problem(index)
+        _kernel_image_problems[index] = problem and (
+            f"adapterops._C has no kernel image for cuda:{index} (compute capability "
+            f"{'.'.join(map(str, torch.cuda.get_device_capability(index)))}): {problem}; rebuild "
+            f"it for this GPU (TORCH_CUDA_ARCH_LIST, see README)")
+    return _kernel_image_problems[index] or None
+
+
+_kernel_image_problems: dict[int, str] = {}
 
 
 def describe() -> str:
