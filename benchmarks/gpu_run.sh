@@ -18,7 +18,8 @@ case "${1:-}" in
 esac
 OPS=${2:-}
 mkdir -p "$OUT"
-$PY -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 \
+# The install also builds the cuda backend (adapterops._C) when nvcc is there: all 16 cores.
+MAX_JOBS=${MAX_JOBS:-16} $PY -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 \
   || { echo "install failed:"; tail -20 "$OUT/install.log"; exit 1; }
 case "${1:-}" in
   tests)
