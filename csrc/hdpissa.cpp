@@ -59,7 +59,11 @@ void lowrank_update_(at::Tensor weight, const at::Tensor& P, const at::Tensor& Q
     at::assert_no_partial_overlap(weight, *copy);
   }
   weight.addmm_(P, Q, /*beta=*/1, /*alpha=*/scale);
-  if (copy.has_value()) {
+  // W as its own copy holds the result already (and the kernel's inputs must not alias).
+  const bool copy_is_weight = copy.has_value() && copy->data_ptr() == weight.data_ptr() &&
+                              copy->strides() == weight.strides() &&
+                              copy->scalar_type() == weight.scalar_type();
+  if (copy.has_value() && !copy_is_weight) {
     at::Tensor target = *copy;
     round_copy(weight, target);
   }

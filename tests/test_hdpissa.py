@@ -271,16 +271,21 @@ def test_cuda_update_declines_a_copy_dtype_it_cannot_write(device):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_cuda_update_of_a_low_precision_weight(dtype, device):
-    """Unlike the Triton update (fp32 masters only), the cuda backend's updates a 16-bit W in
-    place (one GEMM with beta = 1, rounded once): as close to float64 as torch's addmm_."""
+    """Unlike the Triton update (fp32 masters only), the cuda backend updates a 16-bit W in
+    place: one GEMM with beta = 1, accumulated in fp32 and rounded once, so every element is
+    within one ulp (of its dtype) of the float64 result."""
     g = torch.Generator().manual_seed(10)
     N, K, R = 40, 56, 12
     W64, P64, Q64 = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((N, K), (N, R), (R, K)))
     expected = W64.to(dtype).double() - 0.25 * P64.to(dtype).double() @ Q64.to(dtype).double()
-    got, base = (W64.to(device, dtype) for _ in range(2))
+    got = W64.to(device, dtype)
     lowrank_update_(got, P64.to(device, dtype), Q64.to(device, dtype), -0.25, backend="cuda")
-    lowrank_update_(base, P64.to(device, dtype), Q64.to(device, dtype), -0.25, backend="torch")
-    assert_close_to_reference(f"cuda update {dtype}", got, expected, base)
+    err = (got.double().cpu() - expected).abs()
+    # One rounding of the result (half an ulp, below eps |x|), plus the fp32 accumulation of R
+    # products, far smaller; the update itself moves W by about 0.25 sqrt(R) ~ 0.9.
+    bound = torch.finfo(dtype).eps * expected.abs() + 4 * R * torch.finfo(torch.float32).eps
+    assert (err <= bound).all(), f"cuda update {dtype}: worst excess {(err - bound).max():.2e}"
+    assert (got.double().cpu() - W64.to(dtype).double()).abs().max() > 0.5
 
 
 def test_update_bad_input(monkeypatch):
@@ -469,18 +474,19 @@ def _train_virtual(model, xs, targets, lr, steps, opt=None):
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
-def test_virtual_ranks_match_the_float64_algorithm(backend):
+def test_virtual_ranks_match_the_float64_algorithm(backend, device):
     K, r, alpha, lr, steps = 3, 2, 4.0, 1e-2, 3
     base = _net()
     xs, targets = _shards(K)
-    model = convert(copy.deepcopy(base), r, alpha, world_size=K, rank_index=0, backend=backend)
-    _train_virtual(model, xs, targets, lr, steps)
+    model = convert(copy.deepcopy(base), r, alpha, world_size=K, rank_index=0,
+                    backend=backend).to(device)
+    _train_virtual(model, [x.to(device) for x in xs], [t.to(device) for t in targets], lr, steps)
     expected = _float64_hdpissa(base, xs, targets, K, r, alpha, lr, steps)
     got = [m.weight for m in model.modules() if isinstance(m, HDPiSSALinear)]
     initial = [m.weight for m in base.modules() if isinstance(m, nn.Linear)]
     for i, (w, e, w0) in enumerate(zip(got, expected, initial)):
         update = e - w0.double()
-        err = (w.double() - e).abs().max().item()
+        err = (w.detach().double().cpu() - e).abs().max().item()
         # fp32 factors, moments and weights: errors of a few fp32 ulps of W per step.
         bound = 16 * steps * torch.finfo(torch.float32).eps * e.abs().max().item()
         assert update.abs().max() > 100 * bound, "the update is too small for the test to see it"

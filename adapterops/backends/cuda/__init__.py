@@ -38,13 +38,17 @@ def _device_and_dtype_reasons(t: Tensor) -> list[str]:
     return out
 
 
+def _not_available(ext: extension.Extension) -> Optional[str]:
+    return f"adapterops._C is not available: {ext.reason}" if ext.reason is not None else None
+
+
 class CudaBackend(Backend):
     name = "cuda"
 
     def unavailable_reason(self) -> Optional[str]:
         """Only what is known without loading: the extension loads at the first servable input."""
         ext = extension.loaded()
-        return ext.reason if ext is not None else None
+        return _not_available(ext) if ext is not None else None
 
     def _reasons(self, t: Tensor) -> list[str]:
         out = _device_and_dtype_reasons(t)
@@ -52,7 +56,7 @@ class CudaBackend(Backend):
             return out
         ext = extension.load()
         if ext.reason is not None:
-            return [f"adapterops._C is not available: {ext.reason}"]
+            return [_not_available(ext)]
         if t.device.type == "cuda":
             if not ext.with_cuda:
                 return ["the loaded adapterops._C is the host build (CPU tensors only)"]

@@ -11,9 +11,11 @@ Two variants of the same C++ (csrc/common.h says why):
 import os
 from pathlib import Path
 
-# csrc/ beside the package in a source checkout (editable installs, CI); a wheel carries the
-# prebuilt extension instead.
-CSRC = Path(__file__).resolve().parents[3] / "csrc"
+# csrc/ beside the package in a source checkout (editable installs, CI), or installed inside it
+# as adapterops/csrc (setup.py ships the sources as package data for just-in-time builds).
+_CHECKOUT_CSRC = Path(__file__).resolve().parents[3] / "csrc"
+_INSTALLED_CSRC = Path(__file__).resolve().parents[2] / "csrc"
+CSRC = _CHECKOUT_CSRC if (_CHECKOUT_CSRC / "library.cpp").exists() else _INSTALLED_CSRC
 # sm_80 and sm_90 cubins, plus sm_90 PTX that newer GPUs compile at load time.
 DEFAULT_ARCHS = "8.0;9.0+PTX"
 WITH_CUDA_DEFINE = "-DADAPTEROPS_WITH_CUDA"

@@ -10,6 +10,8 @@ failure becomes the reason the backend gives, shown by the dispatcher and
 `python -m adapterops.info`.
 """
 import dataclasses
+import hashlib
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -47,11 +49,11 @@ def _registered() -> bool:
 
 def _import_prebuilt() -> tuple[Optional[ModuleType], str]:
     try:
-        from ... import _C
-    except ImportError as exc:
+        _C = importlib.import_module("adapterops._C")
+    except ModuleNotFoundError as exc:
         return None, f"no prebuilt adapterops._C ({exc})"
     except Exception as exc:  # a broken build (ABI mismatch, missing library) is a reason too
-        return None, f"adapterops._C failed to load ({type(exc).__name__}: {exc})"
+        return None, f"the prebuilt adapterops._C failed to load ({type(exc).__name__}: {exc})"
     return _C, ""
 
 
@@ -90,7 +92,10 @@ def _build_directory(variant: str) -> Path:
     (TORCH_EXTENSIONS_DIR)."""
     from torch.utils.cpp_extension import _get_build_directory
     root = Path(_get_build_directory("adapterops", verbose=False))
-    tag = f"torch-{torch.__version__}-{variant}" + (f"-{_arch_tag()}" if variant == "cuda" else "")
+    # The sources' directory too: two checkouts must not keep rebuilding over each other.
+    sources = hashlib.sha256(str(build.CSRC).encode()).hexdigest()[:8]
+    tag = (f"torch-{torch.__version__}-{variant}-{sources}"
+           + (f"-{_arch_tag()}" if variant == "cuda" else ""))
     path = root / tag
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -100,11 +105,18 @@ def _jit_build(variant: str) -> ModuleType:
     from torch.utils.cpp_extension import load
     with_cuda = variant == "cuda"
     directory = _build_directory(variant)
-    print(f"adapterops: loading the {variant} variant of the C++ extension, built just in time "
-          f"(the first use in an environment compiles it, a few minutes; cached in {directory})",
-          file=sys.stderr, flush=True)
+    name = f"adapterops_C_{variant}"
+    sources = build.sources(with_cuda)
+    # torch's loader decides; the message is for the case it will most likely compile (no
+    # library yet, or older than a source), so a cached load stays quiet.
+    library = directory / f"{name}.so"
+    newest_source = max(p.stat().st_mtime for p in build.CSRC.iterdir())
+    if not library.exists() or library.stat().st_mtime < newest_source:
+        print(f"adapterops: building the {variant} variant of the C++ extension just in time "
+              f"(once per environment and source change; a few minutes; cached in {directory})",
+              file=sys.stderr, flush=True)
     flags = build.compile_args(with_cuda)
-    return load(name=f"adapterops_C_{variant}", sources=build.sources(with_cuda),
+    return load(name=name, sources=sources,
                 extra_cflags=flags["cxx"], extra_cuda_cflags=flags.get("nvcc"),
                 build_directory=str(directory), with_cuda=with_cuda, verbose=False)
 
@@ -182,5 +194,6 @@ def describe() -> str:
     prebuilt_reason = _import_prebuilt()[1]
     variant, jit_reason = jit_variant()
     if variant is not None:
-        return f"not built ({prebuilt_reason}); the {variant} variant builds just in time on first use"
+        return (f"not prebuilt ({prebuilt_reason}); the {variant} variant is built just in time "
+                "(or loaded from torch's extension cache) at the first input it could serve")
     return f"not available: {prebuilt_reason}; {jit_reason}"
