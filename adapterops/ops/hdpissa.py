@@ -21,8 +21,8 @@ when W is its fp32 master) in the same pass. HD-PiSSA's step is scale = -s, P = 
 Backends: `triton` (CUDA sm_80+, or CPU under TRITON_INTERPRET=1; the layer in fp32, fp16,
 bf16 at rank <= 128; the update on an fp32 W), `cuda` (the compiled C++: CUDA tensors in fp32,
 fp16, bf16, any rank; the update as one cuBLAS GEMM with beta = 1 plus a rounding kernel for
-the copy) and `torch` (everything else). Both are
-`torch.library` custom ops, so `torch.compile(fullgraph=True)` traces the layer.
+the copy) and `torch` (everything else). Both ops are `torch.library` custom ops, so
+`torch.compile(fullgraph=True)` traces the layer.
 """
 import math
 from typing import Optional
