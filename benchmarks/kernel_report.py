@@ -1,5 +1,6 @@
 """Compile every Triton kernel configuration the dispatcher can choose, without a GPU, and report
-what ptxas made of each: registers, spills, shared memory and the matrix instruction.
+what ptxas made of each: registers, spills, shared memory, the matrix instruction, and what in
+the compiled code makes a kernel slow (serialized wgmma, fenced atomics, missing TMA).
 
     python -m benchmarks.kernel_report --arch sm_90 [--arch sm_80] [--default-only | --quick]
         [--kernel SUBSTRING] [--sizes {aligned,odd,both}] [--jobs N] [--csv PATH]
@@ -15,10 +16,29 @@ really needs (bf16 128x128x64 GEMM on sm_90: 135168 bytes, 132 registers), while
 element by element with a 64-bit address each (32768 bytes, 255 registers and 216 bytes of
 spills).
 
-One row per (configuration, sizes, arch): registers, spills (bytes of spill stores + loads),
-shared memory bytes, `wgmma` / `mma` / `none` (the PTX's matrix instruction) and compile seconds.
-Exits 1 if a compile fails, a configuration needs more shared memory than the arch gives one
-block, or a default configuration spills.
+One row per (configuration, sizes, arch):
+- registers, spills (bytes of spill stores + loads), shared memory bytes;
+- mma: `wgmma` / `mma` / `none`, the PTX's matrix instruction;
+- hgmma: how many HGMMA instructions the SASS has (sm_90's wgmma; 0 elsewhere);
+- wgmma_serialized: `yes` when ptxas gave a C7515 advisory ("wgmma.mma_async instructions are
+  serialized") or when, in the SASS, every HGMMA of the main loop (the loop with the most
+  HGMMAs) is followed by `WARPGROUP.DEPBAR.LE gsb0, 0x0` before the next one: each waits for
+  the one before, so the tensor cores idle for the MMA's latency at every step, where a
+  pipelined loop keeps one group in flight (`DEPBAR.LE gsb0, 0x1`);
+- advisories: the codes of every other ptxas "Potential Performance Loss" line;
+- tma: `yes` when the PTX loads or stores tiles with `cp.async.bulk.tensor` (Hopper's tensor
+  memory accelerator: one instruction moves a whole tile, no per-thread address arithmetic,
+  hardware bounds checks);
+- reductions: how global fp32 reductions compiled: `none`, `REDG` (fire-and-forget, relaxed),
+  `ATOMG` (a returning atomic without a fence) or `fenced ATOMG` (`MEMBAR` before each atomic,
+  the acq_rel default of `tl.atomic_add`: every reduction waits for all earlier memory traffic
+  to become visible GPU-wide);
+- compile seconds.
+Exits 1 if any row has a problem (`_problems`, the one place the failure rules live): a compile
+fails; shared memory over the arch's limit; or, for a default configuration (the one used with
+ADAPTEROPS_AUTOTUNE=0 and before autotuning), spills, serialized wgmma, any ptxas performance
+advisory, a fenced reduction, or no TMA where the configuration is the sm_90 tensor-descriptor
+path (`KernelConfig.expects_tma`).
 
 Compiles run in a process pool (`--jobs`, default: every CPU) against a fresh TRITON_CACHE_DIR,
 so the times are real compiles, never cache hits. Kernels built under TRITON_INTERPRET=1 cannot
@@ -43,7 +63,9 @@ ARCHS = {  # name -> (compute capability, most shared memory one block can use, 
 }
 SIZES = ("aligned", "odd")
 COLUMNS = ("kernel", "label", "dtype", "sizes", "arch", "default", "num_warps", "num_stages",
-           "registers", "spills", "shared", "mma", "seconds", "error")
+           "registers", "spills", "shared", "mma", "hgmma", "wgmma_serialized", "advisories",
+           "tma", "reductions", "seconds", "error")
+FENCED = "fenced ATOMG"
 
 _configs = None  # each worker's kernel_configurations(), indexed by the jobs it is sent
 
@@ -76,6 +98,77 @@ def _ptxas_stats(log: str) -> tuple:
             int(spills.group(1)) + int(spills.group(2)) if spills else "?")
 
 
+def _advisories(log: str) -> list[str]:
+    """The codes of ptxas's "Potential Performance Loss" advisories (C7515 and its kin)."""
+    return sorted(set(re.findall(r"\((C\d+)\) Potential Performance Loss", log)))
+
+
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+
+
+def _sass_instructions(sass: str) -> list[tuple[int, str]]:
+    """(address, instruction text without the predicate's leading spaces) of a cuobjdump listing."""
+    return [(int(m.group(1), 16), m.group(2)) for m in map(_SASS_LINE.search, sass.splitlines())
+            if m]
+
+
+def _is_hgmma(text: str) -> bool:
+    return re.search(r"\bHGMMA\.", text) is not None
+
+
+def _wgmma_serialized_in_sass(instructions: list[tuple[int, str]]) -> bool:
+    """True when every HGMMA of the main loop waits for all earlier ones before the next issues.
+
+    Loops are the spans of backward branches (`BRA` to a lower address); the main loop is the
+    one holding the most HGMMAs (the innermost on ties). An HGMMA counts as waited for when a
+    `WARPGROUP.DEPBAR.LE gsb0, 0x0` follows it before the next HGMMA or the loop's end.
+    Without a loop holding an HGMMA, the whole kernel is the span.
+    """
+    hgmma = [addr for addr, text in instructions if _is_hgmma(text)]
+    if not hgmma:
+        return False
+    loops = []
+    for addr, text in instructions:
+        target = re.search(r"\bBRA\s+(?:`?\(?)0x([0-9a-f]+)", text)
+        if target and int(target.group(1), 16) < addr:
+            start = int(target.group(1), 16)
+            count = sum(start <= a <= addr for a in hgmma)
+            if count:
+                loops.append((count, -(addr - start), start, addr))
+    start, end = (max(loops)[2:] if loops else (instructions[0][0], instructions[-1][0]))
+    body = [(addr, text) for addr, text in instructions if start <= addr <= end]
+    waited = []  # per HGMMA of the loop, whether a full wait follows it
+    for addr, text in body:
+        if _is_hgmma(text):
+            waited.append(False)
+        elif waited and re.search(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x0\b", text):
+            waited[-1] = True
+    return all(waited)
+
+
+def _reductions(instructions: list[tuple[int, str]]) -> str:
+    """How global atomics compiled: "none", "REDG", "ATOMG" or "fenced ATOMG" (a MEMBAR before
+    an atomic, the acq_rel default of `tl.atomic_add`)."""
+    texts = [text for _, text in instructions]
+    atomics = [i for i, t in enumerate(texts) if re.search(r"\b(ATOMG|REDG|RED)\.", t)]
+    if not atomics:
+        return "none"
+    if any(re.search(r"\bMEMBAR\b", texts[j]) for i in atomics for j in range(max(0, i - 8), i)):
+        return FENCED
+    return "ATOMG" if any("ATOMG" in texts[i] for i in atomics) else "REDG"
+
+
+def _sass(cubin: bytes) -> str:
+    """cuobjdump -sass of a cubin, with the cuobjdump that ships in Triton's wheel."""
+    import triton
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        done = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True)
+    return done.stdout
+
+
 def _matrix_instruction(ptx: str) -> str:
     if "wgmma.mma_async" in ptx:
         return "wgmma"
@@ -95,7 +188,8 @@ def _compile(job: tuple) -> dict:
     row = {"kernel": cfg.kernel, "label": cfg.label, "dtype": str(cfg.dtype).replace("torch.", ""),
            "sizes": sizes, "arch": arch, "default": cfg.default, "num_warps": cfg.num_warps,
            "num_stages": cfg.num_stages, "registers": "?", "spills": "?", "shared": "?",
-           "mma": "?", "seconds": "?", "error": ""}
+           "mma": "?", "hgmma": "?", "wgmma_serialized": "?", "advisories": "?", "tma": "?",
+           "reductions": "?", "expects_tma": cfg.expects_tma, "seconds": "?", "error": ""}
     if not isinstance(cfg.fn, triton.runtime.JITFunction):
         row["error"] = "the kernel was built by the Triton interpreter (TRITON_INTERPRET is set)"
         return row
@@ -116,9 +210,18 @@ def _compile(job: tuple) -> dict:
         row["error"] = f"{type(exc).__name__}: {exc}".strip()
         return row
     row["seconds"] = round(time.perf_counter() - start, 2)
-    row["registers"], row["spills"] = _ptxas_stats(log.getvalue())
+    ptxas_log, ptx = log.getvalue(), compiled.asm["ptx"]
+    row["registers"], row["spills"] = _ptxas_stats(ptxas_log)
     row["shared"] = compiled.metadata.shared
-    row["mma"] = _matrix_instruction(compiled.asm["ptx"])
+    row["mma"] = _matrix_instruction(ptx)
+    instructions = _sass_instructions(_sass(compiled.asm["cubin"]))
+    advisories = _advisories(ptxas_log)
+    row["hgmma"] = sum(_is_hgmma(text) for _, text in instructions)
+    row["wgmma_serialized"] = ("yes" if "C7515" in advisories or _wgmma_serialized_in_sass(instructions)
+                               else "no")
+    row["advisories"] = " ".join(code for code in advisories if code != "C7515") or "none"
+    row["tma"] = "yes" if "cp.async.bulk.tensor" in ptx else "no"
+    row["reductions"] = _reductions(instructions)
     return row
 
 
@@ -130,9 +233,19 @@ def _problems(row: dict) -> list[str]:
     limit = ARCHS[row["arch"]][1]
     if row["shared"] > limit:
         out.append(f"shared memory {row['shared']} > {limit}")
-    # An unknown spill count ("?") fails too: the check must not pass by not looking.
-    if row["default"] and row["spills"] != 0:
+    if not row["default"]:
+        return out
+    # Unknown values ("?") fail too: a check must not pass by not looking.
+    if row["spills"] != 0:
         out.append(f"default configuration spills ({row['spills']} bytes)")
+    if row["wgmma_serialized"] != "no":
+        out.append("wgmma serialized (each HGMMA of the main loop waits for the one before)")
+    if row["advisories"] != "none":
+        out.append(f"ptxas performance advisories {row['advisories']}")
+    if row["reductions"] not in ("none", "REDG", "ATOMG"):
+        out.append(f"fp32 reductions compiled to {row['reductions']}")
+    if row["expects_tma"] and row["arch"] == "sm_90" and row["tma"] != "yes":
+        out.append("no TMA (cp.async.bulk.tensor) in the sm_90 tensor-descriptor path")
     return out
 
 
@@ -197,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     widths = {c: len(c) for c in COLUMNS}
     widths.update(kernel=max(len(configs[i].kernel) for i, _, _ in jobs),
                   label=max(len(configs[i].label) for i, _, _ in jobs),
-                  dtype=len("bfloat16"), sizes=len("aligned"), mma=len("wgmma"), shared=6)
+                  dtype=len("bfloat16"), sizes=len("aligned"), mma=len("wgmma"), shared=6,
+                  reductions=len(FENCED))
     print("  ".join(c.ljust(widths[c]) for c in COLUMNS if c != "error"), flush=True)
 
     rows = []
@@ -223,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
                     row = {c: "?" for c in COLUMNS}
                     row.update(kernel=configs[i].kernel, label=configs[i].label, sizes=s,
                                arch=arch, default=configs[i].default,
+                               expects_tma=configs[i].expects_tma,
                                error=f"{type(exc).__name__}: {exc}")
                 _print_row(row, widths)
                 rows.append(row)
@@ -230,18 +345,28 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.csv:
         with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
 
     compiled = [r for r in rows if not r["error"]]
-    spilling = [r for r in compiled if r["spills"] != 0]
     failing = [r for r in rows if _problems(r)]
     compile_seconds = sum(r["seconds"] for r in compiled)
+
+    def counted(matching) -> str:
+        """'n (d default)' for the compiled rows that match."""
+        chosen = [r for r in compiled if matching(r)]
+        return f"{len(chosen)} ({sum(r['default'] for r in chosen)} default)"
+
     print(f"{len(compiled)} compiled, {len(rows) - len(compiled)} failed, "
-          f"{len(spilling)} spilling ({sum(r['default'] for r in spilling)} default), "
+          f"{counted(lambda r: r['spills'] != 0)} spilling, "
           f"{sum(r['shared'] > ARCHS[r['arch']][1] for r in compiled)} over the shared-memory "
-          f"limit, {sum(r['mma'] == 'wgmma' for r in compiled)} wgmma; "
+          f"limit, {sum(r['mma'] == 'wgmma' for r in compiled)} wgmma, "
+          f"{counted(lambda r: r['wgmma_serialized'] != 'no')} wgmma-serialized, "
+          f"{counted(lambda r: r['advisories'] != 'none')} with other advisories, "
+          f"{counted(lambda r: r['reductions'] == FENCED)} with fenced reductions, "
+          f"{counted(lambda r: r['tma'] == 'yes')} with TMA; "
+          f"{len(failing)} failing; "
           f"{wall:.1f} s total with {args.jobs} jobs ({compile_seconds:.1f} s of compiles)")
     return 1 if failing else 0
 

@@ -112,6 +112,49 @@ def lowrank_shrink_kernel(
                  h2.to(h2_ptr.dtype.element_ty), mask=mask_h)
 
 
+@triton.jit
+def _tile_of(tile_id, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row block, column block) of output tile `tile_id` in grouped order: GROUP_M row blocks
+    walk the N tiles together, so the b tiles they share stay in L2."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_in_group = GROUP_M * tl.cdiv(N, BLOCK_N)
+    first_pid_m = (tile_id // num_pid_in_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (tile_id % num_pid_in_group) % group_size_m
+    pid_n = (tile_id % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _add_lowrank_and_bias(acc, h_ptr, c_ptr, bias_ptr, offs_m, offs_n, mask_m, mask_n, R, scale,
+                          stride_hm, stride_hr, stride_cr, stride_cn, HAS_BIAS: tl.constexpr,
+                          R_CHUNK: tl.constexpr, UPCAST: tl.constexpr,
+                          INPUT_PRECISION: tl.constexpr):
+    """acc + scale * h[offs_m, :R] @ c[:R, offs_n] (+ bias[offs_n]), the epilogue of both GEMMs.
+
+    It runs after the K-loop, never before it: a runtime-length `tl.dot` loop that may run zero
+    times ahead of the main loop makes the accumulator's value unknown where the pipelined
+    wgmma chain starts, and ptxas then serializes every wgmma of the main loop (C7515; the
+    SASS waits `WARPGROUP.DEPBAR.LE gsb0, 0x0` after each HGMMA: the bf16 128x128x64 GEMM did
+    so for sm_90 with the term seeded first). Here the chain has ended; these MMAs are r / K
+    of the tile's work (0.4% at r = 16, K = 4096).
+    """
+    offs_c = tl.arange(0, R_CHUNK)
+    for r0 in range(0, R, R_CHUNK):
+        ranks = r0 + offs_c
+        h = tl.load(h_ptr + offs_m[:, None] * stride_hm + ranks[None, :] * stride_hr,
+                    mask=mask_m[:, None] & (ranks[None, :] < R), other=0.0)
+        c = tl.load(c_ptr + ranks[:, None] * stride_cr + offs_n[None, :] * stride_cn,
+                    mask=(ranks[:, None] < R) & mask_n[None, :], other=0.0)
+        # Scale h, not the product: a [BLOCK_M, R_CHUNK] multiply, and the MMA accumulates
+        # straight into the GEMM's accumulator (no second BLOCK_M x BLOCK_N fp32 tile).
+        h = (h.to(tl.float32) * scale).to(h_ptr.dtype.element_ty)
+        acc = mma(h, c, acc, UPCAST, INPUT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
 @triton.jit(do_not_specialize=["M", "R", "stride_hm"])
 def gemm_lowrank_kernel(
     a_ptr, b_ptr, h_ptr, c_ptr, bias_ptr, out_ptr,
@@ -125,39 +168,19 @@ def gemm_lowrank_kernel(
     """out = a @ b + bias + scale * h @ c   with a (M, K), b (K, N), h (M, R), c (R, N).
 
     Forward: a = x, b = W^T, h = h2, c = B^T. Backward: a = dY, b = W, h = g S, c = A.
-    The accumulator is seeded with scale * h @ c, so the low-rank term costs no extra pass
-    over the output and the K-loop is a plain GEMM.
+    The pointer path: one program per output tile, masked pointer loads (cp.async on sm_80
+    and newer when sizes and strides allow), any strides. The K-loop is a plain GEMM; the
+    low-rank term and bias are added in its epilogue (`_add_lowrank_and_bias`), so they cost
+    no extra pass over the output.
     """
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    # Grouped ordering: GROUP_M row blocks walk the N tiles together so b stays in L2.
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
-    pid_n = (pid % num_pid_in_group) // group_size_m
-
+    pid_m, pid_n = _tile_of(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    offs_c = tl.arange(0, R_CHUNK)
     mask_m = offs_m < M
     mask_n = offs_n < N
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, R_CHUNK):
-        ranks = r0 + offs_c
-        h = tl.load(h_ptr + offs_m[:, None] * stride_hm + ranks[None, :] * stride_hr,
-                    mask=mask_m[:, None] & (ranks[None, :] < R), other=0.0)
-        c = tl.load(c_ptr + ranks[:, None] * stride_cr + offs_n[None, :] * stride_cn,
-                    mask=(ranks[:, None] < R) & mask_n[None, :], other=0.0)
-        # Scale h, not the product: a [BLOCK_M, R_CHUNK] multiply, and the MMA accumulates
-        # straight into the GEMM's accumulator (no second BLOCK_M x BLOCK_N fp32 tile).
-        h = (h.to(tl.float32) * scale).to(h_ptr.dtype.element_ty)
-        acc = mma(h, c, acc, UPCAST, INPUT_PRECISION)
-
     a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
     for k0 in range(0, K, BLOCK_K):
@@ -168,10 +191,53 @@ def gemm_lowrank_kernel(
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    acc = _add_lowrank_and_bias(acc, h_ptr, c_ptr, bias_ptr, offs_m, offs_n, mask_m, mask_n, R,
+                                scale, stride_hm, stride_hr, stride_cr, stride_cn, HAS_BIAS,
+                                R_CHUNK, UPCAST, INPUT_PRECISION)
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
              acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit(do_not_specialize=["M", "R", "num_programs", "stride_hm"])
+def gemm_lowrank_tma_kernel(
+    a_desc, b_desc, out_desc, h_ptr, c_ptr, bias_ptr,
+    M, N, K, R, scale, num_programs,
+    stride_hm, stride_hr, stride_cr, stride_cn,
+    B_TRANSPOSED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, R_CHUNK: tl.constexpr,
+    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """The same product as `gemm_lowrank_kernel`, for sm_90 (Hopper): a, b and out through
+    tensor descriptors (TMA: one instruction moves a tile into shared memory, no per-thread
+    address arithmetic, and the hardware zero-fills out-of-bounds rows and columns, so the
+    K-loop has no masks), in a persistent loop: `num_programs` programs (one per SM) walk the
+    output tiles in grouped order, so no launch pays a wave tail of idle SMs.
+
+    b's descriptor is over b itself (K x N, unit column stride: b = W in the dx GEMM) or, with
+    B_TRANSPOSED, over b^T (N x K, unit column stride: b = W^T in the forward, i.e. W's own
+    row-major storage); its tiles are then transposed in shared memory, which wgmma reads as
+    is. h and c (the low-rank term, r / K of the work) stay pointer loads: their row strides
+    (the rank) need not be 16-byte multiples, which a descriptor requires.
+    """
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    for tile_id in range(tl.program_id(0), num_tiles, num_programs):
+        pid_m, pid_n = _tile_of(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            a = a_desc.load([off_m, k0])
+            if B_TRANSPOSED:
+                b = tl.trans(b_desc.load([off_n, k0]))
+            else:
+                b = b_desc.load([k0, off_n])
+            acc = mma(a, b, acc, UPCAST, INPUT_PRECISION)
+        offs_m = off_m.to(tl.int64) + tl.arange(0, BLOCK_M)
+        offs_n = off_n.to(tl.int64) + tl.arange(0, BLOCK_N)
+        acc = _add_lowrank_and_bias(acc, h_ptr, c_ptr, bias_ptr, offs_m, offs_n, offs_m < M,
+                                    offs_n < N, R, scale, stride_hm, stride_hr, stride_cr,
+                                    stride_cn, HAS_BIAS, R_CHUNK, UPCAST, INPUT_PRECISION)
+        out_desc.store([off_m, off_n], acc.to(out_desc.dtype))
 
 
 @triton.jit(do_not_specialize=["M", "R", "stride_h1m", "stride_h2m", "stride_gsm"])
@@ -187,12 +253,27 @@ def lowrank_grad_pass_kernel(
     """One pass over a BLOCK_M-row block of dY:
 
         g  = s dY B            (kept for this block only)
-        dB += s dY_blk^T h2_blk   (fp32 atomics into db, N x R)     if COMPUTE_DB
-        dS += g^T h1_blk          (fp32 atomics into ds, R x R)     if COMPUTE_DS
+        dB += s dY_blk^T h2_blk   (fp32 reductions into db, N x BLOCK_R)     if COMPUTE_DB
+        dS += g^T h1_blk          (fp32 reductions into ds, R x BLOCK_R)     if COMPUTE_DS
         gS = g S   (or g without S), stored for the dx GEMM
 
-    dB and dS are sums over row blocks, hence the atomics: their fp32 summation order varies
-    from run to run (differences at the fp32 rounding level, far below the output dtype's).
+    dB and dS are sums over row blocks, accumulated with relaxed fp32 reductions (`sem=
+    "relaxed"`: `REDG`, fire-and-forget, where the default acq_rel semantics put a `MEMBAR` and
+    a cache invalidation around every scalar `ATOMG`). Their buffers have BLOCK_R columns (the
+    rank padded to a power of two; the padding receives zeros, since h1 and h2 are masked to 0
+    there), so every row is contiguous with a compile-time stride and only the row needs a
+    mask: the reductions vectorize to 16-byte `REDG.E.ADD.F32x4`. The launcher slices off the
+    padding.
+
+    Why reductions and not per-program partials plus a reduction kernel (H100, bf16, M = 8192,
+    N = 4096, r = 16, BLOCK_M = 64; an analysis, not yet measured on a GPU): this pass reads dY,
+    2 M N = 64 MiB, about 22 us at 3 TB/s. The reductions add (M / BLOCK_M) N r = 8.4M fp32
+    values, 2.1M 16-byte REDGs, into a 256 KiB dB that stays in L2: 32 MiB of L2 traffic, no
+    HBM traffic until dB is read back, and no instruction waits for them. Partials would write
+    (M / BLOCK_M) N r fp32 = 32 MiB to HBM and read it back in a second kernel: 64 MiB, doubling
+    the pass's HBM bytes. dS is r / N of dB's work. Determinism: the order of the fp32
+    additions varies from run to run (differences at fp32 rounding, far below the output
+    dtype's), as with any atomics.
     """
     pid = tl.program_id(0)
     offs_m = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -217,8 +298,8 @@ def lowrank_grad_pass_kernel(
         if COMPUTE_DB:
             db = mma(tl.trans(dy), h2, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32),
                      UPCAST, INPUT_PRECISION)
-            tl.atomic_add(db_ptr + (n0 + offs_n)[:, None] * R + offs_r[None, :], db,
-                          mask=mask_n[:, None] & mask_r[None, :])
+            tl.atomic_add(db_ptr + (n0 + offs_n)[:, None] * BLOCK_R + offs_r[None, :], db,
+                          mask=mask_n[:, None], sem="relaxed")
         dy_ptrs += BLOCK_N * stride_dyn
         b_ptrs += BLOCK_N * stride_bn
 
@@ -237,8 +318,8 @@ def lowrank_grad_pass_kernel(
                                  mask=mask_m[:, None] & (rows[None, :] < R), other=0.0)
                 ds = mma(tl.trans(g_cols), h1, tl.zeros((R_CHUNK, BLOCK_R), dtype=tl.float32),
                          UPCAST, INPUT_PRECISION)
-                tl.atomic_add(ds_ptr + rows[:, None] * R + offs_r[None, :], ds,
-                              mask=(rows[:, None] < R) & mask_r[None, :])
+                tl.atomic_add(ds_ptr + rows[:, None] * BLOCK_R + offs_r[None, :], ds,
+                              mask=(rows < R)[:, None], sem="relaxed")
         gs = _rows_times_square(gs_ptr, stride_gsm, offs_m, mask_m, s_ptr, stride_si, stride_sj, R,
                                 BLOCK_M, BLOCK_R, R_CHUNK, UPCAST, INPUT_PRECISION)
         tl.debug_barrier()  # every thread has read g before any thread overwrites it

@@ -1,10 +1,12 @@
 """The kernel report (`python -m benchmarks.kernel_report`) compiles the Triton kernels for sm_90
 without a GPU: every configuration it compiles must compile, every 16-bit kernel must use wgmma,
-and no default configuration may spill registers.
+and no default configuration may spill registers, serialize its wgmma, get a ptxas performance
+advisory or compile a reduction to a fenced atomic; the sm_90 GEMM path must use TMA.
 
-It compiles every configuration (228 for sm_90, about 120 s with 2 jobs on the 2-core
-development machine): what the dispatcher can launch is what must compile. No default
-configuration spills there; the test holds the defaults to that, as the report does.
+It compiles every configuration (273 for sm_90, about 105 s with 2 jobs on the 2-core
+development machine): what the dispatcher can launch is what must compile. The rules that judge
+the compiled code are tested here too, on SASS and ptxas text that breaks each of them, so a
+rule that cannot fail would show.
 """
 import csv
 import os
@@ -15,6 +17,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# `benchmarks` is not an installed package: import it from the checkout.
+sys.path.insert(0, str(ROOT))
+from benchmarks import kernel_report  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +70,10 @@ NO_DOT_KERNELS = {"routed_gate_grad_kernel"}
 def test_16bit_kernels_use_wgmma(report):
     _, rows = report
     sixteen = [r for r in rows if r["dtype"] in ("float16", "bfloat16")]
-    assert {r["kernel"] for r in sixteen} == {"gemm_lowrank_kernel", "lowrank_shrink_kernel",
-                                              "lowrank_grad_pass_kernel", "routed_shrink_kernel",
-                                              "routed_gate_grad_kernel"}, "a 16-bit kernel is missing"
+    assert {r["kernel"] for r in sixteen} == {"gemm_lowrank_kernel", "gemm_lowrank_tma_kernel",
+                                              "lowrank_shrink_kernel", "lowrank_grad_pass_kernel",
+                                              "routed_shrink_kernel", "routed_gate_grad_kernel"}, \
+        "a 16-bit kernel is missing"
     no_dot = [r for r in sixteen if r["kernel"] in NO_DOT_KERNELS]
     assert no_dot and all(r["mma"] == "none" for r in no_dot), _names(no_dot)
     without = [r for r in sixteen if r["mma"] != "wgmma" and r["kernel"] not in NO_DOT_KERNELS]
@@ -81,3 +87,81 @@ def test_no_default_configuration_spills(report):
     spilling = [r for r in defaults if r["spills"] != "0"]
     assert not spilling, (f"{len(spilling)} of {len(defaults)} default configurations spill "
                           f"(bytes of spill stores + loads):\n" + _names(spilling))
+
+
+def test_no_default_configuration_is_slow_by_its_compiled_code(report):
+    _, rows = report
+    defaults = [r for r in rows if r["default"] == "True" and not r["error"]]
+    slow = [r for r in defaults
+            if r["wgmma_serialized"] != "no" or r["advisories"] != "none"
+            or r["reductions"] == kernel_report.FENCED]
+    assert not slow, (f"{len(slow)} of {len(defaults)} default configurations serialize wgmma, "
+                      "get ptxas advisories or fence their reductions:\n" + _names(slow))
+    # The grad pass's reductions are there, and relaxed.
+    grad_pass = [r for r in defaults if r["kernel"] == "lowrank_grad_pass_kernel"
+                 and "dB=True" in r["label"]]
+    assert grad_pass and all(r["reductions"] == "REDG" for r in grad_pass), _names(grad_pass)
+
+
+def test_sm90_gemm_path_uses_tma(report):
+    _, rows = report
+    tma = [r for r in rows if r["kernel"] == "gemm_lowrank_tma_kernel"]
+    assert tma, "no tensor-descriptor GEMM configuration in the report"
+    without = [r for r in tma if r["tma"] != "yes"]
+    assert not without, _names(without)
+    assert all(r["tma"] == "no" for r in rows if r["kernel"] == "gemm_lowrank_kernel")
+
+
+# The rules themselves, on text that breaks each of them.
+
+def _sass(*instructions: str) -> list:
+    """cuobjdump-style lines, 16 bytes apart from address 0."""
+    text = "\n".join(f"        /*{16 * i:04x}*/                   {ins} ;   /* 0x000 */"
+                     for i, ins in enumerate(instructions))
+    return kernel_report._sass_instructions(text)
+
+
+HGMMA = "HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24, gsb0"
+WAIT_ALL = "WARPGROUP.DEPBAR.LE gsb0, 0x0"
+WAIT_ONE = "WARPGROUP.DEPBAR.LE gsb0, 0x1"
+
+
+def test_serialized_wgmma_is_found_in_the_main_loop():
+    # A loop from 0x10 whose every HGMMA waits for all before it: serialized.
+    serialized = _sass("MOV R1, R2", HGMMA, WAIT_ALL, HGMMA, WAIT_ALL, "@P0 BRA 0x10", "EXIT")
+    assert kernel_report._wgmma_serialized_in_sass(serialized)
+    # The pipelined form: a group of HGMMAs, one left in flight.
+    pipelined = _sass("MOV R1, R2", HGMMA, HGMMA, WAIT_ONE, "@P0 BRA 0x10", WAIT_ALL, "EXIT")
+    assert not kernel_report._wgmma_serialized_in_sass(pipelined)
+    # A serialized tail loop of one HGMMA after a pipelined main loop of two: the main loop
+    # (the one with the most HGMMAs) decides.
+    tail = _sass("MOV R1, R2", HGMMA, HGMMA, WAIT_ONE, "@P0 BRA 0x10", WAIT_ALL,
+                 HGMMA, WAIT_ALL, "@P1 BRA 0x60", "EXIT")
+    assert not kernel_report._wgmma_serialized_in_sass(tail)
+    assert not kernel_report._wgmma_serialized_in_sass(_sass("MOV R1, R2", "EXIT"))
+
+
+def test_reductions_are_classified():
+    fenced = _sass("MEMBAR.ALL.GPU", "ERRBAR", "ATOMG.E.ADD.F32.FTZ.RN.STRONG.GPU PT, R0, [R2.64], R4",
+                   "CCTL.IVALL", "EXIT")
+    assert kernel_report._reductions(fenced) == kernel_report.FENCED
+    relaxed = _sass("REDG.E.ADD.F32x4.FTZ.RN.STRONG.GPU desc[UR4][R2.64], R8", "EXIT")
+    assert kernel_report._reductions(relaxed) == "REDG"
+    assert kernel_report._reductions(_sass("STG.E.128 desc[UR4][R2.64], R8", "EXIT")) == "none"
+
+
+def test_advisories_and_the_failure_rules():
+    log = ("ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions are "
+           "serialized due to ...\nptxas info    : (C7514) Potential Performance Loss: wgmma...")
+    assert kernel_report._advisories(log) == ["C7514", "C7515"]
+    good = {"error": "", "arch": "sm_90", "shared": 1000, "default": True, "spills": 0,
+            "wgmma_serialized": "no", "advisories": "none", "reductions": "REDG",
+            "expects_tma": True, "tma": "yes"}
+    assert kernel_report._problems(good) == []
+    for change in ({"spills": 8}, {"spills": "?"}, {"wgmma_serialized": "yes"},
+                   {"advisories": "C7514"}, {"reductions": kernel_report.FENCED},
+                   {"tma": "no"}, {"shared": 10 ** 6}, {"error": "boom"}):
+        assert kernel_report._problems({**good, **change}), f"{change} passed the report"
+    # A configuration that is not the default is held to the shared-memory limit only.
+    assert kernel_report._problems({**good, "default": False, "wgmma_serialized": "yes",
+                                    "spills": 8}) == []

@@ -149,6 +149,7 @@ class KernelConfig:
     num_stages: int
     default: bool                  # the configuration used with ADAPTEROPS_AUTOTUNE=0
     dtype: Optional[torch.dtype] = None
+    expects_tma: bool = False      # the sm_90 tensor-descriptor path: its PTX must use TMA
 
 
 # The (dtype, fp32 matmul precision) pairs the kernel report compiles: fp32 in full precision
@@ -162,16 +163,21 @@ def variant_label(dtype: torch.dtype, precision: str) -> str:
 
 
 def triton_signature(fn, dtype: torch.dtype, constexprs: dict, fp32_ptrs=(),
-                     pointer_dtypes: Optional[dict] = None) -> dict:
+                     pointer_dtypes: Optional[dict] = None,
+                     descriptor_blocks: Optional[dict] = None) -> dict:
     """Triton types of `fn`'s arguments, for the kernel report: pointers in `dtype` (fp32 for
-    `fp32_ptrs`, the given dtype for those in `pointer_dtypes`), the `scale` in fp32, every
-    other runtime argument (sizes, strides) i32."""
+    `fp32_ptrs`, the given dtype for those in `pointer_dtypes`), tensor descriptors (the
+    arguments in `descriptor_blocks`, arg name -> block shape) over `dtype`, the `scale` in
+    fp32, every other runtime argument (sizes, strides) i32."""
     name = TRITON_DTYPE_NAMES[dtype]
     pointer_dtypes = pointer_dtypes or {}
+    descriptor_blocks = descriptor_blocks or {}
     signature = {}
     for arg in fn.arg_names:
         if arg in constexprs:
             signature[arg] = "constexpr"
+        elif arg in descriptor_blocks:
+            signature[arg] = f"tensordesc<{name}[{', '.join(map(str, descriptor_blocks[arg]))}]>"
         elif arg in pointer_dtypes:
             signature[arg] = f"*{TRITON_DTYPE_NAMES[pointer_dtypes[arg]]}"
         elif arg.endswith("_ptr"):
@@ -185,15 +191,17 @@ def triton_signature(fn, dtype: torch.dtype, constexprs: dict, fp32_ptrs=(),
 
 def kernel_config(fn, label: str, config: dict, default: bool, dtype: torch.dtype,
                   precision: str, unit_strides=(), fp32_ptrs=(), pointer_dtypes=None,
-                  **flags) -> KernelConfig:
+                  descriptor_blocks=None, **flags) -> KernelConfig:
     """The `KernelConfig` of `fn` launched with tile configuration `config`, feature flags
     `flags` and the strides in `unit_strides` equal to 1 (a launch makes an integer argument
     equal to 1 a compile-time constant). UPCAST is off (a GPU never sets it) and
-    INPUT_PRECISION is `precision`, for the kernels that take them."""
+    INPUT_PRECISION is `precision`, for the kernels that take them. A kernel with tensor
+    descriptors (`descriptor_blocks`) is the sm_90 path: the report expects TMA in it."""
     meta, options = split_config(config)
     numerics = {"UPCAST": False, "INPUT_PRECISION": precision}
     constexprs = {**meta, **flags, **dict.fromkeys(unit_strides, 1),
                   **{k: v for k, v in numerics.items() if k in fn.arg_names}}
-    signature = triton_signature(fn, dtype, constexprs, fp32_ptrs, pointer_dtypes)
+    signature = triton_signature(fn, dtype, constexprs, fp32_ptrs, pointer_dtypes,
+                                 descriptor_blocks)
     return KernelConfig(fn.__name__, fn, label, signature, constexprs, options["num_warps"],
-                        options["num_stages"], default, dtype)
+                        options["num_stages"], default, dtype, expects_tma=bool(descriptor_blocks))

@@ -3,8 +3,9 @@
 
 Forward: y = x W^T + bias is the base layer alone, so it runs on cuBLAS (`F.linear`: there is
 nothing to fuse into it); the low-rank shrink computes h = x A^T, which backward needs for gB.
-Backward: the low-rank grad pass (one read of dY: s dY B and gB = s dY^T h), the GEMM for
-dx = dY W with no low-rank term, and gA = (s dY B)^T x as one cuBLAS/ATen GEMM (one read of x).
+Backward: the low-rank grad pass (one read of dY: s dY B and gB = s dY^T h), dx = dY W on
+cuBLAS (`torch.mm`: a plain GEMM with nothing to fuse, which cuBLAS runs at the floor), and
+gA = (s dY B)^T x as one cuBLAS/ATen GEMM (one read of x).
 Update: `lowrank_update_kernel`, W += scale P Q in place with the rounded copy in the same pass.
 """
 from typing import Optional
@@ -21,13 +22,16 @@ from .common import (TRITON_DTYPE_NAMES, KernelConfig, device_guard, device_reas
                      variant_label)
 
 # The update's tiles: fp32 W, P and Q (the master weight and the factors are fp32 whatever the
-# model's dtype). BLOCK_K = 128 columns of W per tile keep its loads and stores wide; the P and
-# Q chunks are R_CHUNK = 16 wide, so the inner size 2 K r only sets the loop count.
+# model's dtype); see `adapterops.kernels.hdpissa` for the analysis. TF32: the largest tile
+# that does not spill with W prefetched (216 registers), 32-wide inner chunks (four k8 wgmmas
+# each). Full fp32 runs on FMAs, compute-bound whatever the tile: 64 x 64 on 4 warps gives
+# each thread 32 outputs per operand load and spills in no variant (144-181 registers); ptxas
+# capped 64 x 128 on 8 warps at 128 registers and spilled 16-48 bytes in some variants.
 UPDATE_CONFIGS = {
-    "tf32": {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3},
-    "ieee": {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3},
+    "tf32": {"BLOCK_N": 128, "BLOCK_K": 128, "R_CHUNK": 32, "num_warps": 8, "num_stages": 3},
+    "ieee": {"BLOCK_N": 64, "BLOCK_K": 64, "R_CHUNK": 16, "num_warps": 4, "num_stages": 3},
 }
-INTERPRETER_UPDATE_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 32}
+INTERPRETER_UPDATE_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 32, "R_CHUNK": 16}
 
 
 def reasons(x: Tensor, lora_A: Tensor, **_) -> list[str]:
@@ -60,8 +64,7 @@ def backward(grad_y: Tensor, x: Optional[Tensor], h: Optional[Tensor], weight: T
     g = gB = None
     if need_A or need_B:
         g, gB, _ = lowrank.grad_pass(grad_y, lora_B, None, h, None, scaling, need_B, False)
-    # dx = dY W: the low-rank GEMM with an empty (rank 0) low-rank term.
-    dx = lowrank.gemm_lowrank(grad_y, weight, grad_y[:, :0], weight[:0], None, 0.0) if need_x else None
+    dx = torch.mm(grad_y, weight) if need_x else None
     gA = torch.mm(g.t(), x) if need_A else None
     return dx, gA, gB.to(lora_B.dtype) if gB is not None else None
 
@@ -77,10 +80,11 @@ def update_(weight: Tensor, P: Tensor, Q: Tensor, scale: float, copy: Optional[T
     config = (INTERPRETER_UPDATE_CONFIG if interpreting(kernel)
               else UPDATE_CONFIGS[flags["INPUT_PRECISION"]])
     target = copy if copy is not None else weight  # a valid pointer; unwritten without HAS_COPY
+    R = P.shape[1]
     launch(kernel, (triton.cdiv(N, config["BLOCK_N"]), triton.cdiv(Kdim, config["BLOCK_K"])),
-           (weight, P, Q, target, N, Kdim, P.shape[1], scale, weight.stride(0), weight.stride(1),
+           (weight, P, Q, target, N, Kdim, R, scale, weight.stride(0), weight.stride(1),
             P.stride(0), P.stride(1), Q.stride(0), Q.stride(1), target.stride(0), target.stride(1)),
-           config, HAS_COPY=copy is not None, R_CHUNK=lowrank.RANK_CHUNK, **flags)
+           config, HAS_COPY=copy is not None, EVEN_R=R % config["R_CHUNK"] == 0, **flags)
 
 
 # Strides that are 1 for the contiguous W, P, Q and copy the optimizer passes.
@@ -89,14 +93,16 @@ UNIT_STRIDES = ("stride_wk", "stride_pr", "stride_qk", "stride_ck")
 
 def kernel_configurations() -> list[KernelConfig]:
     """The update kernel's configurations: fp32 W, P and Q in full fp32 and in TF32, without a
-    copy and with an fp16 or bf16 copy. The forward and backward run the low-rank kernels (see
+    copy and with an fp16 or bf16 copy, with and without a masked inner dimension. The forward and backward run the low-rank kernels (see
     lowrank.kernel_configurations)."""
     configs = []
     for precision in ("ieee", "tf32"):
         for copy_dtype in (None, torch.float16, torch.bfloat16):
             label = f"{variant_label(torch.float32, precision)} copy={TRITON_DTYPE_NAMES.get(copy_dtype)}"
-            configs.append(kernel_config(
-                K.lowrank_update_kernel, label, UPDATE_CONFIGS[precision], True, torch.float32,
-                precision, UNIT_STRIDES, pointer_dtypes={"copy_ptr": copy_dtype or torch.float32},
-                HAS_COPY=copy_dtype is not None, R_CHUNK=lowrank.RANK_CHUNK))
+            for even_r in (True, False):
+                configs.append(kernel_config(
+                    K.lowrank_update_kernel, f"{label} even_r={even_r}", UPDATE_CONFIGS[precision],
+                    True, torch.float32, precision, UNIT_STRIDES,
+                    pointer_dtypes={"copy_ptr": copy_dtype or torch.float32},
+                    HAS_COPY=copy_dtype is not None, EVEN_R=even_r))
     return configs

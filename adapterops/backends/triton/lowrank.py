@@ -1,16 +1,24 @@
 """Launchers of the fused low-rank linear kernels (`adapterops.kernels.lowrank`).
 
-Forward: shrink pass (h1, h2), then the base GEMM seeded with s h2 B^T.
-Backward: one pass over dY (g, dB, dS, gS), then the dx GEMM seeded with (g S) A; dA (LoRA
-mode only) is a plain cuBLAS/ATen GEMM (g S)^T x.
-Tile configurations are data below; the GEMM is autotuned per (token-count bucket, N, K, rank,
-dtype), the two memory-bound passes use one configuration per element size.
+Forward: shrink pass (h1, h2), then the base GEMM with s h2 B^T added in its epilogue.
+Backward: one pass over dY (g, dB, dS, gS), then the dx GEMM with (g S) A added likewise; dA
+(LoRA mode only) is a plain cuBLAS/ATen GEMM (g S)^T x.
+The GEMM has two paths: on sm_90 and newer, when a, b and the output can be described by TMA
+descriptors (unit column stride, 16-byte aligned base and row stride: contiguous 16-bit tensors
+whose width is a multiple of 8), the persistent tensor-descriptor kernel; otherwise (sm_80,
+odd widths, strided views) the pointer kernel. Tile configurations are data below; the GEMM is
+autotuned per (path, token-count bucket, N, K, dtype, bias): the rank is not part of the key,
+since no compile-time value depends on it. The two memory-bound passes use one configuration
+per numerics class.
 """
+import functools
 from typing import Optional
 
 import torch
 import triton
 from torch import Tensor
+
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ...kernels import lowrank as K
 from .common import (VARIANTS, KernelConfig, bucket, device_guard, device_reasons, dtype_reasons,
@@ -21,7 +29,8 @@ MAX_RANK = 128
 RANK_CHUNK = 16  # the width of every contraction over the rank (see adapterops.kernels.lowrank)
 
 # Tiles by element size (2: fp16/bf16 on tensor cores; 4: fp32, FMAs or TF32).
-# fp32 GEMMs halve BLOCK_K so three stages fit in shared memory.
+# The pointer path (sm_80, or operands a TMA descriptor cannot address). fp32 GEMMs halve
+# BLOCK_K so three stages fit in shared memory.
 GEMM_CONFIGS = {
     2: [
         {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 4},
@@ -33,6 +42,34 @@ GEMM_CONFIGS = {
         {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 4},
     ],
 }
+# The sm_90 tensor-descriptor path, by numerics class, first the default. 16-bit: the tiles
+# known to be good for an 8192 x 4096 x 4096 bf16 GEMM on an H100 (Triton's persistent-matmul
+# tutorial and cuBLAS's own choices run 128x256 and 256x128 tiles with 2 consumer warpgroups),
+# then smaller ones for few tokens. Shared memory (sm_90 kernel report): 213 KB for the
+# 128x256x64 and 256x128x64 three-stage pipelines with their output tile, 229 KB for
+# 128x128x128 (the limit is 227 KiB). TF32 tiles are half as deep for the same bytes; a
+# 128x256 fp32 output tile alone is 128 KiB (278 KB with three stages: over the limit). Full
+# fp32 ("ieee") has no entry: it runs on FMAs, which TMA does not feed any faster, and its
+# 128x128x32 tile spilled 3.5-29 KB on this path (the pointer kernel holds it in 254
+# registers): it stays on the pointer path.
+TMA_GEMM_CONFIGS = {
+    "16bit": [
+        {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
+        {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
+        {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
+        {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 4},
+        {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4},
+    ],
+    "tf32": [
+        {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
+        {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 4},
+        {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 4},
+    ],
+}
+TMA_MIN_CAPABILITY = (9, 0)
+# Under the interpreter the persistent loop runs on a few programs, so each walks several
+# tiles (as on a GPU with more tiles than SMs) and the last ones fewer.
+INTERPRETER_PROGRAMS = 3
 # The two memory-bound passes: one configuration each per numerics class ("16bit": fp16/bf16
 # on tensor cores; "tf32"; "ieee": full fp32 on FMAs, which hold whole operand rows in
 # registers, hence the small tiles). Each was chosen so that no rank bucket spills in the
@@ -47,10 +84,14 @@ SHRINK_CONFIGS = {
     "tf32": {"BLOCK_M": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
     "ieee": {"BLOCK_M": 32, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
 }
+# The grad pass with vectorized relaxed reductions (sm_90 kernel report, triton 3.9): TF32 at
+# BLOCK_N = 32 issued each k8 HGMMA of the g product alone and waited for it (serialized);
+# BLOCK_N = 64 issues them as one group. Full fp32 at 16 x 16 with 4 warps spilled 32 bytes at
+# rank 128 with S; 32 x 16 with 8 warps spills at no rank.
 GRAD_PASS_CONFIGS = {
     "16bit": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
-    "tf32": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3},
-    "ieee": {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 3},
+    "tf32": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
+    "ieee": {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 8, "num_stages": 3},
 }
 # The grad pass at rank bucket 256, which only the routed op reaches (its rank is E r <= 256,
 # without S): the g and dB accumulators are twice as wide, so the tiles shrink to keep them in
@@ -90,30 +131,85 @@ def pass_config(kernel, dtype: torch.dtype, table: dict, interpreter_config: dic
     return flags, table[numerics_class(dtype, flags)]
 
 
+@functools.cache
+def _programs_and_tma(device: torch.device) -> tuple[int, bool]:
+    """(SM count, whether the tensor-descriptor path runs) of a CUDA device."""
+    properties = torch.cuda.get_device_properties(device)
+    return properties.multi_processor_count, (properties.major, properties.minor) >= TMA_MIN_CAPABILITY
+
+
+def _describable(t: Tensor) -> bool:
+    """Whether a TMA descriptor can address 2-D `t`: unit column stride, 16-byte aligned base
+    and row stride, no empty dimension."""
+    return (t.shape[0] > 0 and t.shape[1] > 0 and t.stride(1) == 1
+            and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0)
+
+
+def tma_layout(a: Tensor, b: Tensor, out: Tensor, numerics: str, kernel) -> Optional[bool]:
+    """B_TRANSPOSED for the tensor-descriptor path (b described through its row-major
+    transpose), or None when that path cannot serve: before sm_90, full fp32 (see
+    TMA_GEMM_CONFIGS), or an operand no descriptor can address. Under the interpreter the
+    device is taken to be an sm_90."""
+    if numerics not in TMA_GEMM_CONFIGS:
+        return None
+    if not interpreting(kernel) and not _programs_and_tma(a.device)[1]:
+        return None
+    if not (_describable(a) and _describable(out)):
+        return None
+    if _describable(b):
+        return False
+    if _describable(b.t()):
+        return True
+    return None
+
+
 def gemm_lowrank(a: Tensor, b: Tensor, h: Tensor, c: Tensor, bias: Optional[Tensor], scale: float) -> Tensor:
     """out = a @ b + bias + scale * h @ c, with b and c given as (possibly transposed) views."""
     M, Kdim = a.shape
     N = b.shape[1]
     R = h.shape[1]
     out = torch.empty((M, N), dtype=a.dtype, device=a.device)
-    kernel = K.gemm_lowrank_kernel
-    flags = numerics_flags(a.dtype, kernel)
-    # The kernel reads bias with unit stride; a strided view (a column of a matrix) is copied.
+    if M == 0 or N == 0:
+        return out
+    flags = numerics_flags(a.dtype, K.gemm_lowrank_kernel)
+    # The kernels read bias with unit stride; a strided view (a column of a matrix) is copied.
     bias = bias.contiguous() if bias is not None else None
-    args = (a, b, h, c, bias if bias is not None else out, out, M, N, Kdim, R, scale,
-            a.stride(0), a.stride(1), b.stride(0), b.stride(1), h.stride(0), h.stride(1),
-            c.stride(0), c.stride(1), out.stride(0), out.stride(1))
+    bias_arg = bias if bias is not None else out  # a valid pointer; unread without HAS_BIAS
     constexprs = dict(HAS_BIAS=bias is not None, R_CHUNK=RANK_CHUNK, **flags)
+    numerics = numerics_class(a.dtype, flags)
+    b_transposed = tma_layout(a, b, out, numerics, K.gemm_lowrank_tma_kernel)
 
-    def launch_with(config):
-        grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
-        launch(kernel, grid, args, config, **constexprs)
+    if b_transposed is None:
+        kernel, configs = K.gemm_lowrank_kernel, GEMM_CONFIGS[element_size(a.dtype)]
+        args = (a, b, h, c, bias_arg, out, M, N, Kdim, R, scale,
+                a.stride(0), a.stride(1), b.stride(0), b.stride(1), h.stride(0), h.stride(1),
+                c.stride(0), c.stride(1), out.stride(0), out.stride(1))
+
+        def launch_with(config):
+            grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
+            launch(kernel, grid, args, config, **constexprs)
+    else:
+        kernel, configs = K.gemm_lowrank_tma_kernel, TMA_GEMM_CONFIGS[numerics]
+        programs = (INTERPRETER_PROGRAMS if interpreting(kernel)
+                    else _programs_and_tma(a.device)[0])
+        b_stored = b.t() if b_transposed else b
+
+        def launch_with(config):
+            bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+            num_programs = min(programs, triton.cdiv(M, bm) * triton.cdiv(N, bn))
+            descriptors = (TensorDescriptor.from_tensor(a, [bm, bk]),
+                           TensorDescriptor.from_tensor(b_stored, [bn, bk] if b_transposed else [bk, bn]),
+                           TensorDescriptor.from_tensor(out, [bm, bn]))
+            launch(kernel, (num_programs,),
+                   (*descriptors, h, c, bias_arg, M, N, Kdim, R, scale, num_programs,
+                    h.stride(0), h.stride(1), c.stride(0), c.stride(1)),
+                   config, B_TRANSPOSED=b_transposed, **constexprs)
 
     if interpreting(kernel):
         config = INTERPRETER_CONFIGS["gemm"]
     else:
-        configs = GEMM_CONFIGS[element_size(a.dtype)]
-        key = (bucket(M), N, Kdim, R, a.dtype, bias is not None, a.device)
+        key = (kernel.__name__, b_transposed, bucket(M), N, Kdim, a.dtype, bias is not None,
+               a.device)
         config = pick_config(key, configs, configs[0], launch_with, kernel)
     launch_with(config)
     return out
@@ -151,16 +247,21 @@ def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, l
 def grad_pass(grad_y: Tensor, lora_B: Tensor, h1: Optional[Tensor], h2: Optional[Tensor],
               lora_S: Optional[Tensor], scaling: float, need_B: bool, need_S: bool):
     """(gS, dB, dS) from one pass over dY: gS = s dY B S (s dY B without S) in dY's dtype; dB
-    = s dY^T h2 (N x R) and dS = (s dY B)^T h1 (R x R) in fp32, None when not asked for."""
+    = s dY^T h2 (N x R) and dS = (s dY B)^T h1 (R x R) in fp32, None when not asked for.
+
+    The kernel sums dB and dS into buffers whose rows are padded to the rank bucket (a
+    compile-time row stride lets its reductions vectorize); the padding is sliced off with a
+    copy of N x R fp32 values (a custom op's outputs must have the strides of its fake)."""
     M, N = grad_y.shape
     R = lora_B.shape[1]
+    block_r = rank_block(R)
     device = grad_y.device
     gS = torch.empty((M, R), dtype=grad_y.dtype, device=device)
-    dB = torch.zeros((N, R), dtype=torch.float32, device=device) if need_B else None
-    dS = torch.zeros((R, R), dtype=torch.float32, device=device) if need_S else None
+    dB = torch.zeros((N, block_r), dtype=torch.float32, device=device) if need_B else None
+    dS = torch.zeros((R, block_r), dtype=torch.float32, device=device) if need_S else None
     if M > 0:
         kernel = K.lowrank_grad_pass_kernel
-        flags, config = pass_config(kernel, grad_y.dtype, grad_pass_configs(rank_block(R)),
+        flags, config = pass_config(kernel, grad_y.dtype, grad_pass_configs(block_r),
                                     INTERPRETER_CONFIGS["grad_pass"])
         S = lora_S if lora_S is not None else lora_B  # a valid pointer; unread without HAS_S
         h1_arg = h1 if h1 is not None else gS       # likewise when dS is not asked for
@@ -172,8 +273,9 @@ def grad_pass(grad_y: Tensor, lora_B: Tensor, h1: Optional[Tensor], h2: Optional
                 lora_B.stride(0), lora_B.stride(1), h1_arg.stride(0), h2_arg.stride(0),
                 S.stride(0), S.stride(1), R),
                config, HAS_S=lora_S is not None, COMPUTE_DB=need_B, COMPUTE_DS=need_S,
-               BLOCK_R=rank_block(R), R_CHUNK=RANK_CHUNK, **flags)
-    return gS, dB, dS
+               BLOCK_R=block_r, R_CHUNK=RANK_CHUNK, **flags)
+    return (gS, dB[:, :R].contiguous() if need_B else None,
+            dS[:, :R].contiguous() if need_S else None)
 
 
 @device_guard
@@ -199,6 +301,9 @@ UNIT_STRIDES = {
     "gemm fwd": ("stride_ak", "stride_bk", "stride_hr", "stride_cr", "stride_on"),
     # a = dY, b = W, h = gS, c = A
     "gemm bwd": ("stride_ak", "stride_bn", "stride_hr", "stride_cn", "stride_on"),
+    # The tensor-descriptor GEMM: only the low-rank term has strides.
+    "tma fwd": ("stride_hr", "stride_cr"),
+    "tma bwd": ("stride_hr", "stride_cn"),
     "shrink": ("stride_xk", "stride_ak", "stride_sj"),
     "grad_pass": ("stride_dyn", "stride_br", "stride_sj"),
 }
@@ -217,12 +322,24 @@ def kernel_configurations() -> list[KernelConfig]:
             configs.append(kernel_config(fn, f"{d} {label}", config, default, dtype, precision,
                                          unit_strides, fp32_ptrs, R_CHUNK=RANK_CHUNK, **flags))
 
+        # The backward (dx) GEMM never has a bias.
+        gemm_paths = (("fwd", True), ("fwd", False), ("bwd", False))
         for i, config in enumerate(GEMM_CONFIGS[element_size(dtype)]):
             tiles = f"{config['BLOCK_M']}x{config['BLOCK_N']}x{config['BLOCK_K']}"
-            # The backward (dx) GEMM never has a bias.
-            for path, has_bias in (("fwd", True), ("fwd", False), ("bwd", False)):
+            for path, has_bias in gemm_paths:
                 add(K.gemm_lowrank_kernel, f"{path} {tiles} bias={has_bias}", config, i == 0,
                     UNIT_STRIDES[f"gemm {path}"], HAS_BIAS=has_bias)
+        for i, config in enumerate(TMA_GEMM_CONFIGS.get(numerics, ())):
+            bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+            for path, has_bias in gemm_paths:
+                # The forward's b = W^T is described through W's row-major storage.
+                transposed = path == "fwd"
+                configs.append(kernel_config(
+                    K.gemm_lowrank_tma_kernel, f"{d} {path} {bm}x{bn}x{bk} bias={has_bias}",
+                    config, i == 0, dtype, precision, UNIT_STRIDES[f"tma {path}"],
+                    descriptor_blocks={"a_desc": (bm, bk), "out_desc": (bm, bn),
+                                       "b_desc": (bn, bk) if transposed else (bk, bn)},
+                    B_TRANSPOSED=transposed, HAS_BIAS=has_bias, R_CHUNK=RANK_CHUNK))
         for block_r in (16, 32, 64, 128, WIDE_RANK_BLOCK):
             # Rank bucket 256 is the routed op's grad pass alone: no S, no shrink.
             for has_s in ((True, False) if block_r < WIDE_RANK_BLOCK else (False,)):
