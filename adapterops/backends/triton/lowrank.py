@@ -70,37 +70,41 @@ TMA_MIN_CAPABILITY = (9, 0)
 # Under the interpreter the persistent loop runs on a few programs, so each walks several
 # tiles (as on a GPU with more tiles than SMs) and the last ones fewer.
 INTERPRETER_PROGRAMS = 3
-# The two memory-bound passes: one configuration each per numerics class ("16bit": fp16/bf16
-# on tensor cores; "tf32"; "ieee": full fp32 on FMAs, which hold whole operand rows in
-# registers, hence the small tiles). Each was chosen so that no rank bucket spills in the
-# sm_90 and sm_80 kernel reports (M and R unspecialized, as launched). ptxas's choices here are
-# not monotonic in tile size or warps: 4 warps spilled the 16-bit grad pass at rank 128 with S
-# (364 bytes); 32-row fp32 grad-pass tiles spilled 16-660 bytes at rank 64; 16- and 32-row
-# TF32 tiles spilled 8-76 bytes at rank 64 or 128. Re-run the report after changing any of them.
+# The two memory-bound passes, per numerics class ("16bit": fp16/bf16 on tensor cores; "tf32";
+# "ieee": full fp32 on FMAs, which hold whole operand rows in registers, hence the small
+# tiles) and rank bucket: each entry is ((largest rank bucket, configuration), ...), the first
+# whose bucket is large enough serves. Rank bucket 256 is the grad pass of the routed op alone
+# (its rank is E r <= 256, without S). Chosen with the sm_90 kernel report on every Triton
+# from 3.6 to 3.9 (M and R unspecialized, as launched), so that no default configuration
+# spills or serializes its wgmma on any of them. ptxas's choices are neither monotonic in tile
+# size or warps nor stable across versions; what the report showed:
+# - TF32 shrink: 8 warps at rank bucket 32 without S serialized on 3.6 (the 16 columns split
+#   between two warpgroups); 4 warps spilled 72-248 bytes at 128 with S on 3.7-3.9.
+# - TF32 grad pass: BLOCK_N = 32 issued each k8 HGMMA of the g product alone and waited for it
+#   (3.9); at 64, 8 warps serialized at rank bucket 32 without dB or dS on 3.6, and 4 warps
+#   spilled 120-784 bytes at 128 on every version.
+# - Full fp32 grad pass: 16 x 16 on 8 warps spills nowhere on 3.6-3.8 but 12 bytes at 128 on
+#   3.9; 16 x 32 on 8 warps spills at 32 and 64 on 3.6-3.8 but not at 128; 16 x 16 on 4 warps
+#   spilled at 64 on 3.8 and at 128 on 3.9.
+# - 4 warps spilled the 16-bit grad pass at rank 128 with S (364 bytes, 3.9).
 # BLOCK_K = 32 keeps the fp32 shrink's pipeline inside an A100's shared memory (BLOCK_K = 128
-# needed 196,608 bytes at rank 128).
+# needed 196,608 bytes at rank 128). Re-run the report (with each Triton) after changing any.
 SHRINK_CONFIGS = {
-    "16bit": {"BLOCK_M": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},
-    "tf32": {"BLOCK_M": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
-    "ieee": {"BLOCK_M": 32, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
+    "16bit": ((128, {"BLOCK_M": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}),),
+    "tf32": ((64, {"BLOCK_M": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}),
+             (128, {"BLOCK_M": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3})),
+    "ieee": ((128, {"BLOCK_M": 32, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3}),),
 }
-# The grad pass with vectorized relaxed reductions (sm_90 kernel report, triton 3.9): TF32 at
-# BLOCK_N = 32 issued each k8 HGMMA of the g product alone and waited for it (serialized);
-# BLOCK_N = 64 issues them as one group. Full fp32 at 16 x 16 with 4 warps spilled 32 bytes at
-# rank 128 with S; 32 x 16 with 8 warps spills at no rank.
-GRAD_PASS_CONFIGS = {
-    "16bit": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
-    "tf32": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
-    "ieee": {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 8, "num_stages": 3},
-}
-# The grad pass at rank bucket 256, which only the routed op reaches (its rank is E r <= 256,
-# without S): the g and dB accumulators are twice as wide, so the tiles shrink to keep them in
-# registers.
 WIDE_RANK_BLOCK = 256
-WIDE_GRAD_PASS_CONFIGS = {
-    "16bit": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3},
-    "tf32": {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3},
-    "ieee": {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 8, "num_stages": 3},
+GRAD_PASS_CONFIGS = {
+    "16bit": ((128, {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}),
+              (256, {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3})),
+    "tf32": ((64, {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}),
+             (128, {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}),
+             (256, {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3})),
+    "ieee": ((64, {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 8, "num_stages": 3}),
+             (128, {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3}),
+             (256, {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 8, "num_stages": 3})),
 }
 # Under the interpreter every program runs serially in NumPy: small tiles keep tests fast.
 INTERPRETER_CONFIGS = {
@@ -117,18 +121,19 @@ def reasons(x: Tensor, weight: Tensor, lora_A: Tensor, **_) -> list[str]:
     return out
 
 
-def grad_pass_configs(block_r: int) -> dict:
-    """The grad pass's configuration table for a rank bucket."""
-    return WIDE_GRAD_PASS_CONFIGS if block_r >= WIDE_RANK_BLOCK else GRAD_PASS_CONFIGS
+def bucket_config(table: dict, numerics: str, block_r: int) -> dict:
+    """The configuration of a memory-bound pass's `table` for a numerics class and rank bucket."""
+    return next(config for largest, config in table[numerics] if block_r <= largest)
 
 
-def pass_config(kernel, dtype: torch.dtype, table: dict, interpreter_config: dict) -> tuple[dict, dict]:
-    """(numerics flags, tile configuration) of a memory-bound pass for `dtype`: from `table`
-    (keyed by numerics class) on a GPU, `interpreter_config` under the interpreter."""
+def pass_config(kernel, dtype: torch.dtype, table: dict, block_r: int,
+                interpreter_config: dict) -> tuple[dict, dict]:
+    """(numerics flags, tile configuration) of a memory-bound pass for `dtype` and a rank
+    bucket: from `table` on a GPU, `interpreter_config` under the interpreter."""
     flags = numerics_flags(dtype, kernel)
     if interpreting(kernel):
         return flags, interpreter_config
-    return flags, table[numerics_class(dtype, flags)]
+    return flags, bucket_config(table, numerics_class(dtype, flags), block_r)
 
 
 @functools.cache
@@ -223,7 +228,8 @@ def shrink(x: Tensor, lora_A: Tensor, lora_S: Optional[Tensor]) -> tuple[Tensor,
     h2 = torch.empty((M, R), dtype=x.dtype, device=x.device) if lora_S is not None else x.new_empty(0)
     if M > 0:
         kernel = K.lowrank_shrink_kernel
-        flags, config = pass_config(kernel, x.dtype, SHRINK_CONFIGS, INTERPRETER_CONFIGS["shrink"])
+        flags, config = pass_config(kernel, x.dtype, SHRINK_CONFIGS, rank_block(R),
+                                    INTERPRETER_CONFIGS["shrink"])
         S = lora_S if lora_S is not None else lora_A  # a valid pointer; unread without HAS_S
         launch(kernel, (triton.cdiv(M, config["BLOCK_M"]),),
                 (x, lora_A, S, h1, h2 if lora_S is not None else h1, M, Kdim, R,
@@ -261,7 +267,7 @@ def grad_pass(grad_y: Tensor, lora_B: Tensor, h1: Optional[Tensor], h2: Optional
     dS = torch.zeros((R, block_r), dtype=torch.float32, device=device) if need_S else None
     if M > 0:
         kernel = K.lowrank_grad_pass_kernel
-        flags, config = pass_config(kernel, grad_y.dtype, grad_pass_configs(block_r),
+        flags, config = pass_config(kernel, grad_y.dtype, GRAD_PASS_CONFIGS, block_r,
                                     INTERPRETER_CONFIGS["grad_pass"])
         S = lora_S if lora_S is not None else lora_B  # a valid pointer; unread without HAS_S
         h1_arg = h1 if h1 is not None else gS       # likewise when dS is not asked for
@@ -344,13 +350,15 @@ def kernel_configurations() -> list[KernelConfig]:
             # Rank bucket 256 is the routed op's grad pass alone: no S, no shrink.
             for has_s in ((True, False) if block_r < WIDE_RANK_BLOCK else (False,)):
                 if block_r < WIDE_RANK_BLOCK:
-                    add(K.lowrank_shrink_kernel, f"R{block_r} S={has_s}", SHRINK_CONFIGS[numerics],
+                    add(K.lowrank_shrink_kernel, f"R{block_r} S={has_s}",
+                        bucket_config(SHRINK_CONFIGS, numerics, block_r),
                         True, UNIT_STRIDES["shrink"], HAS_S=has_s, BLOCK_R=block_r)
                 for compute_db in (True, False):
                     for compute_ds in ((True, False) if has_s else (False,)):
                         add(K.lowrank_grad_pass_kernel,
                             f"R{block_r} S={has_s} dB={compute_db} dS={compute_ds}",
-                            grad_pass_configs(block_r)[numerics], True, UNIT_STRIDES["grad_pass"],
+                            bucket_config(GRAD_PASS_CONFIGS, numerics, block_r), True,
+                            UNIT_STRIDES["grad_pass"],
                             fp32_ptrs=("db_ptr", "ds_ptr"), HAS_S=has_s, COMPUTE_DB=compute_db,
                             COMPUTE_DS=compute_ds, BLOCK_R=block_r)
     return configs

@@ -27,22 +27,19 @@ from .common import (VARIANTS, KernelConfig, device_guard, device_reasons, dtype
 MAX_HEADS = 16
 MAX_ROUTED_RANK = lowrank.WIDE_RANK_BLOCK  # E r: the widest rank bucket of the grad pass
 
-# The shrink: the low-rank shrink's tiles (`lowrank.SHRINK_CONFIGS`), but 8 warps for 16-bit at
-# rank bucket 128, whose epilogue (softmax, top-k, the per-head stores of g_e h) spilled
-# 176-196 bytes there with 4 warps. Below it 4 warps: 8 warps split each 16-wide wgmma between
-# two warpgroups (64x8x16 HGMMAs), and at rank bucket 16 ptxas serialized them (C7514)
-# (sm_90 kernel report, triton 3.9). The gate gradient kernel is elementwise (no `tl.dot`):
-# one configuration for every dtype.
-WIDE_SHRINK_RANK_BLOCK = 128
+# The shrink: the low-rank shrink's tiles (`lowrank.SHRINK_CONFIGS`, by numerics class and rank
+# bucket), but 8 warps for 16-bit at rank bucket 128, whose epilogue (softmax, top-k, the
+# per-head stores of g_e h) spilled 176-196 bytes there with 4 warps. Below it 4 warps: 8
+# warps split each 16-wide wgmma between two warpgroups (64x8x16 HGMMAs), and at rank bucket
+# 16 ptxas serialized them (C7514) (sm_90 kernel report, triton 3.9; clean on 3.6-3.9).
+# The gate gradient kernel is elementwise (no `tl.dot`): one configuration for every dtype.
+SHRINK_CONFIGS = {
+    **lowrank.SHRINK_CONFIGS,
+    "16bit": ((64, {"BLOCK_M": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}),
+              (128, {"BLOCK_M": 64, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3})),
+}
 GATE_GRAD_CONFIG = {"BLOCK_M": 16, "num_warps": 4, "num_stages": 1}
 INTERPRETER_GATE_GRAD_CONFIG = {"BLOCK_M": 32}
-
-
-def shrink_configs(block_r: int) -> dict:
-    """The routed shrink's configuration table (by numerics class) for a rank bucket."""
-    if block_r < WIDE_SHRINK_RANK_BLOCK:
-        return lowrank.SHRINK_CONFIGS
-    return {**lowrank.SHRINK_CONFIGS, "16bit": {**lowrank.SHRINK_CONFIGS["16bit"], "num_warps": 8}}
 
 
 def head_block(num_heads: int) -> int:
@@ -75,7 +72,7 @@ def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, l
     gates = torch.empty_like(probs) if top_k is not None else probs.new_empty(0)
     if M > 0:
         kernel = K.routed_shrink_kernel
-        flags, config = lowrank.pass_config(kernel, x.dtype, shrink_configs(rank_block(R)),
+        flags, config = lowrank.pass_config(kernel, x.dtype, SHRINK_CONFIGS, rank_block(R),
                                             lowrank.INTERPRETER_CONFIGS["shrink"])
         launch(kernel, (triton.cdiv(M, config["BLOCK_M"]),),
                (x, lora_A, router_weight, h, hg, probs, gates if top_k is not None else probs,
@@ -146,7 +143,7 @@ def kernel_configurations() -> list[KernelConfig]:
                 flags = dict(HAS_TOP_K=has_top_k, BLOCK_R=block_r, BLOCK_E=head_block(MAX_HEADS))
                 configs.append(kernel_config(
                     K.routed_shrink_kernel, f"{d} R{block_r} E16 top_k={has_top_k}",
-                    shrink_configs(block_r)[numerics], True, dtype, precision,
+                    lowrank.bucket_config(SHRINK_CONFIGS, numerics, block_r), True, dtype, precision,
                     UNIT_STRIDES["shrink"], fp32_ptrs=("probs_ptr", "gates_ptr"), **flags))
                 # No dots: the fp32 matmul precision does not apply, one fp32 variant suffices.
                 if precision == "tf32" and dtype == torch.float32:
