@@ -15,6 +15,7 @@
 7. Zero tokens.
 8. Autotuning (pick_config): the fastest config, cached per key; ADAPTEROPS_AUTOTUNE=0; no tuning
    during a CUDA graph capture; configs that do not fit the device skipped.
+9. Which GEMM kernel serves: the tensor-descriptor one exactly when TMA can address the operands.
 
 Without a GPU the Triton kernels run under the interpreter on CPU tensors (tests/conftest.py);
 with one, the same tests run on CUDA tensors through the `device` fixture.
@@ -93,6 +94,11 @@ class Case:
 #   bias=None ........................... odd-lora-nobias, strided-frozenB-r100
 #   weight and bias gradients ........... 3d-sliced-lora, strided-lamda-r40 (strided W and bias)
 #   x not trainable (dx not asked for) .. 3d-lamda
+#   the sm_90 tensor-descriptor GEMM ..... 16-bit cases whose widths are multiples of 8 (one-token,
+#     (the interpreter takes the device     3d-lamda, multitile; see test_gemm_path_follows_the_
+#     for an sm_90)                        operands): multitile has 3 x 3 forward tiles and 3 x 2
+#                                         dx tiles of 32 on 3 persistent programs, K = 40 and 72
+#                                         ending in partial blocks; the rest take the pointer path
 CASES = [
     Case("one-token-lora-r16", (1,), 64, 48, 16, "lora", seed=1),
     Case("odd-lamda-r5", (37,), 70, 50, 5, "lamda", seed=2),
@@ -112,6 +118,7 @@ CASES = [
          seed=10),
     Case("lora-r64-dy-expanded", (37,), 56, 36, 64, "lora", grad_y="expanded",
          scaling=5 / 3, seed=11),
+    Case("multitile-lamda-r24", (2, 35), 40, 72, 24, "lamda", seed=12),
 ]
 
 PARAMS = ("weight", "bias", "lora_A", "lora_B", "lora_S")
@@ -682,3 +689,49 @@ def test_autotune_not_while_capturing_a_cuda_graph(tuner, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     assert pick("k1", configs, configs[0]) is configs[1]
     assert log["timed"] == ["a", "b"]
+
+
+# 9. The GEMM path. Under the interpreter the device counts as an sm_90: the tensor-descriptor
+# kernel must serve every 16-bit GEMM whose operands a descriptor can address (unit column
+# stride, 16-byte aligned rows) and the pointer kernel every other, forward and dx alike.
+
+class _CountingKernel:
+    """Stands in for a kernel and records (its name, the grid) of every launch in `log`."""
+
+    def __init__(self, name, kernel, log):
+        self.name, self.kernel, self.log = name, kernel, log
+
+    def __getitem__(self, grid):
+        self.log.append((self.name, grid))
+        return self.kernel[grid]
+
+    def __getattr__(self, name):
+        return getattr(self.kernel, name)
+
+
+TMA, POINTER = "gemm_lowrank_tma_kernel", "gemm_lowrank_kernel"
+
+
+@pytest.mark.parametrize("what,dtype,in_f,layout,forward,dx", [
+    ("bf16 widths multiple of 8", torch.bfloat16, 40, "contiguous", TMA, TMA),
+    ("fp16 widths multiple of 8", torch.float16, 40, "contiguous", TMA, TMA),
+    # x's rows (and so dx's) are 140 bytes.
+    ("bf16 in_features 70", torch.bfloat16, 70, "contiguous", POINTER, POINTER),
+    # x has column stride M; dY, W and dx are contiguous.
+    ("bf16 transposed x", torch.bfloat16, 40, "transposed", POINTER, TMA),
+    ("full fp32", torch.float32, 40, "contiguous", POINTER, POINTER),
+])
+def test_gemm_path_follows_the_operands(what, dtype, in_f, layout, forward, dx, device,
+                                        monkeypatch):
+    if device != "cpu":
+        pytest.skip("the stand-in kernels run under the interpreter only; on a GPU the kernel "
+                    "report and the profiler table show the path")
+    import adapterops.kernels.lowrank as kernels
+    log = []
+    for name in (TMA, POINTER):
+        monkeypatch.setattr(kernels, name, _CountingKernel(name, getattr(kernels, name), log))
+    case = Case("path", (70,), in_f, 72, 24, "lamda", layout=layout, seed=13)
+    run_case(case, make_inputs(case), dtype, device, "triton")
+    assert [name for name, _ in log] == [forward, dx], f"{what}: launches {log}"
+    # Persistent: no more programs than tiles, and here fewer (9 forward, 6 dx tiles of 32).
+    assert all(grid == (3,) for name, grid in log if name == TMA), f"{what}: launches {log}"
