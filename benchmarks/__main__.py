@@ -1,9 +1,12 @@
-"""`python -m benchmarks [--quick] [--ops lamda,lora,hydra,hdpissa,hdpissa_update] [--out DIR]
-[--device cuda|cpu] [--dtype bf16|fp16|fp32]`: runs the microbenchmarks (ops: lamda and lora
-in benchmarks/lowrank.py, hydra in benchmarks/routed.py, hdpissa and hdpissa_update in
+"""`python -m benchmarks [--quick | --headline] [--ops lamda,lora,hydra,hdpissa,hdpissa_update]
+[--providers P,...] [--profile] [--fp32-precision highest|high] [--out DIR] [--device cuda|cpu]
+[--dtype bf16|fp16|fp32]`: runs the microbenchmarks (ops: lamda and lora in
+benchmarks/lowrank.py, hydra in benchmarks/routed.py, hdpissa and hdpissa_update in
 benchmarks/hdpissa.py), writes DIR/results.csv, DIR/summary.md and, when matplotlib is
 installed, PNG plots (benchmarks/plots.py) into DIR (default:
-benchmarks/results/<device>-<YYYY-MM-DD>/) and prints the summary.
+benchmarks/results/<device>-<YYYY-MM-DD>/) and prints the summary. `--headline` runs only the
+shapes the README's targets are stated at (small stand-ins on CPU); `--profile` also writes
+DIR/profile.csv and DIR/profile.md, every kernel each timed call launches (harness.py).
 
 On a machine without a GPU the run sets TRITON_INTERPRET=1 and ADAPTEROPS_CSRC_ON_CPU=1 (unless
 already set), so the `triton` provider runs under the Triton interpreter and the `cuda` provider
@@ -28,10 +31,25 @@ BENCHMARKS = {bench.name: bench
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="a few small cases (seconds on a GPU, minutes on a CPU)")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true",
+                      help="a few small cases (seconds on a GPU, minutes on a CPU)")
+    size.add_argument("--headline", action="store_true",
+                      help="only the shapes the targets are stated at (tiny stand-ins on CPU)")
     parser.add_argument("--ops", default=",".join(BENCHMARKS),
                         help=f"comma-separated, from {', '.join(BENCHMARKS)} (default: all)")
+    providers = sorted({p for bench in BENCHMARKS.values() for p in bench.providers})
+    parser.add_argument("--providers",
+                        help=f"comma-separated, from {', '.join(providers)} (default: each op's "
+                             "own; an op skips those it does not have)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile every timed call's launches (profile.csv, profile.md)")
+    parser.add_argument("--fp32-precision", choices=("highest", "high"),
+                        help="torch.set_float32_matmul_precision for the run (default: leave "
+                             "torch's setting); recorded in every row")
+    parser.add_argument("--cpu-budget-s", type=float, default=0.3,
+                        help="CPU only: seconds of timed calls per measurement (at least "
+                             f"{harness.CPU_MIN_REPS} calls)")
     parser.add_argument("--out", type=Path, help="output folder")
     parser.add_argument("--device", choices=("cuda", "cpu"),
                         default="cuda" if torch.cuda.is_available() else "cpu")
@@ -42,6 +60,13 @@ def main(argv=None) -> None:
     if unknown or not names:
         parser.error(f"--ops: unknown {', '.join(unknown) or '(none given)'}; "
                      f"known: {', '.join(BENCHMARKS)}")
+    chosen = None
+    if args.providers is not None:
+        chosen = [name for name in args.providers.split(",") if name]
+        unknown = [name for name in chosen if name not in providers]
+        if unknown or not chosen:
+            parser.error(f"--providers: unknown {', '.join(unknown) or '(none given)'}; "
+                         f"known: {', '.join(providers)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     if args.device == "cpu" and not torch.cuda.is_available():
@@ -53,12 +78,21 @@ def main(argv=None) -> None:
         os.environ.setdefault("ADAPTEROPS_CSRC_ON_CPU", "1")
     out_dir = args.out or (Path(__file__).parent / "results"
                            / f"{args.device}-{datetime.date.today().isoformat()}")
+    if args.fp32_precision is not None:
+        torch.set_float32_matmul_precision(args.fp32_precision)
     benchmarks = [BENCHMARKS[name] for name in names]
-    # results.csv is rewritten after every case, so a run cut short (a time limit on a
-    # borrowed GPU) keeps what it measured; the summary and plots follow at the end.
+    profile = [] if args.profile else None
+
+    def after_case(rows_so_far):
+        # results.csv (and profile.*) are rewritten after every case, so a run cut short (a
+        # time limit on a borrowed GPU) keeps what it measured; summary and plots come last.
+        harness.write_csv(rows_so_far, out_dir)
+        if profile is not None:
+            harness.write_profile(profile, out_dir)
+
     rows = harness.run(benchmarks, device=args.device, dtype=harness.DTYPES[args.dtype],
-                       quick=args.quick,
-                       after_case=lambda rows_so_far: harness.write_csv(rows_so_far, out_dir))
+                       quick=args.quick, headline=args.headline, providers=chosen,
+                       profile=profile, cpu_budget_s=args.cpu_budget_s, after_case=after_case)
     summary = harness.summary_markdown(rows, benchmarks)
     harness.write_results(rows, summary, out_dir)
     print()

@@ -23,12 +23,20 @@ What each column measures:
   counts the workload's forward counts (its call is the update).
 - peak_mem_mb: CUDA only: `torch.cuda.max_memory_allocated` during one call minus what was
   allocated before it, so inputs, weights and (for bwd) the retained graph are not counted.
+- fp32_precision: `torch.get_float32_matmul_precision()` during the run ("highest": full fp32
+  matmuls; "high": TF32 allowed, in cuBLAS and in our kernels alike).
 - saved_mb: the bytes autograd saves for backward during one forward, counted with
   `torch.autograd.graph.saved_tensors_hooks` over distinct storages. The workload's weights are
   not counted (they live whether or not backward runs); its input activation x is, because in a
   network x is the previous layer's output, kept alive only if some layer saves it. Empty in
   an op without autograd modes (only `update`): nothing is recorded.
 MB means 2^20 bytes throughout.
+
+Launch profiles (`run(..., profile=[])`): after a (case, provider, mode) is timed, three more
+calls run under `torch.profiler`, and every kernel they launch becomes one row of
+`PROFILE_COLUMNS`: launches and device time per call, its share of the call's device time, and
+the timed p50 beside it (device time well below p50 means the host, not the GPU, sets the
+pace). On CPU the rows are the ATen ops with the most self time instead of kernels.
 
 A provider that cannot run (an unsupported device, a missing package, out of memory) gives
 rows whose `error` column says why, and the sweep goes on.
@@ -57,9 +65,14 @@ CPU_WARMUP_S = 0.05
 CPU_MIN_REPS = 3
 CPU_MAX_REPS = 100
 COLUMNS = ("op", "provider", "mode", "M", "K", "N", "r", "heads", "world", "dtype", "device",
-           "device_name", "p20_ms", "p50_ms", "p80_ms", "tflops", "gbps", "peak_mem_mb",
+           "device_name", "fp32_precision", "p20_ms", "p50_ms", "p80_ms", "tflops", "gbps", "peak_mem_mb",
            "saved_mb", "error", "git_sha", "torch", "triton", "timestamp")
 SHAPE_COLUMNS = ("M", "K", "N", "r", "heads", "world")
+PROFILE_COLUMNS = ("op", "provider", "mode", "case", "device", "fp32_precision", "kernel",
+                   "launches_per_call", "device_us_per_call", "share", "call_device_us",
+                   "p50_us")
+PROFILE_CALLS = 3
+CPU_PROFILE_TOP = 12  # on CPU: the ops with the most self time
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +120,8 @@ class Workload:
 class OpBenchmark:
     """What an op's benchmark file declares.
 
-    cases(quick, device_type) lists the shapes; workload(provider, case, dtype, device) makes
+    cases(quick, device_type) lists the shapes; headline(device_type), when given, the one or
+    two shapes the op's targets are stated at (on CPU: small stand-ins, for a dry run); workload(provider, case, dtype, device) makes
     fresh tensors and returns the provider's `Workload` (it raises when the provider cannot
     run: the message becomes the rows' error). `baseline` is the provider every other is
     divided by in the summary; `speedups` are the (fast, slow) pairs whose ratio it shows;
@@ -122,6 +136,7 @@ class OpBenchmark:
     speedups: tuple[tuple[str, str], ...] = ()
     modes: tuple[str, ...] = MODES
     dtype: Optional[torch.dtype] = None  # an op whose tensors ignore the run's dtype (fp32 master weights)
+    headline: Optional[Callable[[str], list[Case]]] = None
 
     def __post_init__(self):
         unknown = [mode for mode in self.modes if mode not in KNOWN_MODES]
@@ -168,6 +183,40 @@ def _peak_mem_mb(fn: Callable) -> float:
     fn()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - before) / MB
+
+
+def profile_launches(fn: Callable, device: torch.device) -> list[tuple[str, float, float]]:
+    """(kernel, launches per call, device us per call) of everything `PROFILE_CALLS` calls of
+    fn launch, most time first; on CPU the `CPU_PROFILE_TOP` ATen ops with the most self CPU
+    time instead. fn is called once before, so that first-call work (compiles, autotuning,
+    allocator growth) is not profiled."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    on_cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
+    fn()
+    sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(PROFILE_CALLS):
+            fn()
+        sync()
+    launches = []
+    for event in prof.key_averages():
+        if on_cuda:
+            if event.device_type != DeviceType.CUDA:
+                continue
+            # torch >= 2.4 names it self_device_time_total; self_cuda_time_total before.
+            total_us = getattr(event, "self_device_time_total", None)
+            if total_us is None:
+                total_us = event.self_cuda_time_total
+        else:
+            total_us = event.self_cpu_time_total
+        if total_us > 0:
+            launches.append((event.key, event.count / PROFILE_CALLS, total_us / PROFILE_CALLS))
+    launches.sort(key=lambda launch: -launch[2])
+    return launches if on_cuda else launches[:CPU_PROFILE_TOP]
 
 
 def _forward_saving(workload: Workload) -> tuple[Tensor, int]:
@@ -263,14 +312,17 @@ def _environment(device: torch.device, dtype: torch.dtype) -> dict:
     else:
         device_name = _cpu_name()
     return {"dtype": _dtype_name(dtype), "device": device.type,
-            "device_name": device_name, "git_sha": _git_sha(), "torch": torch.__version__,
+            "device_name": device_name,
+            "fp32_precision": torch.get_float32_matmul_precision(), "git_sha": _git_sha(), "torch": torch.__version__,
             "triton": triton_version,
             "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
 def _measure(bench: OpBenchmark, provider: str, case: Case, dtype: torch.dtype,
-             device: torch.device, cpu_budget_s: float, base_row: dict) -> list[dict]:
-    """The rows of one (case, provider): one per mode."""
+             device: torch.device, cpu_budget_s: float, base_row: dict,
+             profile: Optional[list]) -> list[dict]:
+    """The rows of one (case, provider): one per mode; with a `profile` list, each timed
+    mode's launch rows are appended to it."""
     rows = [{**base_row, "provider": provider, "mode": mode} for mode in bench.modes]
     # Any exception is a reason to record, not a crash: a sweep over many cases must finish,
     # and a provider that cannot serve a case must still show up in the table.
@@ -297,19 +349,41 @@ def _measure(bench: OpBenchmark, provider: str, case: Case, dtype: torch.dtype,
         row.update(p20_ms=p20, p50_ms=p50, p80_ms=p80,
                    tflops=prepared.workload.flops(mode) / (p50 * 1e-3) / 1e12,
                    gbps=prepared.workload.io_bytes(mode) / (p50 * 1e-3) / 1e9)
+        if profile is not None:
+            profile += _profile_rows(row, case, fn, device)
     return rows
 
 
+def _profile_rows(row: dict, case: Case, fn: Callable, device: torch.device) -> list[dict]:
+    """`PROFILE_COLUMNS` rows of one timed (case, provider, mode); one row with the error in
+    `kernel` when profiling fails (the timing stands)."""
+    common = {"op": row["op"], "provider": row["provider"], "mode": row["mode"],
+              "case": case.label(), "device": row["device"],
+              "fp32_precision": row["fp32_precision"], "p50_us": row["p50_ms"] * 1e3}
+    try:
+        launches = profile_launches(fn, device)
+    except Exception as exc:
+        return [{**common, "kernel": f"profiling failed: {_describe(exc)}"}]
+    call_us = sum(us for _, _, us in launches)
+    return [{**common, "kernel": name, "launches_per_call": count, "device_us_per_call": us,
+             "share": us / call_us, "call_device_us": call_us} for name, count, us in launches]
+
+
 def run(benchmarks: Sequence[OpBenchmark], *, device: str, dtype: torch.dtype, quick: bool,
-        cpu_budget_s: float = 0.3,
+        cpu_budget_s: float = 0.3, headline: bool = False,
+        providers: Optional[Sequence[str]] = None, profile: Optional[list] = None,
         after_case: Optional[Callable[[list[dict]], None]] = None) -> list[dict]:
-    """Measures every case of every benchmark with every provider in every mode; prints one
-    progress line per case ([i/n], its time, the total so far and an ETA that assumes the
-    remaining cases take the mean time of those done), calls `after_case(rows so far)` after
-    each case, and returns the rows (dicts keyed by `COLUMNS`)."""
+    """Measures every case of every benchmark (with `headline`, its headline cases instead)
+    with every provider (or those of `providers` it has) in every mode; prints one progress
+    line per case ([i/n], its time, the total so far and an ETA that assumes the remaining
+    cases take the mean time of those done), calls `after_case(rows so far)` after each case,
+    and returns the rows (dicts keyed by `COLUMNS`). With a `profile` list, the launch rows of
+    every timed mode (`PROFILE_COLUMNS`) are appended to it as they are measured."""
     device = torch.device(device)
     env = _environment(device, dtype)
-    plan = [(bench, case) for bench in benchmarks for case in bench.cases(quick, device.type)]
+    plan = [(bench, case) for bench in benchmarks
+            for case in (bench.headline(device.type) if headline and bench.headline
+                         else [] if headline else bench.cases(quick, device.type))]
     print(f"{len(plan)} cases on {env['device']} ({env['device_name']}), {env['dtype']}, torch "
           f"{env['torch']}, triton {env['triton'] or '-'}, TRITON_INTERPRET="
           f"{os.environ.get('TRITON_INTERPRET', '')!r}, ADAPTEROPS_CSRC_ON_CPU="
@@ -323,7 +397,10 @@ def run(benchmarks: Sequence[OpBenchmark], *, device: str, dtype: torch.dtype, q
         base_row.update(env, op=bench.name, dtype=_dtype_name(op_dtype), **dataclasses.asdict(case))
         case_rows = []
         for provider in bench.providers:
-            case_rows += _measure(bench, provider, case, op_dtype, device, cpu_budget_s, base_row)
+            if providers is not None and provider not in providers:
+                continue
+            case_rows += _measure(bench, provider, case, op_dtype, device, cpu_budget_s, base_row,
+                                  profile)
             if device.type == "cuda":
                 torch.cuda.empty_cache()  # the next provider's tensors start from a clean pool
         errors = sum(row["error"] is not None for row in case_rows)
@@ -357,7 +434,7 @@ def summary_markdown(rows: Sequence[dict], benchmarks: Sequence[OpBenchmark]) ->
     first = rows[0]
     lines = ["# Benchmark summary", "",
              f"{first['device']} ({first['device_name']}), {first['dtype']}, "
-             f"torch {first['torch']}, "
+             f"fp32 matmul precision {first['fp32_precision']}, torch {first['torch']}, "
              f"triton {first['triton'] or '-'}, git {first['git_sha']}, {first['timestamp']}", "",
              "Cells: p50 ms (ratio to the baseline). 'a vs b': p50 of b / p50 of a (above 1: a is "
              "faster). saved MB: activations autograd keeps for backward. GB/s (update tables): "
@@ -419,6 +496,39 @@ def write_csv(rows: Sequence[dict], out_dir: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
+
+
+def write_profile(profile: Sequence[dict], out_dir: Path) -> None:
+    """Writes `profile.csv` (`PROFILE_COLUMNS`) and `profile.md` (one table per timed case,
+    provider and mode) into out_dir, replacing earlier ones."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "profile.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=PROFILE_COLUMNS)
+        writer.writeheader()
+        writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in profile)
+    lines = ["# Launch profile", "",
+             f"Every kernel {PROFILE_CALLS} calls launched (after one unprofiled call), per call: "
+             "launches, device time and its share of the call's device time. 'device' below "
+             "each title: the sum of the call's kernel times, next to the timed p50 (on CUDA "
+             "the p50 flushes L2 before each call, the profiled calls do not). On CPU: the "
+             "ATen ops with the most self time.", ""]
+    groups: dict[tuple, list[dict]] = {}
+    for row in profile:
+        key = tuple(row[c] for c in ("op", "case", "mode", "provider", "fp32_precision"))
+        groups.setdefault(key, []).append(row)
+    for (op, case, mode, provider, precision), group in groups.items():
+        first = group[0]
+        lines.append(f"## {op} {case} {mode} {provider} (fp32 {precision})")
+        lines.append("")
+        if first.get("call_device_us") is None:
+            lines += [first["kernel"], ""]
+            continue
+        lines += [f"device {first['call_device_us']:.1f} us per call, p50 {first['p50_us']:.1f} us",
+                  "", "| kernel | launches | us | share |", "|---|---|---|---|"]
+        lines += [f"| `{row['kernel'][:90]}` | {row['launches_per_call']:.3g} | "
+                  f"{row['device_us_per_call']:.1f} | {row['share']:.1%} |" for row in group]
+        lines.append("")
+    (out_dir / "profile.md").write_text("\n".join(lines))
 
 
 def write_results(rows: Sequence[dict], summary: str, out_dir: Path) -> None:

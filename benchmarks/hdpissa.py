@@ -132,6 +132,11 @@ SQUARE_ONLY_RANKS = (64,)
 QUICK = {"cuda": ((4096, 4096), (512, 8192)), "cpu": ((256, 256), (16, 128))}
 UPDATE_FULL = ((4096, 4096), 16, (2, 4, 8))   # (in, out), r, K (world)
 UPDATE_QUICK = {"cuda": ((4096, 4096), 16, (8,)), "cpu": ((128, 128), 8, (2,))}
+# The shapes the targets are stated at (README "Numbers"); on CPU stand-ins for a dry run.
+HEADLINE = {"cuda": Case(M=8192, K=4096, N=4096, r=TARGET_RANK),
+            "cpu": Case(M=16, K=64, N=32, r=8)}
+UPDATE_HEADLINE = {"cuda": Case(M=None, K=4096, N=4096, r=TARGET_RANK, world=8),
+                   "cpu": Case(M=None, K=64, N=32, r=4, world=2)}
 
 
 def layer_cases(quick: bool, device_type: str) -> list[Case]:
@@ -146,6 +151,14 @@ def layer_cases(quick: bool, device_type: str) -> list[Case]:
 def update_cases(quick: bool, device_type: str) -> list[Case]:
     (K, N), r, worlds = UPDATE_QUICK[device_type] if quick else UPDATE_FULL
     return [Case(M=None, K=K, N=N, r=r, world=world) for world in worlds]
+
+
+def layer_headline(device_type: str) -> list[Case]:
+    return [HEADLINE[device_type]]
+
+
+def update_headline(device_type: str) -> list[Case]:
+    return [UPDATE_HEADLINE[device_type]]
 
 
 class _AddmmLayer(torch.autograd.Function):
@@ -316,12 +329,12 @@ def update_workload(provider: str, case: Case, dtype: torch.dtype,
 
 
 BENCHMARKS = (
-    OpBenchmark(name="hdpissa", cases=layer_cases, providers=PROVIDERS, workload=layer_workload,
-                baseline="floor",
+    OpBenchmark(name="hdpissa", cases=layer_cases, headline=layer_headline, providers=PROVIDERS,
+                workload=layer_workload, baseline="floor",
                 speedups=(("triton", "official"), ("triton", "torch_eager"),
                           ("triton", "addmm"), ("triton", "cuda"))),
-    OpBenchmark(name="hdpissa_update", cases=update_cases, providers=PROVIDERS,
-                workload=update_workload, baseline="floor",
+    OpBenchmark(name="hdpissa_update", cases=update_cases, headline=update_headline,
+                providers=PROVIDERS, workload=update_workload, baseline="floor",
                 speedups=(("triton", "official"), ("triton", "torch_eager"),
                           ("triton", "addmm"), ("triton", "cuda")),
                 modes=(UPDATE,), dtype=torch.float32),

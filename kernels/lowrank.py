@@ -4,12 +4,14 @@
     h2 = h1 S^T                   (M x r; h2 = h1 without S)
     y  = x W^T + bias + s h2 B^T
 
-Forward = `lowrank_shrink_kernel` (h1, h2) then `gemm_lowrank_kernel` (the base GEMM whose
-accumulator is seeded with s h2 B^T). Backward = `lowrank_grad_pass_kernel` (one pass over dY:
-g = s dY B, dB = s dY^T h2, dS = g^T h1, gS = g S) then the same `gemm_lowrank_kernel` for
-dx = dY W + (g S) A.
+Forward = `lowrank_shrink_kernel` (h1, h2) then the base GEMM with the low-rank term s h2 B^T
+and the bias added in its epilogue. Backward = `lowrank_grad_pass_kernel` (one pass over dY:
+g = s dY B, dB = s dY^T h2, dS = g^T h1, gS = g S) then the same GEMM for dx = dY W + (g S) A.
+The GEMM has two forms with one epilogue (`_add_lowrank_and_bias`): `gemm_lowrank_tma_kernel`
+(tensor descriptors, persistent, for sm_90) and `gemm_lowrank_kernel` (pointer loads, one
+program per tile, for sm_80 and for operands a descriptor cannot describe); the launcher picks.
 
-Why a shrink pass and a seeded accumulator, not x A^T fused into the base GEMM's K-loop
+Why a shrink pass and an epilogue term, not x A^T fused into the base GEMM's K-loop
 (analysis for an H100, bf16, M = 8192, K = N = 4096, r = 16; not yet measured on a GPU):
 - The base GEMM is 2 M K N = 275 GFLOP, about 390 us at ~700 TFLOP/s.
 - K-loop fusion repeats x A^T in every N-tile: the extra tensor-core work is r_pad / BLOCK_N
@@ -19,22 +21,26 @@ Why a shrink pass and a seeded accumulator, not x A^T fused into the base GEMM's
 - The shrink pass reads x once more: 2 M K bytes = 64 MiB, about 22 us at 3 TB/s, i.e.
   F / (BW * N) ~ 5.6% of the GEMM, shrinking as N grows (2.1% at N = 11008); it also produces
   h1 and h2, which LaMDA saves for backward anyway. The main loop stays a plain GEMM, so it
-  runs at the floor's speed, and the seeded low-rank term costs one [BLOCK_M, r] x [r, BLOCK_N]
+  can run at the floor's speed, and the low-rank term costs one [BLOCK_M, r] x [r, BLOCK_N]
   MMA per output tile (r / K = 0.4% of the tile's work).
 So the shrink design is the one whose overhead is bounded by a memory pass that can only get
 cheaper relative to the GEMM, and it is the simpler kernel. The benchmark suite measures both
 costs against the floor on a GPU; revisit this if the measured shrink overhead exceeds 5%.
 
-The backward pass sums dB and dS over row blocks with fp32 atomics: (M / BLOCK_M) N r_pad
-adds for dB, 8.4M at M = 8192, N = 4096, r = 16, BLOCK_M = 64, next to a 64 MiB read of dY.
-Whether they stay hidden behind that read is the first thing to measure on a GPU; a larger
-BLOCK_M halves them at the price of fewer programs streaming dY.
+The term goes after the K-loop, not before it as a seed of the accumulator: a runtime-length
+rank loop ahead of the main loop made ptxas serialize every wgmma of the main loop on sm_90
+(advisory C7515; the kernel report now fails on it and on its SASS signature).
+
+The backward pass sums dB and dS over row blocks with relaxed, vectorized fp32 reductions
+(`REDG.E.ADD.F32x4`, no fences): (M / BLOCK_M) N r_pad adds for dB, 8.4M at M = 8192,
+N = 4096, r = 16, BLOCK_M = 64, into an L2-resident dB, next to a 64 MiB read of dY; the
+grad pass's docstring compares them with per-program partials.
 
 Conventions: every tensor is addressed through (row, column) strides, so transposed views
 (W^T, B^T, A^T) need no copies; row offsets are 64-bit (a column stride times a tile width
-stays 32-bit: below 2^31 / 128 for a transposed x, i.e. 16M tokens); every load and store is
-masked. The rank
-is a runtime size R. Every contraction over the rank runs in chunks of R_CHUNK (16, the
+stays 32-bit: below 2^31 / 128 for a transposed x, i.e. 16M tokens); every pointer load and
+store is masked, and a descriptor's tiles are bounds-checked by the hardware. The rank is a
+runtime size R. Every contraction over the rank runs in chunks of R_CHUNK (16, the
 smallest `tl.dot` tile a GPU takes): on the fp32 path `tl.dot` lowers to FMAs that hold the
 whole contraction in registers, and a 128-wide one spilled tens of KB (sm_90 kernel report).
 So the GEMM has no rank-dependent compile-time value at all, and the two passes only BLOCK_R

@@ -10,7 +10,7 @@
 Forward: `routed_shrink_kernel` (one read of x gives h and the logits: the projection by
 [A; Wg]; softmax, top-k and the per-head scaling of h in its epilogue), then the low-rank GEMM
 of `kernels.lowrank` with h = hg and c = Bcat^T: the routed sum over heads is ONE GEMM of inner
-size E r seeded into the base GEMM's accumulator.
+size E r added in the base GEMM's epilogue.
 Backward: `lowrank_grad_pass_kernel` with B = Bcat, h2 = hg and no S (one pass over dY gives
 u = s dY Bcat, whose block e is s dY B_e, and dBcat = s dY^T hg, i.e. dB_e = s (g_e dY)^T h for
 every head), then `routed_gate_grad_kernel` (per token, from u: the gate gradients and dh),
@@ -112,7 +112,8 @@ def routed_gate_grad_kernel(
         dp      = dg (top_k: only the kept heads) + dprobs (the gradient of the returned p)
         dlogits = p * (dp - <p, dp>)            the softmax backward, into out[:, R:R+E]
 
-    `out` = [dh | dlogits] is the seed of the dx GEMM and the left operand of [dA; dWg].
+    `out` = [dh | dlogits] is the left operand of the dx GEMM's low-rank term and of
+    [dA; dWg] = out^T x.
     Elementwise work on M x E r values (no `tl.dot`), in fp32. dprobs may have any strides
     (a user's loss on the probabilities can hand back an expanded gradient).
     """

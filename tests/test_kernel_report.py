@@ -112,6 +112,16 @@ def test_sm90_gemm_path_uses_tma(report):
     assert all(r["tma"] == "no" for r in rows if r["kernel"] == "gemm_lowrank_kernel")
 
 
+def test_tma_configurations_compile_only_where_they_launch():
+    configs = kernel_report._load_configs()
+    tma = [i for i, cfg in enumerate(configs) if cfg.expects_tma]
+    pointer = [i for i, cfg in enumerate(configs) if not cfg.expects_tma]
+    assert tma and pointer
+    jobs = kernel_report._jobs(configs, tma + pointer[:1], ("aligned", "odd"), ("sm_90", "sm_80"))
+    assert {(s, arch) for i, s, arch in jobs if i in tma} == {("aligned", "sm_90")}
+    assert len([job for job in jobs if job[0] == pointer[0]]) == 4
+
+
 # The rules themselves, on text that breaks each of them.
 
 def _sass(*instructions: str) -> list:

@@ -117,13 +117,14 @@ def routed_backward(grad_y: Tensor, grad_probs: Tensor, x: Optional[Tensor], h: 
             dg = torch.where(gates != 0, dg, 0.0)  # dropped heads: constant zero gates
         dp = dg + grad_probs.to(compute_dtype)
         dlogits = probs * (dp - (probs * dp).sum(-1, keepdim=True))
-        seed = torch.cat([dh, dlogits], 1).to(grad_y.dtype)
+        dh_dlogits = torch.cat([dh, dlogits], 1).to(grad_y.dtype)
         if need_x:
-            dx = torch.addmm(torch.mm(grad_y, weight), seed, torch.cat([lora_A, router_weight]))
+            dx = torch.addmm(torch.mm(grad_y, weight), dh_dlogits,
+                             torch.cat([lora_A, router_weight]))
         if need_A:
-            dA = torch.mm(seed[:, :r].t(), x)
+            dA = torch.mm(dh_dlogits[:, :r].t(), x)
         if need_router:
-            dWg = torch.mm(seed[:, r:].t(), x)
+            dWg = torch.mm(dh_dlogits[:, r:].t(), x)
     return dx, dA, dB, dWg
 
 

@@ -4,8 +4,8 @@
 Forward: `routed_shrink_kernel` (h, router probabilities, gates and hg from one read of x),
 then the low-rank GEMM with the heads side by side, y = x W^T + bias + s hg Bcat^T.
 Backward: the low-rank grad pass with B = Bcat and h2 = hg (u = s dY Bcat and dBcat from one
-read of dY), `routed_gate_grad_kernel` (the seed [dh | dlogits]), the dx GEMM seeded with
-[dh | dlogits] [A; Wg], and [dA; dWg] = [dh | dlogits]^T x as one cuBLAS/ATen GEMM.
+read of dY), `routed_gate_grad_kernel` ([dh | dlogits]), the dx GEMM with
+[dh | dlogits] [A; Wg] in its epilogue, and [dA; dWg] = [dh | dlogits]^T x as one cuBLAS/ATen GEMM.
 Bcat (out x E r) and [A; Wg] ((r + E) x in) are built per call: copies of the adapter's
 weights, which are small next to x and dY (E r (in + out) elements).
 
@@ -100,23 +100,23 @@ def backward(grad_y: Tensor, grad_probs: Tensor, x: Optional[Tensor], h: Optiona
         dB.copy_(dB_cat.view(N, E, R).permute(1, 0, 2))
     dx = dA = dWg = None
     if need_x or need_A or need_router:
-        seed = torch.empty((M, R + E), dtype=grad_y.dtype, device=grad_y.device)
+        dh_dlogits = torch.empty((M, R + E), dtype=grad_y.dtype, device=grad_y.device)
         if M > 0:
             kernel = K.routed_gate_grad_kernel
             config = INTERPRETER_GATE_GRAD_CONFIG if interpreting(kernel) else GATE_GRAD_CONFIG
             launch(kernel, (triton.cdiv(M, config["BLOCK_M"]),),
-                   (u, h, probs, gates if gates is not None else probs, grad_probs, seed, M, R, E,
-                    u.stride(0), h.stride(0), probs.stride(0), grad_probs.stride(0),
-                    grad_probs.stride(1), seed.stride(0)),
+                   (u, h, probs, gates if gates is not None else probs, grad_probs, dh_dlogits,
+                    M, R, E, u.stride(0), h.stride(0), probs.stride(0), grad_probs.stride(0),
+                    grad_probs.stride(1), dh_dlogits.stride(0)),
                    config, HAS_TOP_K=gates is not None, BLOCK_R=rank_block(R),
                    BLOCK_E=head_block(E))
         if need_x:
-            dx = lowrank.gemm_lowrank(grad_y, weight, seed, torch.cat([lora_A, router_weight]),
-                                      None, 1.0)
+            dx = lowrank.gemm_lowrank(grad_y, weight, dh_dlogits,
+                                      torch.cat([lora_A, router_weight]), None, 1.0)
         # dA and dWg: one GEMM (one read of x) over the rows of [dh | dlogits] asked for. A
         # custom op's outputs may not alias each other, so dWg (E x in) is copied out of it.
         rows = slice(0 if need_A else R, R + E if need_router else R)
-        dAW = torch.mm(seed[:, rows].t(), x) if (need_A or need_router) else None
+        dAW = torch.mm(dh_dlogits[:, rows].t(), x) if (need_A or need_router) else None
         dA = dAW[:R] if need_A else None
         dWg = (dAW[R:].clone() if need_A else dAW) if need_router else None
     return dx, dA, dB, dWg
