@@ -1,9 +1,10 @@
-"""What the adapter modules share: their hyper-parameter checks and the frozen base layer."""
+"""What the adapter modules share: their hyper-parameter checks, the frozen base layer, and
+the zero gradient of a parameter frozen without `requires_grad=False`."""
 import math
 from typing import Optional
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 
 def check_layer_args(*, dropout: float, alpha: float, **positive_ints) -> None:
@@ -45,3 +46,28 @@ def copy_base(layer: nn.Module, linear: nn.Linear) -> None:
     layer.weight.copy_(linear.weight)
     if linear.bias is not None:
         layer.bias.copy_(linear.bias)
+
+
+class _ZeroGradientFor(torch.autograd.Function):
+    """x unchanged; in backward, x's gradient passes through and `parameter` gets zeros."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, parameter: Tensor) -> Tensor:
+        ctx.shape, ctx.dtype, ctx.device = parameter.shape, parameter.dtype, parameter.device
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad_x: Tensor):
+        return grad_x, torch.zeros(ctx.shape, dtype=ctx.dtype, device=ctx.device)
+
+
+def zero_gradient_for(x: Tensor, parameter: Tensor) -> Tensor:
+    """x, with a backward that gives `parameter` a zero gradient (when it requires one).
+
+    For a parameter frozen while it keeps `requires_grad=True`: DDP and FSDP expect a gradient
+    for every parameter they registered as trainable (a parameter that stops getting one makes
+    DDP's reducer fail or skip the bucket it shares with others), while the computation that
+    uses the parameter is given a detached copy, so it computes no gradient for it."""
+    if not (parameter.requires_grad and torch.is_grad_enabled()):
+        return x
+    return _ZeroGradientFor.apply(x, parameter)

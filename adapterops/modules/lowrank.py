@@ -23,7 +23,7 @@ from ..lamda import svd_factors
 from ..ops import lowrank_linear
 from ..ops.lowrank import check_lowrank_args
 from ..pissa import factor_dtype, pissa_factors
-from .common import check_layer_args, check_linear, copy_base, frozen_base
+from .common import check_layer_args, check_linear, copy_base, frozen_base, zero_gradient_for
 
 
 class _FusedLowRankLinear(nn.Module):
@@ -49,6 +49,8 @@ class _FusedLowRankLinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(rank, in_features, **factory))
         self.lora_S = nn.Parameter(torch.empty(rank, rank, **factory)) if self.has_S else None
         self.lora_B = nn.Parameter(torch.empty(out_features, rank, **factory))
+        # Set by `lamda.BFreezeSchedule` once B is fully frozen (B keeps requires_grad).
+        self.lora_B_frozen = False
         self.reset_adapter()
 
     def _parse_init(self, init, rank, in_features, out_features) -> None:
@@ -79,16 +81,21 @@ class _FusedLowRankLinear(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
+        lora_B = self.lora_B
+        if self.lora_B_frozen:
+            # Frozen by `lamda.BFreezeSchedule`: no dB is computed; B still gets a (zero)
+            # gradient, which DDP and FSDP need (see `zero_gradient_for`).
+            x, lora_B = zero_gradient_for(x, lora_B), lora_B.detach()
         if self.dropout is None or not self.training:
-            return lowrank_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
+            return lowrank_linear(x, self.weight, self.bias, self.lora_A, lora_B, self.scaling,
                                   self.lora_S, backend=self.backend)
         # Dropout on the adapter's input: the unfused composition (see the module docstring),
         # with the same argument checks as the fused op.
-        check_lowrank_args(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, self.lora_S)
+        check_lowrank_args(x, self.weight, self.bias, self.lora_A, lora_B, self.scaling, self.lora_S)
         h = F.linear(self.dropout(x), self.lora_A)
         if self.lora_S is not None:
             h = F.linear(h, self.lora_S)
-        return F.linear(x, self.weight, self.bias) + self.scaling * F.linear(h, self.lora_B)
+        return F.linear(x, self.weight, self.bias) + self.scaling * F.linear(h, lora_B)
 
     def delta_weight(self) -> Tensor:
         """s B S A (s B A for LoRA) in fp32 or better: the adapter as an out x in matrix."""
