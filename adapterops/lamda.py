@@ -33,14 +33,43 @@ def lamda_layers(model: nn.Module) -> list[nn.Module]:
             if all(isinstance(getattr(m, n, None), nn.Parameter) for n in ("lora_A", "lora_S", "lora_B"))]
 
 
+def _dtensor_type():
+    """torch's DTensor class, or None where torch.distributed (or its tensor package) is
+    unavailable; imported on first use, so this module imports nothing distributed."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except Exception:  # a torch built without distributed, or one older than 2.5
+        try:
+            from torch.distributed._tensor import DTensor
+        except Exception:
+            return None
+    return DTensor
+
+
+def _local_rows(tensor: Tensor, what: str) -> Tensor:
+    """The tensor whose leading columns are zeroed for `what`: `tensor` itself, or for a DTensor
+    its local shard, which holds whole rows (every column) when each placement shards dim 0
+    (FSDP2's default) or replicates. Under no_grad, `to_local()` returns the local tensor
+    itself, so in-place writes reach the DTensor's storage."""
+    dtensor = _dtensor_type()
+    if dtensor is None or not isinstance(tensor, dtensor):
+        return tensor
+    for placement in tensor.placements:
+        if placement.is_replicate() or (placement.is_shard() and placement.dim % tensor.dim() == 0):
+            continue
+        raise ValueError(f"BFreezeSchedule: {what} is a DTensor with placements {tuple(tensor.placements)}; "
+                         f"zeroing B's leading columns on the local shard needs every placement to "
+                         f"shard dim 0 (FSDP2's default) or to replicate, got {placement!r}")
+    return tensor.to_local()
+
+
 class BFreezeSchedule:
     """Gradually freezes every LaMDA layer's B (lora_B) over the first eta * T optimizer steps.
 
     **[ours: the released schedule only ever zeroes 3 of 64 columns, which reads as a bug; the
     paper says B is fully frozen early]** After step t, the first
     `min(r, floor(r * t / (eta * T)))` columns of B (the largest singular directions under the
-    "svd" init) get zero gradient; at `t >= eta * T` B is frozen (`requires_grad = False`,
-    its gradient dropped), so the fused backward stops computing dB altogether.
+    "svd" init) get zero gradient; at `t >= eta * T` B is frozen altogether.
 
     Call `step()` once per optimizer step, after `loss.backward()` and before
     `optimizer.step()`:
@@ -49,13 +78,32 @@ class BFreezeSchedule:
 
     The call for optimizer step t (1-based) zeroes the columns frozen after step t - 1 in the
     gradient step t applies, so the first step trains every column and B gets exactly
-    ceil(eta * T) updates; once `t >= eta * T` it sets `requires_grad = False`, so later
-    backward passes compute no dB (and a left-over gradient is dropped on the next call).
+    ceil(eta * T) updates. Partly frozen columns are zeroed in B's gradient after backward, that
+    is after DDP's all-reduce or FSDP's reduce-scatter, so every rank zeroes the same gradient.
 
-    A zero gradient alone does not stop a momentum optimizer (Adam keeps moving an entry on its
-    first moment). Pass `optimizer` and the schedule also zeroes the frozen columns of its
-    `exp_avg` / `momentum_buffer` state, which makes the step of Adam and of SGD with momentum
-    exactly zero there, provided the optimizer has no weight decay (decay still shrinks them).
+    Full freeze: the call for B's last update (step t = ceil(eta * T)) sets the layer's
+    `lora_B_frozen = True`, and every later call sets `lora_B.grad = None`, so the
+    optimizer skips B: B stays bit-identical from its last update on, whatever the
+    optimizer's momentum or weight decay. B keeps `requires_grad=True`, on purpose: DDP and
+    FSDP registered it as trainable when they wrapped the model and expect a gradient for it
+    on every backward (a parameter that stops requiring one makes DDP skip the all-reduce of
+    the bucket it shares with others, so ranks silently diverge, then fail the next step).
+    With `lora_B_frozen` set, `FusedLaMDALinear` hands the fused op a detached B, so the
+    backward computes no dB, and gives B a zero gradient instead, which the wrapper reduces
+    and this schedule drops. (A duck-typed LaMDA module that ignores `lora_B_frozen` keeps
+    computing dB; its gradient is dropped all the same.) `load_state_dict` sets
+    `lora_B_frozen` from the restored step count.
+
+    A zero gradient alone does not stop a momentum optimizer on partly frozen columns (Adam
+    keeps moving an entry on its first moment). Pass `optimizer` and the schedule also zeroes
+    the frozen columns of its `exp_avg` / `momentum_buffer` state, which makes the step of Adam
+    and of SGD with momentum exactly zero there, provided the optimizer has no weight decay
+    (decay still shrinks them until B is fully frozen).
+
+    Under FSDP2 (`fully_shard`) B's gradient and optimizer state are DTensors: their columns
+    are zeroed on each rank's local shard, which holds whole rows when the placement shards
+    dim 0 (FSDP2's default) or replicates; any other placement raises a ValueError naming the
+    parameter.
     """
 
     def __init__(self, model: nn.Module, total_steps: int, eta: float = 0.3,
@@ -68,6 +116,8 @@ class BFreezeSchedule:
         if not self.layers:
             raise ValueError("the model has no LaMDA layers (modules with lora_A, lora_S and lora_B "
                              "parameters, such as adapterops.FusedLaMDALinear)")
+        names = {id(module): name for name, module in model.named_modules()}
+        self._names = [names[id(layer)] or "(root)" for layer in self.layers]
         self.total_steps, self.eta, self.optimizer = total_steps, eta, optimizer
         self.step_count = 0
 
@@ -79,33 +129,36 @@ class BFreezeSchedule:
         eta = Fraction(self.eta).limit_denominator(10 ** 6)
         return min(rank, math.floor(Fraction(rank * t) / (eta * self.total_steps)))
 
+    @torch.no_grad()
     def step(self) -> None:
-        for layer in self.layers:
+        for layer, name in zip(self.layers, self._names):
             B = layer.lora_B
-            if not B.requires_grad:
-                B.grad = None  # frozen by an earlier call; its last gradient was applied then
+            if getattr(layer, "lora_B_frozen", False):
+                B.grad = None  # frozen by an earlier call; its last update was applied then
                 continue
             rank = B.shape[1]
             frozen = self.frozen_columns(rank)
             if frozen and B.grad is not None:
-                B.grad[:, :frozen] = 0
+                _local_rows(B.grad, f"{name}.lora_B's gradient")[:, :frozen] = 0
             if frozen and self.optimizer is not None:
                 state = self.optimizer.state.get(B, {})
                 for key in ("exp_avg", "momentum_buffer"):
                     if isinstance(state.get(key), Tensor):
-                        state[key][:, :frozen] = 0
+                        _local_rows(state[key], f"{name}.lora_B's optimizer state {key!r}")[:, :frozen] = 0
             if self.frozen_columns(rank, self.step_count + 1) >= rank:
-                B.requires_grad_(False)  # this step's update is B's last
+                layer.lora_B_frozen = True  # this step's update is B's last
         self.step_count += 1
 
     def state_dict(self) -> dict:
         return {"step_count": self.step_count, "total_steps": self.total_steps, "eta": self.eta}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restores the step count (and T, eta) and marks each layer's B frozen, or not, as the
+        restored count says (frozen once its last update is behind)."""
         self.step_count, self.total_steps, self.eta = state["step_count"], state["total_steps"], state["eta"]
         for layer in self.layers:
-            if self.frozen_columns(layer.lora_B.shape[1]) >= layer.lora_B.shape[1]:
-                layer.lora_B.requires_grad_(False)
+            rank = layer.lora_B.shape[1]
+            layer.lora_B_frozen = self.frozen_columns(rank) >= rank
 
 
 def effective_rank(weight: Tensor) -> float:

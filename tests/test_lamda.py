@@ -39,24 +39,65 @@ def test_schedule_freezes_leading_columns_then_all():
         for layer, frozen in zip((lamda1, lamda2), frozen_before[t]):
             assert torch.count_nonzero(layer.lora_B.grad[:, :frozen]) == 0, (t, frozen)
             assert torch.count_nonzero(layer.lora_B.grad[:, frozen:]) > 0, (t, frozen)
-            assert layer.lora_B.requires_grad == (t < 3), t
+            # B is marked frozen by the call for its last update; it keeps requires_grad, which
+            # DDP and FSDP need.
+            assert layer.lora_B_frozen == (t == 3), t
+            assert layer.lora_B.requires_grad, t
         opt.step()
         for layer, frozen, old in zip((lamda1, lamda2), frozen_before[t], before):
             # With the optimizer's first moments zeroed too, Adam leaves frozen columns exactly alone.
             assert torch.equal(layer.lora_B[:, :frozen], old[:, :frozen]), t
             assert not torch.equal(layer.lora_B[:, frozen:], old[:, frozen:]), t
     frozen_B = [lamda1.lora_B.detach().clone(), lamda2.lora_B.detach().clone()]
-    opt.zero_grad(set_to_none=False)  # a left-over zero gradient must not keep Adam moving B
-    _backward(model)  # backward with B frozen: no dB at all
-    schedule.step()
-    assert lamda1.lora_B.grad is None and lamda2.lora_B.grad is None
-    assert lamda1.lora_S.grad is not None
-    opt.step()
-    assert torch.equal(lamda1.lora_B, frozen_B[0]) and torch.equal(lamda2.lora_B, frozen_B[1])
+    S_before = lamda1.lora_S.detach().clone()
+    for _ in range(2):
+        opt.zero_grad(set_to_none=False)  # a left-over gradient must not keep Adam moving B
+        _backward(model)  # backward with B frozen: B's gradient is zero (no dB computed)
+        for layer in (lamda1, lamda2):
+            assert layer.lora_B.grad is not None and torch.count_nonzero(layer.lora_B.grad) == 0
+        schedule.step()
+        assert lamda1.lora_B.grad is None and lamda2.lora_B.grad is None
+        assert lamda1.lora_S.grad is not None and torch.count_nonzero(lamda1.lora_S.grad) > 0
+        opt.step()
+        assert torch.equal(lamda1.lora_B, frozen_B[0]) and torch.equal(lamda2.lora_B, frozen_B[1])
+    assert not torch.equal(lamda1.lora_S, S_before), "S stopped training with B"
     state = schedule.state_dict()
     resumed = BFreezeSchedule(_model(), total_steps=10, eta=0.3)
+    assert not any(layer.lora_B_frozen for layer in resumed.layers)
     resumed.load_state_dict(state)
-    assert resumed.step_count == 4 and not resumed.layers[0].lora_B.requires_grad
+    assert resumed.step_count == 5 and all(layer.lora_B_frozen for layer in resumed.layers)
+    assert all(layer.lora_B.requires_grad for layer in resumed.layers)
+    resumed.load_state_dict({**state, "step_count": 2})  # back before the full freeze
+    assert not any(layer.lora_B_frozen for layer in resumed.layers)
+
+
+def test_frozen_B_gets_no_dB_from_the_fused_backward(monkeypatch):
+    """Once B is frozen, the fused op is handed a detached B, so its backward is not asked for
+    dB; B's (zero) gradient comes from `zero_gradient_for`, and dx, dS are unchanged."""
+    import adapterops.modules.lowrank as lowrank_module
+    layer = FusedLaMDALinear(16, 12, 8, 16.0, init="svd")
+    x = torch.randn(5, 16, requires_grad=True)
+    layer(x).square().sum().backward()
+    dx, dS = x.grad.clone(), layer.lora_S.grad.clone()
+    opt = torch.optim.SGD([layer.lora_S, layer.lora_B], lr=0.1)
+    schedule = BFreezeSchedule(layer, total_steps=1, eta=0.5, optimizer=opt)
+    assert schedule.layers == [layer]
+    schedule.step()  # total_steps=1: the first step is B's last update
+    assert layer.lora_B_frozen
+    x.grad = layer.lora_S.grad = layer.lora_B.grad = None
+    seen = []
+    real = lowrank_module.lowrank_linear
+
+    def spy(x, weight, bias, lora_A, lora_B, *args, **kwargs):
+        seen.append(lora_B.requires_grad)
+        return real(x, weight, bias, lora_A, lora_B, *args, **kwargs)
+
+    monkeypatch.setattr(lowrank_module, "lowrank_linear", spy)
+    layer(x).square().sum().backward()
+    assert seen == [False], "the fused op was handed a B that requires grad: it computes dB"
+    assert torch.equal(layer.lora_B.grad, torch.zeros_like(layer.lora_B))
+    torch.testing.assert_close(x.grad, dx, rtol=0, atol=0)
+    torch.testing.assert_close(layer.lora_S.grad, dS, rtol=0, atol=0)
 
 
 def test_frozen_columns_exact_arithmetic():
