@@ -7,8 +7,13 @@ from . import distributed, hydra, lamda, pissa
 from .modules import FusedHydraLoRALinear, FusedLaMDALinear, FusedLoRALinear, HDPiSSALinear
 from .ops import hdpissa_linear, lowrank_linear, lowrank_update_, routed_lowrank_linear
 from . import hdpissa  # noqa: E402  (above the modules: it builds HDPiSSALinear layers)
+from .config import AdapterConfig
+from .inject import disable_adapters, inject, merge_and_unload, trainable_parameters
+from .saving import load_adapters, save_adapters
 
 __version__ = "0.1.0"
 __all__ = ["lowrank_linear", "routed_lowrank_linear", "hdpissa_linear", "lowrank_update_",
            "FusedLoRALinear", "FusedLaMDALinear", "FusedHydraLoRALinear", "HDPiSSALinear",
+           "AdapterConfig", "inject", "trainable_parameters", "merge_and_unload",
+           "disable_adapters", "save_adapters", "load_adapters",
            "distributed", "hdpissa", "hydra", "lamda", "pissa", "__version__"]

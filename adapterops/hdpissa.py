@@ -23,17 +23,19 @@ the optimizer keeps Adam state k for it:
         opt.step()
         opt.zero_grad()
 
-This module builds `HDPiSSALinear` layers (`convert`), so it sits above `adapterops.modules`
-in the layering: a user-facing utility, imported by nothing inside the package.
+This module builds `HDPiSSALinear` layers (`convert`, through `adapterops.inject`), so it sits
+above `adapterops.modules` in the layering: a user-facing utility, imported by nothing inside
+the package.
 """
 import contextlib
-import re
 from typing import Iterable, Optional
 
 import torch
 from torch import Tensor, nn
 
+from .config import AdapterConfig
 from .distributed import aggregate_lowrank_deltas, check_consistency, raise_together, world_and_rank
+from .inject import inject
 from .modules.hdpissa import HDPiSSALinear
 from .ops import lowrank_update_
 from .pissa import check_rank_index, hdpissa_factors
@@ -52,45 +54,20 @@ def init_factors(weight: Tensor, rank: int, world_size: int, rank_index: int, *,
     return A_all[rows].clone(), B_all[:, rows].clone()
 
 
-def _matches(name: str, targets: Iterable[str]) -> bool:
-    """PEFT's rule: a target matches the qualified name itself or its last components."""
-    return any(name == t or name.endswith("." + t) or re.fullmatch(t, name) for t in targets)
-
-
 def convert(model: nn.Module, rank: int, alpha: float, world_size: Optional[int] = None,
             rank_index: Optional[int] = None, target_modules: Optional[Iterable[str]] = None, *,
             svd: str = "full", niter: int = 8, backend: Optional[str] = None) -> nn.Module:
-    """Replaces, in place, every `nn.Linear` of `model` (or those whose qualified name matches
-    one of `target_modules`: the name itself, a dotted suffix of it, or a regular expression
-    matching it whole) with an `HDPiSSALinear` for rank `rank_index` of `world_size`; both
-    default to the initialised process group. Returns the model."""
-    if world_size is None or rank_index is None:
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            raise ValueError("convert: pass world_size and rank_index, or initialise a "
-                             "torch.distributed process group first")
-        group_world, group_rank = world_and_rank()
-        world_size = group_world if world_size is None else world_size
-        rank_index = group_rank if rank_index is None else rank_index
-    targets = None if target_modules is None else [target_modules] if isinstance(target_modules, str) else list(target_modules)
-    chosen = [(module, child_name, f"{name}.{child_name}" if name else child_name, child)
-              for name, module in model.named_modules()
-              for child_name, child in module.named_children()
-              if type(child) is nn.Linear and (targets is None or _matches(
-                  f"{name}.{child_name}" if name else child_name, targets))]
-    if not chosen:
-        raise ValueError(f"convert: no nn.Linear in the model matches target_modules={targets}")
-    # Every layer is built before any is swapped in: a layer that cannot be converted (K r
-    # too large for it) leaves the model untouched, and the error names it.
-    replacements = []
-    for module, child_name, qualified, child in chosen:
-        try:
-            replacements.append((module, child_name, HDPiSSALinear.from_linear(
-                child, rank, alpha, world_size, rank_index, svd=svd, niter=niter, backend=backend)))
-        except ValueError as exc:
-            raise ValueError(f"convert: layer {qualified}: {exc}") from exc
-    for module, child_name, layer in replacements:
-        setattr(module, child_name, layer)
-    return model
+    """Replaces, in place, the linear layers of `model` that `target_modules` selects (PEFT's
+    rule; None: every linear layer but the output embeddings) with `HDPiSSALinear` layers for
+    rank `rank_index` of `world_size` (both default to the initialised process group's), and
+    freezes every other parameter: `adapterops.inject` with method "hdpissa". Returns the
+    model."""
+    targets = (target_modules if target_modules is None or isinstance(target_modules, str)
+               else list(target_modules))
+    config = AdapterConfig(method="hdpissa", rank=rank, alpha=alpha, target_modules=targets,
+                           world_size=world_size, rank_index=rank_index, svd=svd, niter=niter,
+                           backend=backend)
+    return inject(model, config)
 
 
 class HDPiSSAOptimizer(torch.optim.Optimizer):

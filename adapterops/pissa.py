@@ -37,10 +37,23 @@ def pissa_factors(weight: Tensor, rank: int, scaling: float, niter: Optional[int
         raise ValueError(f"PiSSA takes sqrt(sigma / scaling): scaling = alpha / rank must be > 0, got {scaling}")
     U, sigma, Vh = top_singular_triplets(weight, rank, niter)
     root = (sigma / scaling).sqrt()
-    A = root[:, None] * Vh
-    B = U * root[None, :]
-    w_res = weight.detach().to(A.dtype) - scaling * (B @ A)
-    return A.to(weight.dtype), B.to(weight.dtype), w_res.to(weight.dtype)
+    A = (root[:, None] * Vh).to(weight.dtype)
+    B = (U * root[None, :]).to(weight.dtype)
+    return A, B, residual_weight(weight, scaling, B, A)
+
+
+def residual_weight(weight: Tensor, scaling: float, B: Tensor, A: Tensor,
+                    S: Optional[Tensor] = None) -> Tensor:
+    """W_res = W - s B S A (S omitted: W - s B A), computed in fp32 or better from the factors
+    as stored and rounded once to weight's dtype. **[ours]** Computing it from the stored
+    (rounded) factors, not from the SVD itself, makes W_res + s B0 S0 A0 = W up to one
+    rounding, and lets `load_adapters` rebuild the exact W_res from the original W and the
+    saved initial factors."""
+    dtype = factor_dtype(weight)
+    B = B.detach().to(dtype)
+    if S is not None:
+        B = B @ S.detach().to(dtype)
+    return (weight.detach().to(dtype) - scaling * (B @ A.detach().to(dtype))).to(weight.dtype)
 
 
 def to_lora(lora_A: Tensor, lora_B: Tensor, initial_A: Tensor, initial_B: Tensor):

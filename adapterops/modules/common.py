@@ -35,17 +35,86 @@ def frozen_base(in_features: int, out_features: int, bias: bool, device=None,
     return weight, bias_parameter
 
 
+class _Required:
+    """The default of an adapter option that has none (`OPTIONS` of the module classes)."""
+
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED = _Required()
+
+
+def is_conv1d(module) -> bool:
+    """transformers' `Conv1D` (GPT-2 and kin): a linear layer with weight (in, out), y = x W + b.
+    Recognised without importing transformers (a model holding one has imported it)."""
+    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
+
+
+def base_kind(linear) -> str:
+    """"linear" for an nn.Linear (or subclass), "conv1d" for transformers' Conv1D; TypeError
+    for anything else."""
+    if isinstance(linear, nn.Linear):
+        return "linear"
+    if is_conv1d(linear):
+        return "conv1d"
+    raise TypeError(f"linear must be an nn.Linear or a transformers Conv1D, got "
+                    f"{type(linear).__name__}")
+
+
+def base_features(linear) -> tuple[int, int]:
+    """(in_features, out_features) of an nn.Linear or Conv1D."""
+    if base_kind(linear) == "conv1d":
+        return linear.weight.shape[0], linear.weight.shape[1]
+    return linear.in_features, linear.out_features
+
+
 def check_linear(linear) -> None:
-    if not isinstance(linear, nn.Linear):
-        raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+    base_kind(linear)
 
 
 @torch.no_grad()
-def copy_base(layer: nn.Module, linear: nn.Linear) -> None:
-    """Copies `linear`'s weight and bias into `layer`'s frozen base (linear is left untouched)."""
-    layer.weight.copy_(linear.weight)
+def copy_base(layer: nn.Module, linear) -> None:
+    """Copies `linear`'s weight (as out x in) and bias into `layer`'s frozen base and records
+    its kind (`layer.base_kind`, for merging back); linear is left untouched."""
+    layer.base_kind = base_kind(linear)
+    layer.weight.copy_(linear.weight.t() if layer.base_kind == "conv1d" else linear.weight)
     if linear.bias is not None:
         layer.bias.copy_(linear.bias)
+
+
+def make_base(kind: str, weight: Tensor, bias: Optional[Tensor]) -> nn.Module:
+    """A plain layer of `kind` ("linear" or "conv1d") computing x weight^T + bias, holding
+    copies of weight (out x in) and bias."""
+    out_features, in_features = weight.shape
+    if kind == "conv1d":
+        from transformers.pytorch_utils import Conv1D
+        layer = Conv1D(out_features, in_features)
+        layer.weight = nn.Parameter(weight.detach().t().clone())
+        # Conv1D always adds its bias (torch.addmm): a layer without one gets zeros.
+        layer.bias = nn.Parameter(bias.detach().clone() if bias is not None
+                                  else weight.new_zeros(out_features))
+        return layer
+    layer = nn.Linear(in_features, out_features, bias=bias is not None, device=weight.device,
+                      dtype=weight.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    return layer
+
+
+def check_adapter_state(layer_name: str, expected: dict[str, Tensor], state: dict) -> None:
+    """ValueError naming every missing and unexpected key of `state` and every tensor whose
+    shape differs from `expected`'s (the layer's own tensors)."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [f"{name}: {tuple(state[name].shape)} where the layer has {tuple(t.shape)}"
+              for name, t in expected.items() if name in state and state[name].shape != t.shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{layer_name}: adapter state does not match the layer: missing "
+                         f"{missing or 'none'}, unexpected {unexpected or 'none'}"
+                         + (f", shapes: {'; '.join(shapes)}" if shapes else ""))
 
 
 class _ZeroGradientFor(torch.autograd.Function):

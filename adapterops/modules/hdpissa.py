@@ -25,7 +25,9 @@ from torch import Tensor, nn
 from .. import dispatch
 from ..ops import hdpissa_linear
 from ..pissa import check_factor_args, check_rank_index, hdpissa_factors
-from .common import check_layer_args, check_linear, copy_base, frozen_base
+from ..distributed import world_and_rank
+from .common import (base_features, check_adapter_state, check_layer_args, check_linear,
+                     copy_base, frozen_base, make_base)
 
 
 class HDPiSSALinear(nn.Module):
@@ -36,9 +38,17 @@ class HDPiSSALinear(nn.Module):
     backend (None: dispatch picks; "triton"/"cuda"/"torch" forces).
     """
 
+    method = "hdpissa"
+    # The AdapterConfig fields this class takes, with their defaults (world_size and rank_index
+    # None: the initialised process group's).
+    OPTIONS = {"world_size": None, "rank_index": None, "svd": "full", "niter": 8}
+    mergeable = True    # W itself is trained: the layer is its merged form already
+    can_disable = False  # the original W is not kept
+
     def __init__(self, in_features: int, out_features: int, rank: int, alpha: float,
                  world_size: int, rank_index: int, bias: bool = True, svd: str = "full",
-                 niter: int = 8, device=None, dtype=None, backend: Optional[str] = None):
+                 niter: int = 8, device=None, dtype=None, backend: Optional[str] = None, *,
+                 initialise: bool = True):
         super().__init__()
         check_layer_args(in_features=in_features, out_features=out_features, rank=rank,
                          world_size=world_size, alpha=alpha, dropout=0.0)
@@ -59,7 +69,9 @@ class HDPiSSALinear(nn.Module):
         low_precision = self.weight.dtype in (torch.float16, torch.bfloat16)
         self.register_buffer("master_weight", torch.empty(out_features, in_features, **fp32)
                              if low_precision else None)
-        self.reset_factors()
+        self.base_kind = "linear"
+        if initialise:
+            self.reset_factors()
         # lora_A and lora_B are this rank's slice of the factors. A state_dict saved on another
         # rank (rank 0's, loaded everywhere as data-parallel trainers do) holds that rank's
         # slice: after any load, take this rank's slice from the loaded factors again.
@@ -67,17 +79,65 @@ class HDPiSSALinear(nn.Module):
             lambda module, _: module.set_rank_index(module.rank_index))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, rank: int, alpha: float, world_size: int,
+    def from_linear(cls, linear, rank: int, alpha: float, world_size: int,
                     rank_index: int, svd: str = "full", niter: int = 8,
-                    backend: Optional[str] = None):
-        """An HD-PiSSA layer on `linear`'s weight (copied; `linear` is left untouched)."""
+                    backend: Optional[str] = None, *, initialise: bool = True):
+        """An HD-PiSSA layer on `linear`'s weight (an nn.Linear or a transformers Conv1D;
+        copied, `linear` is left untouched). initialise=False computes no factors, for
+        `load_adapter_state`."""
         check_linear(linear)
-        layer = cls(linear.in_features, linear.out_features, rank, alpha, world_size, rank_index,
+        in_features, out_features = base_features(linear)
+        layer = cls(in_features, out_features, rank, alpha, world_size, rank_index,
                     bias=linear.bias is not None, svd=svd, niter=niter,
-                    device=linear.weight.device, dtype=linear.weight.dtype, backend=backend)
+                    device=linear.weight.device, dtype=linear.weight.dtype, backend=backend,
+                    initialise=False)
         copy_base(layer, linear)
-        layer.reset_factors()
+        if initialise:
+            layer.reset_factors()
         return layer
+
+    @classmethod
+    def from_config(cls, linear, config, *, initialise: bool = True):
+        """`from_linear` with the rank, alpha, options and backend of an `AdapterConfig`;
+        world_size and rank_index default to the initialised process group's."""
+        options = config.options_for(cls)
+        if options["world_size"] is None or options["rank_index"] is None:
+            if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+                raise ValueError("hdpissa: pass world_size and rank_index, or initialise a "
+                                 "torch.distributed process group first")
+            group_world, group_rank = world_and_rank()
+            options["world_size"] = options["world_size"] or group_world
+            if options["rank_index"] is None:
+                options["rank_index"] = group_rank
+        return cls.from_linear(linear, config.rank, config.alpha, backend=config.backend,
+                               initialise=initialise, **options)
+
+    def layer_options(self) -> dict:
+        """What `from_linear` needs to rebuild this layer (saved per layer by save_adapters)."""
+        return {"rank": self.rank, "alpha": self.alpha, "world_size": self.world_size,
+                "rank_index": self.rank_index, "svd": self.svd, "niter": self.niter}
+
+    def adapter_state(self) -> dict[str, Tensor]:
+        """The tensors an adapter file holds: the trained weight (and its fp32 master copy)
+        and every rank's factors; lora_A and lora_B are this rank's slice of the factors."""
+        return {name: t for name, t in self.state_dict().items()
+                if name not in ("bias", "lora_A", "lora_B")}
+
+    @torch.no_grad()
+    def load_adapter_state(self, state: dict[str, Tensor], layer_name: str = "layer") -> None:
+        check_adapter_state(layer_name, self.adapter_state(), state)
+        for name, tensor in state.items():
+            getattr(self, name).copy_(tensor)
+        self.set_rank_index(self.rank_index)
+
+    @torch.no_grad()
+    def merge(self) -> nn.Module:
+        """A plain `nn.Linear` (a Conv1D for a layer made from one) with the trained weight."""
+        return make_base(self.base_kind, self.weight, self.bias)
+
+    def base_forward(self, x: Tensor) -> Tensor:
+        raise ValueError("an HD-PiSSA layer trains W itself: its original base weight is not "
+                         "kept, so it cannot run without its adapter")
 
     @torch.no_grad()
     def reset_factors(self) -> None:

@@ -22,19 +22,26 @@ from .. import dispatch
 from ..lamda import svd_factors
 from ..ops import lowrank_linear
 from ..ops.lowrank import check_lowrank_args
-from ..pissa import factor_dtype, pissa_factors
-from .common import check_layer_args, check_linear, copy_base, frozen_base, zero_gradient_for
+from ..pissa import factor_dtype, pissa_factors, residual_weight
+from .common import (base_features, check_adapter_state, check_layer_args, check_linear,
+                     copy_base, frozen_base, make_base, zero_gradient_for)
 
 
 class _FusedLowRankLinear(nn.Module):
-    """Shared parameters, validation, dropout and merge of the two adapter modules."""
+    """Shared parameters, validation, dropout, merge and the adapter protocol (see
+    `adapterops.modules.common`) of the two adapter modules."""
 
     INITS: tuple[str, ...] = ()
     has_S = False
+    method = ""                                    # the AdapterConfig method this class serves
+    OPTIONS = {"init": "lora", "dropout": 0.0}     # the AdapterConfig fields it takes, defaults
+    mergeable = True
+    can_disable = True
 
     def __init__(self, in_features: int, out_features: int, rank: int, alpha: float,
                  bias: bool = True, init: str = "lora", dropout: float = 0.0,
-                 device=None, dtype=None, backend: Optional[str] = None):
+                 device=None, dtype=None, backend: Optional[str] = None, *,
+                 initialise: bool = True):
         super().__init__()
         check_layer_args(in_features=in_features, out_features=out_features, rank=rank,
                          alpha=alpha, dropout=dropout)
@@ -51,7 +58,11 @@ class _FusedLowRankLinear(nn.Module):
         self.lora_B = nn.Parameter(torch.empty(out_features, rank, **factory))
         # Set by `lamda.BFreezeSchedule` once B is fully frozen (B keeps requires_grad).
         self.lora_B_frozen = False
-        self.reset_adapter()
+        self.base_kind = "linear"          # what `merge` gives back: "linear" or "conv1d"
+        self.adapters_disabled = False     # set by `adapterops.disable_adapters`
+        self._register_initial_factors()
+        if initialise:
+            self.reset_adapter()
 
     def _parse_init(self, init, rank, in_features, out_features) -> None:
         if not isinstance(init, str) or not any(re.fullmatch(p, init) for p in self.INITS):
@@ -60,27 +71,89 @@ class _FusedLowRankLinear(nn.Module):
             raise ValueError(f"init {init!r} takes the top-{rank} singular directions of a "
                              f"{out_features} x {in_features} weight: rank must be <= {min(in_features, out_features)}")
 
+    @property
+    def rewrites_weight(self) -> bool:
+        """Whether the init replaced W by a residual (PiSSA, LaMDA "svd")."""
+        return self.init != "lora"
+
+    def _register_initial_factors(self) -> None:
+        """Inits that rewrite W keep their initial factors (buffers lora_A0, lora_S0, lora_B0):
+        W = W_res + s B0 S0 A0 is the base layer, which `disable_adapters`, `save_adapters` and
+        the PEFT export need; other inits register them as None."""
+        for name in ("lora_A0", "lora_S0", "lora_B0"):
+            source = getattr(self, name[:-1])
+            self.register_buffer(name, torch.empty_like(source.detach())
+                                 if self.rewrites_weight and source is not None else None)
+        self.weight_holds_residual = False
+
     @classmethod
-    def from_linear(cls, linear: nn.Linear, rank: int, alpha: float, init: str = "lora",
-                    dropout: float = 0.0, backend: Optional[str] = None):
-        """A layer computing `linear` plus an adapter initialised with `init`; `linear` itself
-        is left untouched (its weight is copied)."""
+    def from_linear(cls, linear, rank: int, alpha: float, init: str = "lora",
+                    dropout: float = 0.0, backend: Optional[str] = None, *,
+                    initialise: bool = True):
+        """A layer computing `linear` (an nn.Linear or a transformers Conv1D) plus an adapter
+        initialised with `init`; `linear` itself is left untouched (its weight is copied).
+        initialise=False leaves the adapter uninitialised, for `load_adapter_state`."""
         check_linear(linear)
-        layer = cls(linear.in_features, linear.out_features, rank, alpha, bias=linear.bias is not None,
+        in_features, out_features = base_features(linear)
+        layer = cls(in_features, out_features, rank, alpha, bias=linear.bias is not None,
                     init="lora", dropout=dropout, device=linear.weight.device,
-                    dtype=linear.weight.dtype, backend=backend)
-        layer._parse_init(init, rank, linear.in_features, linear.out_features)
+                    dtype=linear.weight.dtype, backend=backend, initialise=False)
+        layer._parse_init(init, rank, in_features, out_features)
         layer.init = init
+        layer._register_initial_factors()
         copy_base(layer, linear)
-        layer.reset_adapter()
+        if initialise:
+            layer.reset_adapter()
         return layer
+
+    @classmethod
+    def from_config(cls, linear, config, *, initialise: bool = True):
+        """`from_linear` with the rank, alpha, options and backend of an `AdapterConfig`."""
+        return cls.from_linear(linear, config.rank, config.alpha, backend=config.backend,
+                               initialise=initialise, **config.options_for(cls))
+
+    def layer_options(self) -> dict:
+        """What `from_linear` needs to rebuild this layer (saved per layer by save_adapters)."""
+        return {"rank": self.rank, "alpha": self.alpha, "init": self.init,
+                "dropout": self.dropout.p if self.dropout is not None else 0.0}
 
     def reset_adapter(self) -> None:
         """Initialises the adapter per `self.init`; inits that rewrite the frozen weight keep
         the layer's output unchanged."""
         raise NotImplementedError
 
+    def adapter_state(self) -> dict[str, Tensor]:
+        """The tensors an adapter file holds: every adapter tensor (the initial factors too,
+        for inits that rewrite W), not the frozen base."""
+        return {name: t for name, t in self.state_dict().items() if name not in ("weight", "bias")}
+
+    @torch.no_grad()
+    def load_adapter_state(self, state: dict[str, Tensor], layer_name: str = "layer") -> None:
+        """Loads `adapter_state()`'s tensors into a layer built from the ORIGINAL base layer
+        (`from_linear(..., initialise=False)`); for an init that rewrites W it rebuilds W_res
+        from the original W and the initial factors, bit for bit as the init computed it."""
+        check_adapter_state(layer_name, self.adapter_state(), state)
+        if self.rewrites_weight and self.weight_holds_residual:
+            raise ValueError(f"{layer_name}: the layer already holds a residual weight (init "
+                             f"{self.init!r}); load into a layer built from the original base "
+                             "layer with initialise=False")
+        for name, tensor in state.items():
+            getattr(self, name).copy_(tensor)
+        if self.rewrites_weight:
+            self.weight.copy_(residual_weight(self.weight, self.scaling, self.lora_B0,
+                                              self.lora_A0, self.lora_S0))
+            self.weight_holds_residual = True
+
+    def base_forward(self, x: Tensor) -> Tensor:
+        """The base layer alone (W = W_res + s B0 S0 A0 for inits that rewrite W)."""
+        if not self.rewrites_weight:
+            return F.linear(x, self.weight, self.bias)
+        return lowrank_linear(x, self.weight, self.bias, self.lora_A0, self.lora_B0,
+                              self.scaling, self.lora_S0, backend=self.backend)
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.adapters_disabled:
+            return self.base_forward(x)
         lora_B = self.lora_B
         if self.lora_B_frozen:
             # Frozen by `lamda.BFreezeSchedule`: no dB is computed; B still gets a (zero)
@@ -106,16 +179,13 @@ class _FusedLowRankLinear(nn.Module):
         return self.scaling * (B @ self.lora_A.detach().to(dtype))
 
     @torch.no_grad()
-    def merge(self) -> nn.Linear:
-        """A plain `nn.Linear` computing the same function: W' = W + s B S A (computed in fp32
-        or better, then rounded once to the weight's dtype)."""
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=self.weight.device, dtype=self.weight.dtype)
+    def merge(self) -> nn.Module:
+        """A plain `nn.Linear` (a Conv1D for a layer made from one) computing the same
+        function: W' = W + s B S A (computed in fp32 or better, then rounded once to the
+        weight's dtype)."""
         delta = self.delta_weight()
-        linear.weight.copy_(self.weight.to(delta.dtype) + delta)
-        if self.bias is not None:
-            linear.bias.copy_(self.bias)
-        return linear
+        merged = (self.weight.to(delta.dtype) + delta).to(self.weight.dtype)
+        return make_base(self.base_kind, merged, self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
@@ -132,6 +202,7 @@ class FusedLoRALinear(_FusedLowRankLinear):
     """
 
     INITS = ("lora", "pissa", r"pissa_niter_\d+")
+    method = "lora"
 
     @torch.no_grad()
     def reset_adapter(self) -> None:
@@ -139,11 +210,15 @@ class FusedLoRALinear(_FusedLowRankLinear):
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B)
             return
+        if self.weight_holds_residual:
+            raise ValueError(f"init {self.init!r} factors the original weight, and this layer's "
+                             "weight is already a residual")
         niter = int(self.init.rsplit("_", 1)[1]) if self.init.startswith("pissa_niter_") else None
         A, B, w_res = pissa_factors(self.weight, self.rank, self.scaling, niter)
-        self.lora_A.copy_(A)
-        self.lora_B.copy_(B)
+        for name, tensor in (("lora_A", A), ("lora_A0", A), ("lora_B", B), ("lora_B0", B)):
+            getattr(self, name).copy_(tensor)
         self.weight.copy_(w_res)
+        self.weight_holds_residual = True
 
 
 class FusedLaMDALinear(_FusedLowRankLinear):
@@ -156,6 +231,7 @@ class FusedLaMDALinear(_FusedLowRankLinear):
 
     INITS = ("lora", "svd")
     has_S = True
+    method = "lamda"
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -168,8 +244,12 @@ class FusedLaMDALinear(_FusedLowRankLinear):
             nn.init.kaiming_uniform_(self.lora_S, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B)
             return
-        A, S, B, w_res = svd_factors(self.weight, self.rank, self.scaling)
-        self.lora_A.copy_(A)
-        self.lora_S.copy_(S)
-        self.lora_B.copy_(B)
-        self.weight.copy_(w_res)
+        if self.weight_holds_residual:
+            raise ValueError("init 'svd' factors the original weight, and this layer's weight "
+                             "is already a residual")
+        A, S, B, _ = svd_factors(self.weight, self.rank, self.scaling)
+        for name, tensor in (("lora_A", A), ("lora_A0", A), ("lora_S", S), ("lora_S0", S),
+                             ("lora_B", B), ("lora_B0", B)):
+            getattr(self, name).copy_(tensor)
+        self.weight.copy_(residual_weight(self.weight, self.scaling, B, A, S))
+        self.weight_holds_residual = True

@@ -30,7 +30,8 @@ from ..hydra import balance_loss
 from ..ops import routed_lowrank_linear
 from ..ops.checks import check_top_k
 from ..ops.routed import check_routed_args
-from .common import check_layer_args, check_linear, copy_base, frozen_base
+from .common import (REQUIRED, check_adapter_state, check_layer_args, check_linear, copy_base,
+                     frozen_base, is_conv1d)
 
 
 class FusedHydraLoRALinear(nn.Module):
@@ -42,10 +43,16 @@ class FusedHydraLoRALinear(nn.Module):
     the backend of the fused path; training with dropout > 0 runs plain PyTorch whatever it is).
     """
 
+    method = "hydra"
+    # The AdapterConfig fields this class takes, with their defaults.
+    OPTIONS = {"num_heads": REQUIRED, "top_k": None, "dropout": 0.0, "balance_loss_weight": 0.0}
+    mergeable = False   # the gates depend on the token
+    can_disable = True
+
     def __init__(self, in_features: int, out_features: int, rank: int, num_heads: int,
                  alpha: float, bias: bool = True, top_k: Optional[int] = None,
                  dropout: float = 0.0, balance_loss_weight: float = 0.0, device=None, dtype=None,
-                 backend: Optional[str] = None):
+                 backend: Optional[str] = None, *, initialise: bool = True):
         super().__init__()
         check_layer_args(in_features=in_features, out_features=out_features, rank=rank,
                          num_heads=num_heads, alpha=alpha, dropout=dropout)
@@ -66,21 +73,59 @@ class FusedHydraLoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(rank, in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(num_heads, out_features, rank, **factory))
         self.lora_router = nn.Parameter(torch.empty(num_heads, in_features, **factory))
-        self.reset_adapter()
+        self.base_kind = "linear"
+        self.adapters_disabled = False     # set by `adapterops.disable_adapters`
+        if initialise:
+            self.reset_adapter()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, rank: int, num_heads: int, alpha: float,
                     top_k: Optional[int] = None, dropout: float = 0.0,
-                    balance_loss_weight: float = 0.0, backend: Optional[str] = None):
+                    balance_loss_weight: float = 0.0, backend: Optional[str] = None, *,
+                    initialise: bool = True):
         """A layer computing `linear` plus a freshly initialised HydraLoRA adapter; `linear`
-        itself is left untouched (its weight is copied)."""
+        itself is left untouched (its weight is copied). initialise=False leaves the adapter
+        uninitialised, for `load_adapter_state`. Only nn.Linear: a transformers Conv1D (GPT-2)
+        is refused **[ours]**, as HydraLoRA is defined and evaluated on LLaMA-style projections."""
+        if is_conv1d(linear):
+            raise TypeError("FusedHydraLoRALinear takes an nn.Linear; transformers Conv1D layers "
+                            "(GPT-2 and kin) are not supported by HydraLoRA here")
         check_linear(linear)
         layer = cls(linear.in_features, linear.out_features, rank, num_heads, alpha,
                     bias=linear.bias is not None, top_k=top_k, dropout=dropout,
                     balance_loss_weight=balance_loss_weight, device=linear.weight.device,
-                    dtype=linear.weight.dtype, backend=backend)
+                    dtype=linear.weight.dtype, backend=backend, initialise=initialise)
         copy_base(layer, linear)
         return layer
+
+    @classmethod
+    def from_config(cls, linear, config, *, initialise: bool = True):
+        """`from_linear` with the rank, alpha, options and backend of an `AdapterConfig`."""
+        return cls.from_linear(linear, config.rank, alpha=config.alpha, backend=config.backend,
+                               initialise=initialise, **config.options_for(cls))
+
+    def layer_options(self) -> dict:
+        """What `from_linear` needs to rebuild this layer (saved per layer by save_adapters)."""
+        return {"rank": self.rank, "num_heads": self.num_heads, "alpha": self.alpha,
+                "top_k": self.top_k, "dropout": self.dropout.p if self.dropout is not None else 0.0,
+                "balance_loss_weight": self.balance_loss_weight}
+
+    def adapter_state(self) -> dict[str, Tensor]:
+        """The tensors an adapter file holds: A, the heads and the router."""
+        return {name: t for name, t in self.state_dict().items() if name not in ("weight", "bias")}
+
+    @torch.no_grad()
+    def load_adapter_state(self, state: dict[str, Tensor], layer_name: str = "layer") -> None:
+        check_adapter_state(layer_name, self.adapter_state(), state)
+        for name, tensor in state.items():
+            getattr(self, name).copy_(tensor)
+
+    def merge(self) -> nn.Module:
+        raise ValueError("a HydraLoRA layer cannot be merged into its weight: its gates depend "
+                         "on the token")
+
+    def base_forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
 
     @torch.no_grad()
     def reset_adapter(self) -> None:
@@ -90,10 +135,12 @@ class FusedHydraLoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B)
 
     def forward(self, x: Tensor) -> Tensor:
-        want_loss = self.training and self.balance_loss_weight > 0
+        want_loss = self.training and self.balance_loss_weight > 0 and not self.adapters_disabled
         # A loss kept from an earlier batch (or from training, before eval()) must not reach
         # the trainer with this batch.
         self.last_balance_loss = None
+        if self.adapters_disabled:
+            return self.base_forward(x)
         if self.dropout is None or not self.training:
             out = routed_lowrank_linear(x, self.weight, self.bias, self.lora_A, self.lora_B,
                                         self.lora_router, self.scaling, top_k=self.top_k,

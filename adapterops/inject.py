@@ -1,0 +1,215 @@
+"""Adapters in a whole model: inject, count, merge, disable.
+
+    model = adapterops.inject(model, adapterops.AdapterConfig(method="lora", rank=8, alpha=16,
+                                                              target_modules=["q_proj", "v_proj"]))
+    trainable, total = adapterops.trainable_parameters(model)
+    with adapterops.disable_adapters(model):
+        base_logits = model(ids).logits                  # the base model
+    model = adapterops.merge_and_unload(model)           # plain nn.Linear layers again
+
+`inject` replaces, in place, every matching `nn.Linear` (subclasses too) and transformers
+`Conv1D` with the config's adapter layer (each built from the layer it replaces, which it
+copies), all or nothing, and freezes every other parameter of the model, as PEFT does. With
+`target_modules=None` ("all-linear") it takes every linear layer except the model's output
+embeddings (a transformers model's `get_output_embeddings()`, often tied to the input
+embeddings) and the output projection of an `nn.MultiheadAttention`, whose forward does not
+call it: PEFT's "all-linear" rule. A model that is a transformers model gets a guard on its
+`save_pretrained`: while adapter layers remain, it raises instead of writing a checkpoint that
+`from_pretrained` would load without them (for PiSSA and LaMDA "svd", with the residual
+weight: neither the trained nor the base model). Use `adapterops.save_adapters`, or
+`merge_and_unload` then `save_pretrained`.
+"""
+import contextlib
+from collections.abc import Iterator
+from typing import Optional
+
+from torch import nn
+
+from .config import METHODS, AdapterConfig, matches
+from .modules.common import base_kind, is_conv1d
+
+ADAPTER_LAYERS = tuple(METHODS.values())
+
+
+def adapter_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(qualified name, layer) of every adapterops adapter layer in `model`, in module order."""
+    return [(name, module) for name, module in model.named_modules()
+            if isinstance(module, ADAPTER_LAYERS)]
+
+
+def _is_base_layer(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def _excluded_from_all_linear(model: nn.Module) -> set[int]:
+    """ids of the linear layers target_modules=None leaves alone (see the module docstring)."""
+    excluded = set()
+    get_output = getattr(model, "get_output_embeddings", None)
+    if callable(get_output):
+        output = get_output()
+        if isinstance(output, nn.Module):
+            excluded.add(id(output))
+    for module in model.modules():
+        if isinstance(module, nn.MultiheadAttention):
+            excluded.add(id(module.out_proj))
+    return excluded
+
+
+def find_targets(model: nn.Module, target_modules) -> list[tuple[str, nn.Module]]:
+    """(qualified name, layer) of the linear layers `target_modules` selects (PEFT's rule, see
+    `adapterops.config.matches`); ValueError for a selected module that is not a linear layer
+    or that an adapter cannot replace."""
+    excluded = _excluded_from_all_linear(model) if target_modules in (None, "all-linear") else set()
+    inside_adapter = {id(sub) for _, layer in adapter_layers(model) for sub in layer.modules()}
+    chosen, unsupported = [], []
+    for name, module in model.named_modules():
+        if not name or id(module) in inside_adapter or not matches(name, target_modules):
+            continue
+        if _is_base_layer(module):
+            if id(module) not in excluded:
+                chosen.append((name, module))
+        elif target_modules not in (None, "all-linear") and not list(module.children()):
+            unsupported.append(f"{name} ({type(module).__name__})")
+    explicit_mha = [name for name, module in chosen
+                    if any(isinstance(parent, nn.MultiheadAttention) and parent.out_proj is module
+                           for parent in model.modules())]
+    if unsupported or explicit_mha:
+        raise ValueError("target_modules selects modules an adapter cannot replace: "
+                         + ", ".join(unsupported + [f"{n} (the output projection of an "
+                                                    "nn.MultiheadAttention)" for n in explicit_mha])
+                         + "; adapters replace nn.Linear and transformers Conv1D layers")
+    return chosen
+
+
+def _set_submodule(model: nn.Module, name: str, layer: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+
+
+def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
+    """Replaces the linear layers `config.target_modules` selects with `config.method`'s
+    adapter layer, in place, all or nothing, and freezes every other parameter; returns the
+    model. See the module docstring."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"inject: model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(config, AdapterConfig):
+        raise TypeError(f"inject: config must be an adapterops.AdapterConfig, got "
+                        f"{type(config).__name__}")
+    targets = find_targets(model, config.target_modules)
+    if not targets:
+        linear = [name for name, m in model.named_modules() if name and _is_base_layer(m)]
+        raise ValueError(f"inject: no nn.Linear or Conv1D in the model matches target_modules="
+                         f"{config.target_modules!r}; its linear layers: "
+                         f"{', '.join(linear[:12]) or 'none'}{' ...' if len(linear) > 12 else ''}")
+    cls = config.layer_class
+    # Every layer is built before any is swapped in: one that cannot be built leaves the model
+    # untouched, and the error names it.
+    replacements = []
+    for name, module in targets:
+        try:
+            replacements.append((name, cls.from_config(module, config)))
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"inject: layer {name} ({type(module).__name__}, kind "
+                            f"{base_kind(module) if _is_base_layer(module) else '?'}): {exc}") from exc
+    install(model, replacements, config)
+    return model
+
+
+def install(model: nn.Module, layers: list[tuple[str, nn.Module]],
+            config: Optional[AdapterConfig]) -> None:
+    """Puts the built adapter `layers` into `model` at their names, freezes every parameter
+    that is not theirs, records `config` (as `model.adapterops_config`) and guards a
+    transformers model's `save_pretrained` (see the module docstring)."""
+    injected = set()
+    for name, layer in layers:
+        _set_submodule(model, name, layer)
+        injected.update(id(p) for p in layer.parameters())
+    for parameter in model.parameters():
+        if id(parameter) not in injected:
+            parameter.requires_grad_(False)
+    if config is not None:
+        model.adapterops_config = config
+    _guard_save_pretrained(model)
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts (elements; shared parameters counted once)."""
+    parameters = list(model.parameters())
+    return (sum(p.numel() for p in parameters if p.requires_grad),
+            sum(p.numel() for p in parameters))
+
+
+def merge_and_unload(model: nn.Module, skip_unmergeable: bool = False) -> nn.Module:
+    """Replaces every adapter layer by a plain `nn.Linear` (or `Conv1D`, for a layer made from
+    one) computing the same function, its parameters frozen as the base layer's were (LoRA,
+    PiSSA, LaMDA: W + s B S A; HD-PiSSA: its trained W). HydraLoRA layers cannot merge (their
+    gates depend on the token): a ValueError names them, unless `skip_unmergeable=True`, which
+    leaves them in place. Returns the model (the merged layer when `model` is an adapter layer
+    itself)."""
+    layers = adapter_layers(model)
+    unmergeable = [name or "(the model itself)" for name, layer in layers if not layer.mergeable]
+    if unmergeable and not skip_unmergeable:
+        raise ValueError(f"merge_and_unload: these layers cannot be merged (HydraLoRA's gates "
+                         f"depend on the token): {', '.join(unmergeable)}; pass "
+                         "skip_unmergeable=True to keep them and merge the rest")
+    merged_root = None
+    for name, layer in layers:
+        if not layer.mergeable:
+            continue
+        merged = layer.merge()
+        merged.requires_grad_(False)
+        if name:
+            _set_submodule(model, name, merged)
+        else:
+            merged_root = merged
+    if merged_root is not None:
+        return merged_root
+    if not adapter_layers(model) and "save_pretrained" in vars(model):
+        del model.save_pretrained  # nothing left to lose: the model's own method again
+    return model
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, every adapter layer computes its base layer alone (the original W for
+    PiSSA and LaMDA "svd", from the initial factors they keep). HD-PiSSA layers train W itself
+    and keep no original: a ValueError names them before anything changes."""
+    layers = adapter_layers(model)
+    refused = [name or "(the model itself)" for name, layer in layers if not layer.can_disable]
+    if refused:
+        raise ValueError(f"disable_adapters: these layers keep no base weight to fall back to "
+                         f"(HD-PiSSA trains W itself): {', '.join(refused)}")
+    previous = [layer.adapters_disabled for _, layer in layers]
+    for _, layer in layers:
+        layer.adapters_disabled = True
+    try:
+        yield model
+    finally:
+        for (_, layer), state in zip(layers, previous):
+            layer.adapters_disabled = state
+
+
+class _GuardedSavePretrained:
+    """Stands in for a transformers model's `save_pretrained` while it has adapter layers:
+    `from_pretrained` would build the plain model and silently drop them (and for PiSSA and
+    LaMDA "svd" bring back the residual weight)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        layers = adapter_layers(self.model)
+        if not layers:
+            return type(self.model).save_pretrained(self.model, *args, **kwargs)
+        raise ValueError(
+            f"save_pretrained: this model has {len(layers)} adapterops adapter layers "
+            f"({layers[0][0]}, ...), which from_pretrained would not rebuild: it would load the "
+            "plain model without them (for PiSSA and LaMDA \"svd\" inits, with the residual "
+            "weight). Save the adapters with adapterops.save_adapters(model, directory) and load "
+            "them with adapterops.load_adapters(base_model, directory), or merge them first: "
+            "adapterops.merge_and_unload(model).save_pretrained(directory)")
+
+
+def _guard_save_pretrained(model: nn.Module) -> None:
+    if callable(getattr(type(model), "save_pretrained", None)):
+        model.save_pretrained = _GuardedSavePretrained(model)
