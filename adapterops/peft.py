@@ -1,0 +1,250 @@
+"""PEFT interop: export to, load from and run PEFT LoRA models on adapterops' fused ops.
+
+    adapterops.peft.export(model, "peft_dir")       # PeftModel.from_pretrained(base, "peft_dir")
+    model = adapterops.peft.load(base, "peft_dir")  # a PEFT LoRA adapter into FusedLoRALinear
+    left = adapterops.peft.fuse(peft_model)         # a PeftModel runs its LoRA on our ops
+
+- `export(model, directory)`: a model with FusedLoRALinear / FusedLaMDALinear layers as a PEFT
+  LoRA adapter (adapter_config.json and adapter_model.safetensors in PEFT's format) for the
+  ORIGINAL base model. LoRA is exported as is; LaMDA as LoRA with B' = B S; the inits that
+  rewrite W (PiSSA, LaMDA "svd") as the rank-2r LoRA of the same function on the original W,
+  A' = [A; A0], B' = [B | -B0] (B S and B0 S0 for LaMDA), alpha doubled so that the scaling
+  is unchanged (PEFT's own PiSSA conversion). Per-layer ranks and alphas go into PEFT's
+  `rank_pattern` / `alpha_pattern`. HydraLoRA and HD-PiSSA layers have no PEFT LoRA form: a
+  ValueError names them.
+- `load(model, directory)`: a PEFT LoRA adapter (r, lora_alpha, target_modules, rank_pattern,
+  alpha_pattern, use_rslora, fan_in_fan_out for Conv1D bases) into FusedLoRALinear layers of
+  the base `model`, as `adapterops.load_adapters` does (all or nothing, the rest frozen). What
+  it cannot represent (DoRA, bias other than "none", lora_bias, modules_to_save, other PEFT
+  types) is a ValueError naming the option.
+- `fuse(peft_model)`: makes every LoRA `Linear` of a PEFT model compute its forward and
+  backward with `adapterops.lowrank_linear`, in place. PEFT's modules, parameter names,
+  state_dict, save_pretrained / from_pretrained, merge_and_unload, disable_adapter and
+  set_adapter keep working: only the layers' forward changes, and per call it falls back to
+  PEFT's own forward whenever the fused op cannot give the same result (adapters disabled or
+  merged, several active adapters, a DoRA or other variant, dropout active in training, a
+  lora_B bias, mixed dtypes, extra forward arguments). Returns {layer name: reason} for the
+  LoRA layers it left on PEFT's path for good (not a Linear LoRA layer, DoRA, bias != "none",
+  lora_bias, several active adapters).
+
+Needs `peft` (and `safetensors` for files): `pip install peft`.
+"""
+import functools
+import json
+import math
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Union
+
+import torch
+from torch import Tensor, nn
+
+from .config import AdapterConfig
+from .inject import adapter_layers, install
+from .modules import FusedLaMDALinear, FusedLoRALinear
+from .modules.common import base_features, base_kind
+from .ops import lowrank_linear
+from .pissa import factor_dtype
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+
+def _peft():
+    try:
+        import peft
+    except ImportError as exc:
+        raise ImportError("adapterops.peft needs PEFT: pip install peft") from exc
+    return peft
+
+
+def _safetensors():
+    try:
+        import safetensors.torch
+    except ImportError as exc:
+        raise ImportError("PEFT adapter files are safetensors files: pip install safetensors") from exc
+    return safetensors.torch
+
+
+def _lora_form(layer) -> tuple[Tensor, Tensor, int, float]:
+    """(A', B', r', s) of the PEFT LoRA computing the same function on the ORIGINAL base weight
+    (see the module docstring)."""
+    dtype = factor_dtype(layer.weight)
+    A = layer.lora_A.detach().to(dtype)
+    B = layer.lora_B.detach().to(dtype)
+    if layer.lora_S is not None:
+        B = B @ layer.lora_S.detach().to(dtype)
+    if layer.rewrites_weight:
+        B0 = layer.lora_B0.to(dtype)
+        if layer.lora_S0 is not None:
+            B0 = B0 @ layer.lora_S0.to(dtype)
+        A, B = torch.cat([A, layer.lora_A0.to(dtype)], 0), torch.cat([B, -B0], 1)
+    return A.to(layer.weight.dtype), B.to(layer.weight.dtype), A.shape[0], layer.scaling
+
+
+def export(model: nn.Module, directory: Union[str, Path]) -> None:
+    """Writes the model's LoRA, PiSSA and LaMDA layers as a PEFT LoRA adapter for the original
+    base model (see the module docstring)."""
+    peft = _peft()
+    layers = adapter_layers(model)
+    if not layers:
+        raise ValueError("export: the model has no adapterops adapter layer")
+    other = [f"{name} ({type(layer).__name__})" for name, layer in layers
+             if not isinstance(layer, (FusedLoRALinear, FusedLaMDALinear))]
+    if other:
+        raise ValueError(f"export: these layers have no PEFT LoRA form: {', '.join(other)}")
+    kinds = {layer.base_kind for _, layer in layers}
+    if len(kinds) > 1:
+        raise ValueError("export: PEFT's fan_in_fan_out is one flag per adapter, and these "
+                         "layers mix nn.Linear and Conv1D bases")
+    forms = {name: _lora_form(layer) for name, layer in layers}
+    # The most common (rank, alpha) is the config's; the others go into PEFT's patterns.
+    r, alpha = Counter((rank, scaling * rank) for _, _, rank, scaling in forms.values()).most_common(1)[0][0]
+    rank_pattern = {re.escape(name): rank for name, (_, _, rank, _) in forms.items() if rank != r}
+    alpha_pattern = {re.escape(name): scaling * rank for name, (_, _, rank, scaling) in forms.items()
+                     if scaling * rank != alpha}
+    config = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=sorted(forms),
+                             rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+                             fan_in_fan_out=kinds == {"conv1d"}, bias="none", lora_dropout=0.0)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(directory))
+    tensors = {}
+    for name, (A, B, _, _) in forms.items():
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = A.to("cpu", copy=True).contiguous()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = B.to("cpu", copy=True).contiguous()
+    _safetensors().save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+
+
+def _pattern_value(patterns: dict, name: str, default):
+    """PEFT's rule for rank_pattern / alpha_pattern: the first key that matches the end of the
+    module's name at a component boundary."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+# PEFT LoRA options `load` cannot represent, with the value that means "off".
+_UNSUPPORTED = {"use_dora": False, "bias": "none", "lora_bias": False, "modules_to_save": None,
+                "layers_to_transform": None, "target_parameters": None}
+
+
+def load(model: nn.Module, directory: Union[str, Path], backend=None) -> nn.Module:
+    """Loads a PEFT LoRA adapter directory into FusedLoRALinear layers of `model` (the base
+    model it was trained on); returns the model. See the module docstring."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise ValueError(f"peft.load: no {CONFIG_FILE} in {directory}")
+    config = json.loads(path.read_text())
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"peft.load: {path} is a {config.get('peft_type')!r} adapter, not LORA"
+                         + (" (an adapterops directory: use adapterops.load_adapters)"
+                            if config.get("format") == "adapterops" else ""))
+    unsupported = [f"{key}={config[key]!r}" for key, off in _UNSUPPORTED.items()
+                   if config.get(key, off) not in (off, [], {})]
+    if unsupported:
+        raise ValueError(f"peft.load: adapterops' LoRA layers cannot represent "
+                         f"{', '.join(unsupported)}")
+    tensors = _safetensors().load_file(str(Path(directory) / WEIGHTS_FILE))
+    names = sorted({key[len(PREFIX):].rsplit(".", 2)[0] for key in tensors
+                    if key.startswith(PREFIX)})
+    expected = {f"{PREFIX}{name}.lora_{ab}.weight" for name in names for ab in "AB"}
+    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    modules = dict(model.named_modules())
+    absent = [name for name in names if name not in modules]
+    if missing or unexpected or absent or not names:
+        raise ValueError(f"peft.load: {WEIGHTS_FILE} does not match the model or itself: "
+                         f"layers not in the model {absent or 'none'}; missing tensors "
+                         f"{missing or 'none'}; unexpected tensors {unexpected or 'none'}")
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    layers = []
+    for name in names:
+        A, B = tensors[f"{PREFIX}{name}.lora_A.weight"], tensors[f"{PREFIX}{name}.lora_B.weight"]
+        rank = _pattern_value(rank_pattern, name, config["r"])
+        lora_alpha = _pattern_value(alpha_pattern, name, config["lora_alpha"])
+        module = modules[name]
+        try:
+            in_features, out_features = base_features(module)
+        except TypeError as exc:
+            raise ValueError(f"peft.load: layer {name}: {exc}") from None
+        if A.shape != (rank, in_features) or B.shape != (out_features, rank):
+            raise ValueError(f"peft.load: layer {name}: lora_A {tuple(A.shape)} and lora_B "
+                             f"{tuple(B.shape)} do not fit rank {rank} on a {in_features} -> "
+                             f"{out_features} {base_kind(module)} layer")
+        scaling = lora_alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+        # Our layers' scaling is alpha / rank: pass the alpha that gives PEFT's scaling.
+        layer = FusedLoRALinear.from_linear(module, rank, scaling * rank, backend=backend,
+                                            initialise=False)
+        layer.load_adapter_state({"lora_A": A, "lora_B": B}, name)
+        layers.append((name, layer))
+    install(model, layers, AdapterConfig(method="lora", rank=config["r"],
+                                         alpha=config["lora_alpha"], target_modules=names,
+                                         backend=backend))
+    return model
+
+
+def _static_reason(layer, lora_linear_cls, configs: dict) -> Union[str, None]:
+    """Why a PEFT LoRA layer can never run on the fused op, or None (`configs`: the PEFT
+    model's adapter name -> LoraConfig)."""
+    if type(layer) is not lora_linear_cls:
+        return f"a {type(layer).__name__}, not PEFT's LoRA Linear"
+    try:
+        base_kind(layer.base_layer)
+    except TypeError:
+        return f"its base layer is a {type(layer.base_layer).__name__}"
+    if len(layer.active_adapters) != 1:
+        return f"{len(layer.active_adapters)} active adapters"
+    adapter = layer.active_adapters[0]
+    if layer.use_dora.get(adapter) or adapter in getattr(layer, "lora_variant", {}):
+        return "DoRA (or another LoRA variant)"
+    if layer.lora_bias.get(adapter):
+        return "lora_bias"
+    bias = getattr(configs.get(adapter), "bias", "none")
+    if bias != "none":
+        return f"bias={bias!r}"
+    return None
+
+
+def _fused_forward(layer, x: Tensor, *args, **kwargs) -> Tensor:
+    """A PEFT LoRA Linear's forward on `lowrank_linear`, or PEFT's own where they would differ."""
+    peft_forward = type(layer).forward
+    if args or kwargs or layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
+        return peft_forward(layer, x, *args, **kwargs)
+    adapter = layer.active_adapters[0]
+    if (adapter not in layer.lora_A or adapter in getattr(layer, "lora_variant", {})
+            or layer.lora_bias.get(adapter)
+            or (layer.training and not isinstance(layer.lora_dropout[adapter], nn.Identity))):
+        return peft_forward(layer, x, *args, **kwargs)
+    base = layer.base_layer
+    weight = base.weight.t() if layer.fan_in_fan_out else base.weight
+    lora_A, lora_B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    if not (x.dtype == weight.dtype == lora_A.dtype == lora_B.dtype) or x.device != weight.device:
+        return peft_forward(layer, x, *args, **kwargs)
+    return lowrank_linear(x, weight, base.bias, lora_A, lora_B, layer.scaling[adapter])
+
+
+def fuse(peft_model: nn.Module) -> dict[str, str]:
+    """Makes the PEFT model's LoRA Linear layers run on adapterops' fused op, in place; returns
+    {layer name: reason} for the LoRA layers left on PEFT's path. See the module docstring."""
+    _peft()
+    from peft.tuners.lora.layer import Linear as LoraLinear
+    from peft.tuners.lora.layer import LoraLayer
+
+    configs = getattr(peft_model, "peft_config", {})
+    left = {}
+    found = False
+    for name, layer in peft_model.named_modules():
+        if not isinstance(layer, LoraLayer):
+            continue
+        found = True
+        reason = _static_reason(layer, LoraLinear, configs)
+        if reason is not None:
+            left[name] = reason
+            continue
+        layer.forward = functools.partial(_fused_forward, layer)
+    if not found:
+        raise ValueError("fuse: the model has no PEFT LoRA layer")
+    return left
