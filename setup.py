@@ -77,6 +77,8 @@ def _cuda_extension_kwargs():
     }
 
 
+HF = ["transformers>=4.45", "peft>=0.13", "safetensors>=0.4"]
+
 setup(
     name="adapterops",
     version="0.1.0",
@@ -89,11 +91,15 @@ setup(
               "adapterops.csrc"],
     # csrc/ ships as data (no Python in it): the just-in-time build compiles it from there.
     package_dir={"adapterops.kernels": "kernels", "adapterops.csrc": "csrc"},
-    package_data={"adapterops.csrc": ["*.cpp", "*.cu", "*.h"]},
+    package_data={"adapterops.csrc": ["*.cpp", "*.cu", "*.h"], "adapterops": ["methods.md"]},
     install_requires=["torch>=2.11", "numpy", "triton>=3.6; platform_system == 'Linux'"],
     extras_require={
-        # ninja: torch's just-in-time C++ build (the tests build csrc for CPU tensors).
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "ninja"],
+        # save_adapters / load_adapters write safetensors files; adapterops.peft talks to PEFT;
+        # Conv1D (GPT-2) layers come from transformers.
+        "hf": HF,
+        # ninja: torch's just-in-time C++ build (the tests build csrc for CPU tensors); the HF
+        # stack: the model-level tests build tiny transformers models and PEFT adapters.
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "ninja"] + HF,
         "plot": ["matplotlib"],
     },
     **_cuda_extension_kwargs(),

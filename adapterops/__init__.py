@@ -1,7 +1,8 @@
 """adapterops: fused kernels for parameter-efficient fine-tuning adapters.
 
 Importing it initialises no CUDA, compiles no kernel and imports no Triton: backends load what
-they need on first use.
+they need on first use. The math of every method, which the docstrings cite as "methods.md §N",
+is in the package's own `methods.md` (beside this file).
 """
 from . import distributed, hydra, lamda, pissa
 from .modules import FusedHydraLoRALinear, FusedLaMDALinear, FusedLoRALinear, HDPiSSALinear
