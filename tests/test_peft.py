@@ -1,0 +1,201 @@
+"""adapterops.peft against PEFT itself, on config-built tiny LLaMA and GPT-2 (Conv1D) models:
+export loaded by PEFT, PEFT adapters loaded into our layers, and `fuse` of a PEFT model, each
+compared with PEFT's own path (outputs and gradients), plus the options we refuse."""
+import copy
+import json
+from unittest import mock
+
+import pytest
+import torch
+
+import adapterops
+import adapterops.peft as ap
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+IDS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"]}
+# fp32 logits of a 2-layer model through different but equivalent compositions
+ATOL = 2e-6
+
+
+def tiny(kind: str):
+    torch.manual_seed(0)
+    if kind == "llama":
+        config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                                          num_hidden_layers=2, num_attention_heads=4,
+                                          num_key_value_heads=2)
+        return transformers.LlamaForCausalLM(config).eval()
+    config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                     bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def _perturb_trainable(model, seed=1):
+    """Moves every trainable tensor off its init (LoRA's B = 0 would hide a wrong B)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+
+
+def _assert_close(name, actual, expected, atol=ATOL):
+    err = (actual - expected).abs().max().item()
+    assert err <= atol, f"{name}: max abs difference {err:.3e} > {atol:.1e}"
+
+
+def _grads(model, keyword):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if keyword in n and p.grad is not None}
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("method,init", [("lora", "lora"), ("lora", "pissa"), ("lamda", "lora"),
+                                         ("lamda", "svd")])
+def test_export_loads_in_peft_to_the_same_outputs(kind, method, init, tmp_path):
+    model = adapterops.inject(tiny(kind), adapterops.AdapterConfig(
+        method=method, rank=4, alpha=8, target_modules=TARGETS[kind], init=init))
+    _perturb_trainable(model)
+    expected = model(IDS).logits
+    ap.export(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["fan_in_fan_out"] == (kind == "gpt2")
+    # PiSSA and LaMDA "svd" rewrote W: their PEFT form on the original W has rank 2r.
+    assert config["r"] == (8 if init != "lora" else 4), config["r"]
+    loaded = peft.PeftModel.from_pretrained(tiny(kind), tmp_path).eval()
+    _assert_close(f"{kind} {method}/{init} PEFT logits", loaded(IDS).logits, expected)
+
+
+def test_export_per_layer_ranks_use_peft_patterns(tmp_path):
+    model = tiny("llama")
+    adapterops.inject(model, adapterops.AdapterConfig(method="lamda", rank=4, alpha=8,
+                                                      target_modules=["q_proj"]))
+    adapterops.inject(model, adapterops.AdapterConfig(method="lora", rank=2, alpha=6,
+                                                      target_modules=["v_proj"]))
+    _perturb_trainable(model)
+    expected = model(IDS).logits
+    ap.export(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["rank_pattern"] and config["alpha_pattern"], config
+    loaded = peft.PeftModel.from_pretrained(tiny("llama"), tmp_path).eval()
+    _assert_close("per-layer ranks", loaded(IDS).logits, expected)
+
+
+@pytest.mark.parametrize("config", [dict(method="hydra", num_heads=2),
+                                    dict(method="hdpissa", world_size=2, rank_index=0)])
+def test_export_refuses_layers_without_a_lora_form(config, tmp_path):
+    model = adapterops.inject(tiny("llama"), adapterops.AdapterConfig(
+        rank=2, alpha=4, target_modules=["q_proj"], **config))
+    with pytest.raises(ValueError, match=r"no PEFT LoRA form: model\.layers\.0\.self_attn\.q_proj"):
+        ap.export(model, tmp_path)
+    assert not (tmp_path / "adapter_config.json").exists()
+
+
+def _peft_model(kind, **options):
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[kind],
+                             fan_in_fan_out=kind == "gpt2", **options)
+    model = peft.get_peft_model(tiny(kind), config)
+    _perturb_trainable(model)
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind,options", [
+    ("llama", {}),
+    ("llama", {"use_rslora": True, "rank_pattern": {"v_proj": 2}, "alpha_pattern": {"down_proj": 3}}),
+    ("gpt2", {}),
+])
+def test_peft_adapter_loads_into_fused_layers(kind, options, tmp_path):
+    reference = _peft_model(kind, **options)
+    reference.save_pretrained(tmp_path)
+    ours = ap.load(tiny(kind), tmp_path)
+    layers = [m for m in ours.modules() if isinstance(m, adapterops.FusedLoRALinear)]
+    assert len(layers) == 2 * len(TARGETS[kind])
+    out_ref = reference(IDS, labels=IDS)
+    out = ours(IDS, labels=IDS)
+    _assert_close(f"{kind} {options} logits", out.logits, out_ref.logits)
+    out_ref.loss.backward()
+    out.loss.backward()
+    for name, grad in _grads(reference, "lora_").items():
+        # base_model.model.X.lora_A.default.weight -> X.lora_A
+        ours_name = name.removeprefix("base_model.model.").replace(".default.weight", "")
+        _assert_close(f"{kind} grad {ours_name}", ours.get_parameter(ours_name).grad, grad)
+
+
+@pytest.mark.parametrize("options,match", [({"use_dora": True}, "use_dora"),
+                                           ({"bias": "all"}, "bias"),
+                                           ({"lora_bias": True}, "lora_bias")])
+def test_load_refuses_what_it_cannot_represent(options, match, tmp_path):
+    _peft_model("llama", **options).save_pretrained(tmp_path)
+    base = tiny("llama")
+    before = copy.deepcopy(base.state_dict())
+    with pytest.raises(ValueError, match=match):
+        ap.load(base, tmp_path)
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
+
+
+def test_load_names_missing_tensors_and_other_formats(tmp_path):
+    _peft_model("llama").save_pretrained(tmp_path)
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    dropped = "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"
+    del tensors[dropped]
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=dropped.replace(".", r"\.")):
+        ap.load(tiny("llama"), tmp_path)
+    ours = adapterops.inject(tiny("llama"), adapterops.AdapterConfig(method="lora", rank=2, alpha=4))
+    adapterops.save_adapters(ours, tmp_path / "ours")
+    with pytest.raises(ValueError, match="adapterops.load_adapters"):
+        ap.load(tiny("llama"), tmp_path / "ours")
+    with pytest.raises(ValueError, match="adapterops.peft.load"):
+        adapterops.load_adapters(tiny("llama"), tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_fuse_runs_peft_lora_on_our_op_with_the_same_results(kind, tmp_path):
+    reference = _peft_model(kind)
+    fused = copy.deepcopy(reference)
+    assert ap.fuse(fused) == {}
+    names = [n for n, _ in reference.named_parameters()]
+    assert [n for n, _ in fused.named_parameters()] == names
+    calls = []
+    real = ap.lowrank_linear
+    with mock.patch.object(ap, "lowrank_linear", lambda *a, **k: calls.append(1) or real(*a, **k)):
+        out = fused(IDS, labels=IDS)
+    assert len(calls) == 2 * len(TARGETS[kind]), "every LoRA layer must run on lowrank_linear"
+    out_ref = reference(IDS, labels=IDS)
+    _assert_close(f"{kind} fused logits", out.logits, out_ref.logits)
+    out.loss.backward()
+    out_ref.loss.backward()
+    fused_grads = _grads(fused, "lora_")
+    assert fused_grads.keys() == _grads(reference, "lora_").keys()
+    for name, grad in _grads(reference, "lora_").items():
+        _assert_close(f"{kind} fused grad {name}", fused_grads[name], grad)
+    # PEFT's own machinery keeps working: disabling, saving, loading, merging.
+    with fused.disable_adapter():
+        _assert_close("disabled", fused(IDS).logits, tiny(kind)(IDS).logits)
+    fused.save_pretrained(tmp_path)
+    again = peft.PeftModel.from_pretrained(tiny(kind), tmp_path).eval()
+    _assert_close("saved and loaded", again(IDS).logits, out_ref.logits)
+    merged = fused.merge_and_unload()
+    _assert_close("merged", merged(IDS).logits, out_ref.logits)
+
+
+def test_fuse_falls_back_where_peft_would_differ_and_reports_what_it_leaves():
+    dora = _peft_model("llama", use_dora=True)
+    left = ap.fuse(dora)
+    assert len(left) == 6 and all("DoRA" in reason for reason in left.values()), left
+    dropout = _peft_model("llama", lora_dropout=0.5)
+    assert ap.fuse(dropout) == {}
+    calls = []
+    real = ap.lowrank_linear
+    with mock.patch.object(ap, "lowrank_linear", lambda *a, **k: calls.append(1) or real(*a, **k)):
+        dropout.train()
+        dropout(IDS)  # dropout on the adapter's input: PEFT's path
+        assert not calls
+        dropout.eval()
+        dropout(IDS)
+        assert len(calls) == 6
+    with pytest.raises(ValueError, match="no PEFT LoRA layer"):
+        ap.fuse(tiny("llama"))
