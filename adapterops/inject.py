@@ -26,7 +26,7 @@ from typing import Optional
 from torch import nn
 
 from .config import METHODS, AdapterConfig, matches
-from .modules.common import base_kind, is_conv1d
+from .modules.common import is_conv1d
 
 ADAPTER_LAYERS = tuple(METHODS.values())
 
@@ -109,8 +109,7 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
         try:
             replacements.append((name, cls.from_config(module, config)))
         except (TypeError, ValueError) as exc:
-            raise type(exc)(f"inject: layer {name} ({type(module).__name__}, kind "
-                            f"{base_kind(module) if _is_base_layer(module) else '?'}): {exc}") from exc
+            raise type(exc)(f"inject: layer {name}: {exc}") from exc
     install(model, replacements, config)
     return model
 

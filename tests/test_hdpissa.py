@@ -399,7 +399,7 @@ def test_convert_all_or_targets():
     assert [type(m).__name__ for m in (model[0], model[2][0], model[3])] == ["HDPiSSALinear"] * 3
     model = convert(_net(), 2, 4.0, world_size=3, rank_index=1, target_modules=["2.0"])
     assert type(model[2][0]) is HDPiSSALinear and type(model[0]) is nn.Linear
-    with pytest.raises(ValueError, match="no nn.Linear in the model matches"):
+    with pytest.raises(ValueError, match=r"no nn.Linear or Conv1D in the model matches .*its linear layers: 0, 2\.0, 3"):
         convert(_net(), 2, 4.0, world_size=3, rank_index=1, target_modules=["q_proj"])
     with pytest.raises(ValueError, match="pass world_size and rank_index"):
         convert(_net(), 2, 4.0)
