@@ -46,6 +46,7 @@ from .modules import FusedLaMDALinear, FusedLoRALinear
 from .modules.common import base_features, base_kind
 from .ops import lowrank_linear
 from .pissa import factor_dtype
+from .saving import safetensors_module
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -58,14 +59,6 @@ def _peft():
     except ImportError as exc:
         raise ImportError("adapterops.peft needs PEFT: pip install peft") from exc
     return peft
-
-
-def _safetensors():
-    try:
-        import safetensors.torch
-    except ImportError as exc:
-        raise ImportError("PEFT adapter files are safetensors files: pip install safetensors") from exc
-    return safetensors.torch
 
 
 def _lora_form(layer) -> tuple[Tensor, Tensor, int, float]:
@@ -115,7 +108,7 @@ def export(model: nn.Module, directory: Union[str, Path]) -> None:
     for name, (A, B, _, _) in forms.items():
         tensors[f"{PREFIX}{name}.lora_A.weight"] = A.to("cpu", copy=True).contiguous()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = B.to("cpu", copy=True).contiguous()
-    _safetensors().save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    safetensors_module().save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
 
 
 def _pattern_value(patterns: dict, name: str, default):
@@ -148,7 +141,7 @@ def load(model: nn.Module, directory: Union[str, Path], backend=None) -> nn.Modu
     if unsupported:
         raise ValueError(f"peft.load: adapterops' LoRA layers cannot represent "
                          f"{', '.join(unsupported)}")
-    tensors = _safetensors().load_file(str(Path(directory) / WEIGHTS_FILE))
+    tensors = safetensors_module().load_file(str(Path(directory) / WEIGHTS_FILE))
     names = sorted({key[len(PREFIX):].rsplit(".", 2)[0] for key in tensors
                     if key.startswith(PREFIX)})
     expected = {f"{PREFIX}{name}.lora_{ab}.weight" for name in names for ab in "AB"}

@@ -33,7 +33,8 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 
 
-def _safetensors():
+def safetensors_module():
+    """`safetensors.torch`, or an ImportError that says how to install it."""
     try:
         import safetensors.torch
     except ImportError as exc:
@@ -65,7 +66,7 @@ def save_adapters(model: nn.Module, directory: Union[str, Path]) -> None:
                for name, layer in layers for key, t in layer.adapter_state().items()}
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _safetensors().save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    safetensors_module().save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
     (directory / CONFIG_FILE).write_text(json.dumps(description, indent=2, sort_keys=True) + "\n")
 
 
@@ -118,7 +119,7 @@ def load_adapters(model: nn.Module, directory: Union[str, Path],
     if problems:
         raise ValueError("load_adapters: the model does not match the adapter: "
                          + "; ".join(problems))
-    tensors = _safetensors().load_file(str(Path(directory) / WEIGHTS_FILE))
+    tensors = safetensors_module().load_file(str(Path(directory) / WEIGHTS_FILE))
     layers = {}
     for name, entry in entries.items():
         layers[name] = METHODS[entry["method"]].from_linear(
