@@ -173,9 +173,11 @@ def load(model: nn.Module, directory: Union[str, Path], backend=None) -> nn.Modu
                                             initialise=False)
         layer.load_adapter_state({"lora_A": A, "lora_B": B}, name)
         layers.append((name, layer))
+    # One AdapterConfig describes the layers only when they share PEFT's rank and scaling.
+    uniform = (not rank_pattern and not alpha_pattern and not config.get("use_rslora"))
     install(model, layers, AdapterConfig(method="lora", rank=config["r"],
                                          alpha=config["lora_alpha"], target_modules=names,
-                                         backend=backend))
+                                         backend=backend) if uniform else None)
     return model
 
 
@@ -183,7 +185,7 @@ def _static_reason(layer, lora_linear_cls, configs: dict) -> Union[str, None]:
     """Why a PEFT LoRA layer can never run on the fused op, or None (`configs`: the PEFT
     model's adapter name -> LoraConfig)."""
     if type(layer) is not lora_linear_cls:
-        return f"a {type(layer).__name__}, not PEFT's LoRA Linear"
+        return f"{type(layer).__name__}, not PEFT's LoRA Linear"
     try:
         base_kind(layer.base_layer)
     except TypeError:
