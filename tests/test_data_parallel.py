@@ -91,7 +91,9 @@ def train(model: nn.Module, kind: str, batches, where: str) -> dict[str, torch.T
         for x, y in batches:
             loss = loss + (model(x) - y).square().mean()
             if kind == "hydra":
-                loss = loss + collect_balance_loss(model)
+                balance = collect_balance_loss(model)
+                assert balance.requires_grad and balance > 0, f"{where}: step {t}: balance loss {balance}"
+                loss = loss + balance
         (loss / len(batches)).backward()
         if schedule is None:
             opt.step()
