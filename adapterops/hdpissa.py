@@ -142,13 +142,15 @@ class HDPiSSAOptimizer(torch.optim.Optimizer):
     @contextlib.contextmanager
     def virtual_rank(self, rank_index: int):
         """Within the block, the layers hold rank `rank_index`'s factors; the gradients its
-        backward leaves are kept for that rank's Adam step (virtual ranks only)."""
+        backward leaves are kept for that rank's Adam step (virtual ranks only). After it they
+        hold their own rank's factors again."""
         if not self.virtual_ranks:
             raise RuntimeError("virtual_rank() needs HDPiSSAOptimizer(..., virtual_ranks=True)")
         params = self.param_groups[0]["params"]
         if any(p.grad is not None for p in params):
             raise RuntimeError("virtual_rank(): the factors already have gradients; run every "
                                "backward inside a virtual_rank block")
+        configured = [m.rank_index for m in self._layers]
         for m in self._layers:
             m.set_rank_index(rank_index)
         try:
@@ -157,6 +159,10 @@ class HDPiSSAOptimizer(torch.optim.Optimizer):
             for p in params:  # a failed block leaves no partial gradients behind
                 p.grad = None
             raise
+        finally:
+            # Back to the rank each layer was built for (what save_adapters records).
+            for m, index in zip(self._layers, configured):
+                m.set_rank_index(index)
         previous = self._virtual_grads.get(rank_index)
         grads = [p.grad for p in params]
         if previous is not None:  # a second block for the same rank accumulates

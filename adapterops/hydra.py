@@ -58,8 +58,11 @@ def balance_loss(probs: Tensor, top_k: Optional[int] = None) -> Tensor:
     flat = probs.reshape(-1, num_heads)
     tokens = flat.shape[0]
     chosen = torch.sort(flat.detach(), dim=-1, descending=True, stable=True).indices[:, :k]
-    counts = torch.bincount(chosen.reshape(-1), minlength=num_heads)
-    fraction = counts.to(torch.float32) / (tokens * k)
+    # scatter_add_, not bincount: bincount's output size depends on the data, which makes
+    # torch.compile break the graph here.
+    counts = torch.zeros(num_heads, dtype=torch.float32, device=flat.device).scatter_add_(
+        0, chosen.reshape(-1), torch.ones(chosen.numel(), dtype=torch.float32, device=flat.device))
+    fraction = counts / (tokens * k)
     mean_prob = flat.to(torch.float32).mean(dim=0)
     return num_heads * torch.dot(fraction, mean_prob)
 

@@ -68,7 +68,7 @@ def find_targets(model: nn.Module, target_modules) -> list[tuple[str, nn.Module]
         if _is_base_layer(module):
             if id(module) not in excluded:
                 chosen.append((name, module))
-        elif target_modules not in (None, "all-linear") and not list(module.children()):
+        elif target_modules not in (None, "all-linear"):
             unsupported.append(f"{name} ({type(module).__name__})")
     explicit_mha = [name for name, module in chosen
                     if any(isinstance(parent, nn.MultiheadAttention) and parent.out_proj is module
@@ -119,12 +119,12 @@ def install(model: nn.Module, layers: list[tuple[str, nn.Module]],
     """Puts the built adapter `layers` into `model` at their names, freezes every parameter
     that is not theirs, records `config` (as `model.adapterops_config`) and guards a
     transformers model's `save_pretrained` (see the module docstring)."""
-    injected = set()
     for name, layer in layers:
         _set_submodule(model, name, layer)
-        injected.update(id(p) for p in layer.parameters())
+    # Every adapter layer's parameters keep their own settings, those of an earlier inject too.
+    adapters = {id(p) for _, layer in adapter_layers(model) for p in layer.parameters()}
     for parameter in model.parameters():
-        if id(parameter) not in injected:
+        if id(parameter) not in adapters:
             parameter.requires_grad_(False)
     if config is not None:
         model.adapterops_config = config

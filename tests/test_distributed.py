@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from adapterops.distributed import aggregate_lowrank_deltas, check_consistency
+from utils import join_or_kill
 
 # (r, in, out) per layer: rank 1, odd sizes, and layer 1 larger than TINY_BUCKET_MB.
 SHAPES = [(1, 5, 3), (4, 24, 16), (2, 7, 9), (2, 1, 11), (1, 3, 2)]
@@ -234,13 +235,7 @@ def _spawn(tmp_path, world: int, *scenarios, timeout_s: int = GROUP_TIMEOUT_S, g
     fails the test with its traceback; workers still alive after guard_s seconds are killed."""
     context = mp.spawn(_worker, args=(world, str(tmp_path / "rendezvous"), timeout_s, scenarios), nprocs=world,
                        join=False)
-    deadline = time.monotonic() + guard_s
-    while not context.join(timeout=0.5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                if process.is_alive():
-                    process.kill()
-            pytest.fail(f"{[s.__name__ for s in scenarios]} on {world} ranks did not finish within {guard_s} s")
+    join_or_kill(context, guard_s, f"{[s.__name__ for s in scenarios]} on {world} ranks")
 
 
 @pytest.mark.parametrize("world", [2, 3])

@@ -4,6 +4,9 @@ The rule (after flash-attention's tests): a kernel's error against the float64 r
 at most twice plain PyTorch's error in the same dtype, plus one unit of the dtype's rounding
 at the reference's scale (so an exact baseline does not demand an exact kernel).
 """
+import time
+
+import pytest
 import torch
 
 
@@ -37,3 +40,16 @@ def forbid_backend_calls(monkeypatch, method: str) -> None:
 
     for backend in BACKENDS.values():
         monkeypatch.setattr(backend, method, reached)
+
+
+def join_or_kill(context, guard_s: float, what: str) -> None:
+    """Waits for the workers of `torch.multiprocessing.spawn(..., join=False)`: a worker's
+    exception fails the test with its traceback (join raises it); workers still alive after
+    guard_s seconds are killed and the test fails, so nothing hangs."""
+    deadline = time.monotonic() + guard_s
+    while not context.join(timeout=0.5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+            pytest.fail(f"{what} did not finish within {guard_s} s")

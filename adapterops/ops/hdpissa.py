@@ -124,7 +124,8 @@ def hdpissa_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Te
     need_h = torch.is_grad_enabled() and lora_B.requires_grad  # gB is the only user of h
     y, _ = hdpissa_linear_fwd(x.reshape(math.prod(leading), x.shape[-1]), weight, bias, lora_A,
                               lora_B, scaling, need_h, backend)
-    return y.reshape(*leading, weight.shape[0])
+    # 2-D x: y itself, not a view of it (FSDP2 warns on, and skips hooks for, view outputs).
+    return y if x.dim() == 2 else y.reshape(*leading, weight.shape[0])
 
 
 @torch.library.custom_op("adapterops::lowrank_update_", mutates_args=("weight", "copy"))

@@ -143,4 +143,5 @@ def lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Te
     # An explicit token count: reshape(-1, 0) is ambiguous when in_features is 0.
     y, _, _ = lowrank_linear_fwd(x.reshape(math.prod(leading), x.shape[-1]), weight, bias, lora_A,
                                  lora_B, lora_S, scaling, backend)
-    return y.reshape(*leading, weight.shape[0])
+    # 2-D x: y itself, not a view of it (FSDP2 warns on, and skips hooks for, view outputs).
+    return y if x.dim() == 2 else y.reshape(*leading, weight.shape[0])

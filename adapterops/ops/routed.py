@@ -187,7 +187,6 @@ def routed_lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lor
     y, _, _, probs, _ = routed_lowrank_linear_fwd(
         x.reshape(math.prod(leading), x.shape[-1]), weight, bias, lora_A, lora_B, router_weight,
         scaling, top_k, backend)
-    y = y.reshape(*leading, weight.shape[0])
-    if return_router_probs:
-        return y, probs.reshape(*leading, lora_B.shape[0])
-    return y
+    if x.dim() != 2:  # 2-D x: y itself, not a view (FSDP2 warns on, and skips hooks for, views)
+        y, probs = y.reshape(*leading, weight.shape[0]), probs.reshape(*leading, lora_B.shape[0])
+    return (y, probs) if return_router_probs else y
