@@ -11,21 +11,21 @@ from typing import Iterable, Mapping, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .pissa import factor_dtype, top_singular_triplets
+from .pissa import factor_dtype, residual_weight, top_singular_triplets
 
 
 def svd_factors(weight: Tensor, rank: int, scaling: float):
     """The "svd" init **[ours: the paper says the projections come from W's spectral
     decomposition; the released code does not do it]**:
 
-        A = Vh_r (orthonormal rows),  S = diag(Σ_r) / s,  B = U_r,  W_res = W - U_r diag(Σ_r) Vh_r
+        A = Vh_r (orthonormal rows),  S = diag(Σ_r) / s,  B = U_r,  W_res = W - s B S A
 
-    Returns (A, S, B, W_res) in weight's dtype; s B S A + W_res = W up to rounding.
+    Returns (A, S, B, W_res) in weight's dtype, W_res computed from the rounded factors
+    (`pissa.residual_weight`): s B S A + W_res = W up to one rounding.
     """
     U, sigma, Vh = top_singular_triplets(weight, rank)
-    w_res = weight.detach().to(U.dtype) - (U * sigma[None, :]) @ Vh
-    S = torch.diag(sigma / scaling)
-    return tuple(t.to(weight.dtype) for t in (Vh, S, U, w_res))
+    A, S, B = (t.to(weight.dtype) for t in (Vh, torch.diag(sigma / scaling), U))
+    return A, S, B, residual_weight(weight, scaling, B, A, S)
 
 
 def lamda_layers(model: nn.Module) -> list[nn.Module]:

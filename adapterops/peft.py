@@ -46,7 +46,7 @@ from .modules import FusedLaMDALinear, FusedLoRALinear
 from .modules.common import base_features, base_kind
 from .ops import lowrank_linear
 from .pissa import factor_dtype
-from .saving import safetensors_module
+from .saving import optional_import, safetensors_module
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -54,11 +54,7 @@ PREFIX = "base_model.model."
 
 
 def _peft():
-    try:
-        import peft
-    except ImportError as exc:
-        raise ImportError("adapterops.peft needs PEFT: pip install peft") from exc
-    return peft
+    return optional_import("peft", "adapterops.peft needs PEFT")
 
 
 def _lora_form(layer) -> tuple[Tensor, Tensor, int, float]:

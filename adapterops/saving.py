@@ -17,6 +17,7 @@ parameter frozen) and raises, before changing the model, naming every layer that
 does not match, and every missing or unexpected tensor. The files need `safetensors`
 (`pip install safetensors`). A PEFT adapter directory is read by `adapterops.peft.load`.
 """
+import importlib
 import json
 from pathlib import Path
 from typing import Optional, Union
@@ -33,13 +34,16 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 
 
-def safetensors_module():
-    """`safetensors.torch`, or an ImportError that says how to install it."""
+def optional_import(module: str, why: str):
+    """`module`, imported; ImportError saying why it is needed and how to install it."""
     try:
-        import safetensors.torch
+        return importlib.import_module(module)
     except ImportError as exc:
-        raise ImportError("adapter files are safetensors files: pip install safetensors") from exc
-    return safetensors.torch
+        raise ImportError(f"{why}: pip install {module.split('.')[0]}") from exc
+
+
+def safetensors_module():
+    return optional_import("safetensors.torch", "adapter files are safetensors files")
 
 
 def _key(layer_name: str, tensor_name: str) -> str:

@@ -2,6 +2,7 @@
 runs, in order, within the budget, and writes what the GPU run will be read by. A GPU comes
 rarely; a script that broke in between would waste it."""
 import csv
+import importlib.util
 import os
 import subprocess
 import sys
@@ -66,8 +67,10 @@ def test_headline_rows_and_profiles(dry_run):
     failed = [(row["op"], row["provider"], row["error"]) for row in rows
               if row["error"] and row["provider"] != "peft"]
     assert not failed, failed
+    # peft is a test dependency, but the GPU image may lack it: its rows then carry the error.
+    with_peft = {"peft"} if importlib.util.find_spec("peft") is not None else set()
     assert {provider for _, provider, _ in measured} == {
-        "floor", "torch_eager", "addmm", "official", "triton"}
+        "floor", "torch_eager", "addmm", "official", "triton"} | with_peft
     profiled = {(row["op"], row["provider"], row["mode"])
                 for row in _rows(dry_run / "headline" / "profile.csv")}
     assert profiled == measured

@@ -247,9 +247,9 @@ class FusedLaMDALinear(_FusedLowRankLinear):
         if self.weight_holds_residual:
             raise ValueError("init 'svd' factors the original weight, and this layer's weight "
                              "is already a residual")
-        A, S, B, _ = svd_factors(self.weight, self.rank, self.scaling)
+        A, S, B, w_res = svd_factors(self.weight, self.rank, self.scaling)
         for name, tensor in (("lora_A", A), ("lora_A0", A), ("lora_S", S), ("lora_S0", S),
                              ("lora_B", B), ("lora_B0", B)):
             getattr(self, name).copy_(tensor)
-        self.weight.copy_(residual_weight(self.weight, self.scaling, B, A, S))
+        self.weight.copy_(w_res)
         self.weight_holds_residual = True
