@@ -1,7 +1,7 @@
 """Backend selection.
 
 Per call, the first backend in priority order (`BACKENDS`' order) whose `reasons(op, ...)` is
-empty serves. `backend="name"` on an op, or the `ADAPTEROPS_BACKEND` environment variable (read
+empty serves; the choice is cached per input signature (`select`). `backend="name"` on an op, or the `ADAPTEROPS_BACKEND` environment variable (read
 per call; the argument wins), forces one; forcing an unknown backend, or one that cannot serve
 the input, raises `ValueError` with the known backends and every reason.
 """
@@ -30,8 +30,45 @@ def explain(op: str, **inputs) -> dict[str, list[str]]:
     return {name: b.reasons(op, **inputs) for name, b in BACKENDS.items()}
 
 
-def select(op: str, backend: Optional[str] = None, **inputs) -> Backend:
-    """The backend that serves `op` for these inputs (see the module docstring)."""
+# select's answers, per (op, backend argument, ADAPTEROPS_BACKEND, the op's signature of its
+# inputs). Each op's signature holds everything its backends' reasons depend on (device, dtype,
+# and the weight sizes with limits: rank, head count), never the token count, so a hit skips
+# the reasons and varying batch sizes share one entry.
+_SELECTED: dict = {}
+_SELECTED_LIMIT = 4096
+
+
+def clear_cache() -> None:
+    """Forgets every cached selection (after changing what a backend's reasons read, such as
+    the loaded extension or ADAPTEROPS_CSRC_ON_CPU; ADAPTEROPS_BACKEND is part of the key)."""
+    _SELECTED.clear()
+
+
+def _signature(inputs: dict) -> tuple:
+    """The generic signature: every input's device, dtype and shape (x's without its token
+    count)."""
+    return tuple(None if t is None else (t.device, t.dtype, t.shape[1:] if name == "x" else t.shape)
+                 for name, t in inputs.items())
+
+
+def select(op: str, backend: Optional[str] = None, *, signature: Optional[tuple] = None,
+           **inputs) -> Backend:
+    """The backend that serves `op` for these inputs (see the module docstring). The answer is
+    cached per `signature`: the op's own, cheaper summary of what its backends' reasons depend
+    on (see `_SELECTED`), or by default every input's device, dtype and shape."""
+    if signature is None:
+        signature = _signature(inputs)
+    key = (op, backend, os.environ.get(ENV_VAR), signature)
+    chosen = _SELECTED.get(key)
+    if chosen is None:
+        chosen = _select(op, backend, inputs)
+        if len(_SELECTED) >= _SELECTED_LIMIT:
+            _SELECTED.clear()
+        _SELECTED[key] = chosen
+    return chosen
+
+
+def _select(op: str, backend: Optional[str], inputs: dict) -> Backend:
     check_backend_name(backend)
     forced = backend or os.environ.get(ENV_VAR) or None
     if forced is not None:

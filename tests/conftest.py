@@ -72,3 +72,11 @@ def pytest_report_header(config):
         return "cuda backend: the CUDA build of adapterops._C on CUDA tensors"
     return ("cuda backend: its C++ on CPU tensors (host build, ADAPTEROPS_CSRC_ON_CPU=1); "
             "its CUDA kernels are compiled (make csrc-check) but do not run without a GPU")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_backend_selection():
+    """Tests change what backends' reasons read (the loaded extension, environment variables):
+    each starts without cached selections."""
+    from adapterops import dispatch
+    dispatch.clear_cache()

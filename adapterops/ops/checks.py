@@ -1,6 +1,7 @@
 """What the ops share at the Python boundary: argument checks (they run before any kernel and
 name the argument and the sizes in the error), the autocast cast, and the base layer's own
 gradients."""
+import math
 from typing import Optional
 
 import torch
@@ -69,6 +70,21 @@ def check_base_and_A(x, weight, bias, lora_A, **adapter) -> tuple[int, int, int]
     if bias is not None:
         check_dim("bias", bias, 0, out_features, "out_features (weight.shape[0])")
     return out_features, in_features, rank
+
+
+def all_plain(dtype: torch.dtype, device: torch.device, *tensors) -> bool:
+    """Whether every one of `tensors` (None skipped) is a Tensor of `dtype` on `device`: the
+    cheap first pass of the ops' checks (the detailed checks then only run to word an error)."""
+    for t in tensors:
+        if t is not None and not (isinstance(t, Tensor) and t.dtype == dtype
+                                  and t.device == device):
+            return False
+    return True
+
+
+def plain_scaling(scaling) -> bool:
+    """Whether `scaling` passes `check_scaling` (a finite Python int or float, not a bool)."""
+    return type(scaling) in (float, int) and math.isfinite(scaling)
 
 
 def check_top_k(top_k, num_heads: int, heads_from: str) -> None:

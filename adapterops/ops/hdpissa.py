@@ -22,7 +22,9 @@ Backends: `triton` (CUDA sm_80+, or CPU under TRITON_INTERPRET=1; the layer in f
 bf16 at rank <= 128; the update on an fp32 W), `cuda` (the compiled C++: CUDA tensors in fp32,
 fp16, bf16, any rank; the update as one cuBLAS GEMM with beta = 1 plus a rounding kernel for
 the copy) and `torch` (everything else). Both ops are `torch.library` custom ops, so
-`torch.compile(fullgraph=True)` traces the layer.
+`torch.compile(fullgraph=True)` traces the layer; eagerly the layer runs the same forward and
+backward functions through a `torch.autograd.Function` (`_EagerHDPiSSA`), which costs a few
+microseconds of host time per call where the custom op's dispatcher costs tens.
 """
 import math
 from typing import Optional
@@ -36,17 +38,37 @@ from .checks import (base_layer_grads, cast_for_autocast, check_base_and_A, chec
 
 
 def _serving_backend(backend, x, weight, lora_A):
-    return dispatch.select("hdpissa", backend, x=x, weight=weight, lora_A=lora_A)
+    # What the backends' reasons depend on: device, dtype, rank.
+    return dispatch.select("hdpissa", backend, signature=(x.device, x.dtype, lora_A.shape[0]),
+                           x=x, weight=weight, lora_A=lora_A)
+
+
+def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+             scaling: float, need_h: bool, backend: Optional[str]) -> tuple[Tensor, Tensor]:
+    """(y, h) for 2-D x: the base layer's output and h = x A^T (empty unless need_h: only gB
+    needs it, and computing it costs a read of x)."""
+    chosen = _serving_backend(backend, x, weight, lora_A)
+    return chosen.hdpissa_forward(x, weight, bias, lora_A, lora_B, scaling, need_h)
+
+
+def _gradients(grad_y: Tensor, x: Optional[Tensor], h: Optional[Tensor], weight: Tensor,
+               lora_A: Tensor, lora_B: Tensor, scaling: float, need_x: bool, need_A: bool,
+               need_B: bool, backend: Optional[str]) -> tuple:
+    """(dx, gA, gB), None where not asked for."""
+    for need, name, saved, why in ((need_A, "x", x, "gA"), (need_B, "h", h, "gB")):
+        if need and saved is None:
+            raise ValueError(f"hdpissa_linear_bwd: {why} was asked for but {name} is None")
+    chosen = _serving_backend(backend, grad_y, weight, lora_A)
+    return chosen.hdpissa_backward(grad_y, x, h, weight, lora_A, lora_B, scaling, need_x, need_A,
+                                   need_B)
 
 
 @torch.library.custom_op("adapterops::hdpissa_linear_fwd", mutates_args=())
 def hdpissa_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
                        lora_B: Tensor, scaling: float, need_h: bool, backend: Optional[str]
                        ) -> tuple[Tensor, Tensor]:
-    """(y, h) for 2-D x: the base layer's output and h = x A^T (empty unless need_h: only gB
-    needs it, and computing it costs a read of x)."""
-    chosen = _serving_backend(backend, x, weight, lora_A)
-    return chosen.hdpissa_forward(x, weight, bias, lora_A, lora_B, scaling, need_h)
+    """(y, h) for 2-D x (see `_forward`)."""
+    return _forward(x, weight, bias, lora_A, lora_B, scaling, need_h, backend)
 
 
 @hdpissa_linear_fwd.register_fake
@@ -61,12 +83,8 @@ def hdpissa_linear_bwd(grad_y: Tensor, x: Optional[Tensor], h: Optional[Tensor],
                        need_A: bool, need_B: bool, backend: Optional[str]
                        ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, gA, gB); a gradient that was not asked for comes back as an empty tensor."""
-    for need, name, saved, why in ((need_A, "x", x, "gA"), (need_B, "h", h, "gB")):
-        if need and saved is None:
-            raise ValueError(f"hdpissa_linear_bwd: {why} was asked for but {name} is None")
-    chosen = _serving_backend(backend, grad_y, weight, lora_A)
-    grads = chosen.hdpissa_backward(grad_y, x, h, weight, lora_A, lora_B, scaling, need_x, need_A,
-                                    need_B)
+    grads = _gradients(grad_y, x, h, weight, lora_A, lora_B, scaling, need_x, need_A, need_B,
+                       backend)
     return tuple(g if g is not None else grad_y.new_empty(0) for g in grads)
 
 
@@ -88,19 +106,36 @@ def _setup_context(ctx, inputs, output):
                           weight, lora_A, lora_B)
 
 
-def _backward(ctx, grad_y, _grad_h):
-    need_x, need_W, need_bias, need_A, need_B = ctx.flags
-    x, h, weight, lora_A, lora_B = ctx.saved_tensors
-    dx = gA = gB = None
-    if need_x or need_A or need_B:
-        dx, gA, gB = hdpissa_linear_bwd(grad_y, x, h, weight, lora_A, lora_B, ctx.scaling,
-                                        need_x, need_A, need_B, ctx.backend)
-        dx, gA, gB = (g if need else None for g, need in zip((dx, gA, gB), (need_x, need_A, need_B)))
-    dW, dbias = base_layer_grads(grad_y, x, need_W, need_bias)
-    return dx, dW, dbias, gA, gB, None, None, None
+def _backward_through(gradients):
+    """The autograd backward of either door; `gradients` is `_gradients` or the custom op."""
+    def backward(ctx, grad_y, _grad_h):
+        need_x, need_W, need_bias, need_A, need_B = ctx.flags
+        x, h, weight, lora_A, lora_B = ctx.saved_tensors
+        dx = gA = gB = None
+        if need_x or need_A or need_B:
+            grads = gradients(grad_y, x, h, weight, lora_A, lora_B, ctx.scaling, need_x, need_A,
+                              need_B, ctx.backend)
+            dx, gA, gB = (g if need else None for g, need in zip(grads, (need_x, need_A, need_B)))
+        dW, dbias = base_layer_grads(grad_y, x, need_W, need_bias)
+        return dx, dW, dbias, gA, gB, None, None, None
+    return backward
 
 
-hdpissa_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+hdpissa_linear_fwd.register_autograd(_backward_through(hdpissa_linear_bwd),
+                                     setup_context=_setup_context)
+
+
+class _EagerHDPiSSA(torch.autograd.Function):
+    """The eager door: the same forward, context and backward as the custom op's (see
+    `adapterops.ops.lowrank._EagerLowRank`)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _forward(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    backward = staticmethod(_backward_through(_gradients))
 
 
 def check_hdpissa_args(x, weight, bias, lora_A, lora_B, scaling) -> float:
@@ -119,11 +154,12 @@ def hdpissa_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Te
     (`ADAPTEROPS_BACKEND` overrides); "triton", "cuda" or "torch" forces one."""
     x, weight, bias, lora_A, lora_B = cast_for_autocast(x, weight, bias, lora_A, lora_B)
     scaling = check_hdpissa_args(x, weight, bias, lora_A, lora_B, scaling)
-    dispatch.check_backend_name(backend)
     leading = x.shape[:-1]
     need_h = torch.is_grad_enabled() and lora_B.requires_grad  # gB is the only user of h
-    y, _ = hdpissa_linear_fwd(x.reshape(math.prod(leading), x.shape[-1]), weight, bias, lora_A,
-                              lora_B, scaling, need_h, backend)
+    forward = hdpissa_linear_fwd if torch.compiler.is_compiling() else _EagerHDPiSSA.apply
+    # (A bad backend name raises in dispatch, before any kernel.)
+    x2 = x if x.dim() == 2 else x.reshape(math.prod(leading), x.shape[-1])
+    y, _ = forward(x2, weight, bias, lora_A, lora_B, scaling, need_h, backend)
     # 2-D x: y itself, not a view of it (FSDP2 warns on, and skips hooks for, view outputs).
     return y if x.dim() == 2 else y.reshape(*leading, weight.shape[0])
 
@@ -131,7 +167,9 @@ def hdpissa_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Te
 @torch.library.custom_op("adapterops::lowrank_update_", mutates_args=("weight", "copy"))
 def _lowrank_update_op(weight: Tensor, P: Tensor, Q: Tensor, scale: float, copy: Optional[Tensor],
                        backend: Optional[str]) -> None:
-    chosen = dispatch.select("update", backend, weight=weight, copy=copy)
+    chosen = dispatch.select("update", backend, weight=weight, copy=copy,
+                             signature=(weight.device, weight.dtype,
+                                        None if copy is None else (copy.device, copy.dtype)))
     chosen.update_(weight, P, Q, scale, copy)
 
 

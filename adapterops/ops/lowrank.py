@@ -20,9 +20,11 @@ Backends: `triton` (CUDA sm_80+, or CPU under TRITON_INTERPRET=1; fp32, fp16, bf
 (everything else); see `adapterops.dispatch`. Under `torch.autocast` the op runs in
 the autocast dtype.
 
-Both halves are `torch.library` custom ops (`adapterops::lowrank_linear_fwd` and
-`adapterops::lowrank_linear_bwd`), so `torch.compile(fullgraph=True)` traces through them.
-Double backward is not supported.
+Two doors onto the same forward and backward functions (`_forward`, `_gradients`): eagerly, a
+`torch.autograd.Function` (`_EagerLowRank`: a few microseconds of host time per call); under
+`torch.compile`, the `torch.library` custom ops `adapterops::lowrank_linear_fwd` and
+`adapterops::lowrank_linear_bwd`, which `torch.compile(fullgraph=True)` traces through (their
+dispatcher costs tens of microseconds per eager call). Double backward is not supported.
 """
 import math
 from typing import Optional
@@ -31,12 +33,36 @@ import torch
 from torch import Tensor
 
 from .. import dispatch
-from .checks import (base_layer_grads, cast_for_autocast, check_base_and_A, check_dim,
-                     check_scaling, check_tensor)
+from .checks import (all_plain, base_layer_grads, cast_for_autocast, check_base_and_A,
+                     check_dim, check_scaling, check_tensor, plain_scaling)
 
 
 def _serving_backend(backend, x, weight, lora_A):
-    return dispatch.select("lowrank", backend, x=x, weight=weight, lora_A=lora_A)
+    # What the backends' reasons depend on: device, dtype, rank.
+    return dispatch.select("lowrank", backend, signature=(x.device, x.dtype, lora_A.shape[0]),
+                           x=x, weight=weight, lora_A=lora_A)
+
+
+def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+             lora_S: Optional[Tensor], scaling: float,
+             backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, h1, h2) for 2-D x; h2 is empty when there is no S."""
+    chosen = _serving_backend(backend, x, weight, lora_A)
+    return chosen.lowrank_forward(x, weight, bias, lora_A, lora_B, lora_S, scaling)
+
+
+def _gradients(grad_y: Tensor, x: Optional[Tensor], h1: Optional[Tensor], h2: Optional[Tensor],
+               weight: Tensor, lora_A: Tensor, lora_B: Tensor, lora_S: Optional[Tensor],
+               scaling: float, need_x: bool, need_A: bool, need_B: bool, need_S: bool,
+               backend: Optional[str]) -> tuple:
+    """(dx, dA, dB, dS), None where not asked for."""
+    for need, name, saved, why in ((need_A, "x", x, "dA"), (need_S, "h1", h1, "dS"),
+                                   (need_B, "h2", h2, "dB")):
+        if need and saved is None:
+            raise ValueError(f"lowrank_linear_bwd: {why} was asked for but {name} is None")
+    chosen = _serving_backend(backend, grad_y, weight, lora_A)
+    return chosen.lowrank_backward(grad_y, x, h1, h2, weight, lora_A, lora_B, lora_S, scaling,
+                                   need_x, need_A, need_B, need_S)
 
 
 @torch.library.custom_op("adapterops::lowrank_linear_fwd", mutates_args=())
@@ -44,8 +70,7 @@ def lowrank_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A
                        lora_B: Tensor, lora_S: Optional[Tensor], scaling: float,
                        backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor]:
     """(y, h1, h2) for 2-D x; h2 is empty when there is no S."""
-    chosen = _serving_backend(backend, x, weight, lora_A)
-    return chosen.lowrank_forward(x, weight, bias, lora_A, lora_B, lora_S, scaling)
+    return _forward(x, weight, bias, lora_A, lora_B, lora_S, scaling, backend)
 
 
 @lowrank_linear_fwd.register_fake
@@ -62,13 +87,8 @@ def lowrank_linear_bwd(grad_y: Tensor, x: Optional[Tensor], h1: Optional[Tensor]
                        need_B: bool, need_S: bool, backend: Optional[str]
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dA, dB, dS); a gradient that was not asked for comes back as an empty tensor."""
-    for need, name, saved, why in ((need_A, "x", x, "dA"), (need_S, "h1", h1, "dS"),
-                                   (need_B, "h2", h2, "dB")):
-        if need and saved is None:
-            raise ValueError(f"lowrank_linear_bwd: {why} was asked for but {name} is None")
-    chosen = _serving_backend(backend, grad_y, weight, lora_A)
-    grads = chosen.lowrank_backward(grad_y, x, h1, h2, weight, lora_A, lora_B, lora_S, scaling,
-                                    need_x, need_A, need_B, need_S)
+    grads = _gradients(grad_y, x, h1, h2, weight, lora_A, lora_B, lora_S, scaling, need_x,
+                       need_A, need_B, need_S, backend)
     return tuple(g if g is not None else grad_y.new_empty(0) for g in grads)
 
 
@@ -97,24 +117,56 @@ def _setup_context(ctx, inputs, output):
                           weight, lora_A, lora_B, lora_S)
 
 
-def _backward(ctx, grad_y, _grad_h1, _grad_h2):
-    need_x, need_W, need_bias, need_A, need_B, need_S = ctx.flags
-    x, h1, h2, weight, lora_A, lora_B, lora_S = ctx.saved_tensors
-    dx = dA = dB = dS = None
-    if need_x or need_A or need_B or need_S:
-        dx, dA, dB, dS = lowrank_linear_bwd(grad_y, x, h1, h2, weight, lora_A, lora_B, lora_S,
-                                            ctx.scaling, need_x, need_A, need_B, need_S,
-                                            ctx.backend)
-        dx, dA, dB, dS = (g if need else None
-                          for g, need in zip((dx, dA, dB, dS), (need_x, need_A, need_B, need_S)))
-    dW, dbias = base_layer_grads(grad_y, x, need_W, need_bias)
-    return dx, dW, dbias, dA, dB, dS, None, None
+def _backward_through(gradients):
+    """The autograd backward of either door; `gradients` is `_gradients` or the custom op."""
+    def backward(ctx, grad_y, _grad_h1, _grad_h2):
+        need_x, need_W, need_bias, need_A, need_B, need_S = ctx.flags
+        x, h1, h2, weight, lora_A, lora_B, lora_S = ctx.saved_tensors
+        dx = dA = dB = dS = None
+        if need_x or need_A or need_B or need_S:
+            grads = gradients(grad_y, x, h1, h2, weight, lora_A, lora_B, lora_S, ctx.scaling,
+                              need_x, need_A, need_B, need_S, ctx.backend)
+            dx, dA, dB, dS = (g if need else None
+                              for g, need in zip(grads, (need_x, need_A, need_B, need_S)))
+        dW, dbias = base_layer_grads(grad_y, x, need_W, need_bias)
+        return dx, dW, dbias, dA, dB, dS, None, None
+    return backward
 
 
-lowrank_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+lowrank_linear_fwd.register_autograd(_backward_through(lowrank_linear_bwd),
+                                     setup_context=_setup_context)
+
+
+class _EagerLowRank(torch.autograd.Function):
+    """The eager door: the same forward, context and backward as the custom op's. (A forward
+    taking ctx: the separate-setup_context form binds the arguments with `inspect` on every
+    call, about 30 us.)"""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _forward(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    backward = staticmethod(_backward_through(_gradients))
+
+def _plain_args(x, weight, bias, lora_A, lora_B, scaling, lora_S) -> bool:
+    """The common case in one pass: arguments `check_lowrank_args` accepts."""
+    if not (isinstance(x, Tensor) and x.is_floating_point() and x.dim() >= 1
+            and all_plain(x.dtype, x.device, weight, bias, lora_A, lora_B, lora_S)
+            and weight.dim() == lora_A.dim() == lora_B.dim() == 2 and plain_scaling(scaling)):
+        return False
+    (out_features, in_features), (rank, a_in), (b_out, b_rank) = (weight.shape, lora_A.shape,
+                                                                   lora_B.shape)
+    return (x.shape[-1] == in_features == a_in and b_out == out_features and b_rank == rank >= 1
+            and (bias is None or bias.shape == (out_features,))
+            and (lora_S is None or lora_S.shape == (rank, rank)))
+
 
 def check_lowrank_args(x, weight, bias, lora_A, lora_B, scaling, lora_S) -> float:
     """Validates every argument of `lowrank_linear`; returns scaling as a float."""
+    if _plain_args(x, weight, bias, lora_A, lora_B, scaling, lora_S):
+        return float(scaling)
     check_tensor("lora_B", lora_B, ndim=2)
     check_tensor("lora_S", lora_S, ndim=2, optional=True)
     out_features, in_features, rank = check_base_and_A(x, weight, bias, lora_A, lora_B=lora_B,
@@ -138,10 +190,11 @@ def lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Te
     x, weight, bias, lora_A, lora_B, lora_S = cast_for_autocast(x, weight, bias, lora_A, lora_B,
                                                                  lora_S)
     scaling = check_lowrank_args(x, weight, bias, lora_A, lora_B, scaling, lora_S)
-    dispatch.check_backend_name(backend)
     leading = x.shape[:-1]
-    # An explicit token count: reshape(-1, 0) is ambiguous when in_features is 0.
-    y, _, _ = lowrank_linear_fwd(x.reshape(math.prod(leading), x.shape[-1]), weight, bias, lora_A,
-                                 lora_B, lora_S, scaling, backend)
+    forward = lowrank_linear_fwd if torch.compiler.is_compiling() else _EagerLowRank.apply
+    # An explicit token count: reshape(-1, 0) is ambiguous when in_features is 0. (A bad
+    # backend name raises in dispatch, before any kernel.)
+    x2 = x if x.dim() == 2 else x.reshape(math.prod(leading), x.shape[-1])
+    y, _, _ = forward(x2, weight, bias, lora_A, lora_B, lora_S, scaling, backend)
     # 2-D x: y itself, not a view of it (FSDP2 warns on, and skips hooks for, view outputs).
     return y if x.dim() == 2 else y.reshape(*leading, weight.shape[0])
