@@ -460,6 +460,8 @@ def test_eager_door_and_custom_op_agree_bit_for_bit(backend, with_s, device):
         if not with_s:
             lora_A.requires_grad_()
         y = door(x, weight, bias, lora_A, lora_B, lora_S)
+        # A contiguous output gradient: the custom op's autograd makes every gradient
+        # contiguous, the eager door hands the backends the layout autograd has (they take any).
         y.backward(torch.ones_like(y))
         return [y] + [t.grad for t in (x, lora_A, lora_B, lora_S) if t is not None and t.requires_grad]
 

@@ -23,6 +23,7 @@ least TOP_K_MARGIN after rounding x and Wg to bf16 (a few bf16 ulps of the logit
 backend and dtype selects the same heads and the comparison measures arithmetic, not luck.
 """
 import dataclasses
+from operator import itemgetter
 from typing import Optional
 
 import pytest
@@ -422,6 +423,28 @@ def _op_samples(device, top_k):
         return torch.randn(*shape, generator=g).to(device)
 
     return p(M, K), p(N, K) / K ** 0.5, p(N), p(r, K) / K ** 0.5, p(E, N, r), p(E, K) / K ** 0.5
+
+
+@pytest.mark.parametrize("backend,top_k", [("torch", None), ("triton", 2), ("cuda", None)])
+def test_eager_door_and_custom_op_agree_bit_for_bit(backend, top_k, device):
+    """Eagerly the op runs a torch.autograd.Function, under torch.compile the custom ops: the
+    same functions behind two doors, so y, the probabilities and every gradient are identical."""
+    def run(door):
+        x, W, b, A, B, Wg = _op_samples(device, top_k)
+        for t in (x, A, B, Wg):
+            t.requires_grad_()
+        y, probs = door(x, W, b, A, B, Wg)
+        # Contiguous output gradients (the custom op's autograd makes them so; the eager door
+        # passes autograd's layout on).
+        torch.autograd.backward([y, probs], [torch.ones_like(y), 2 * probs.detach()])
+        return [y, probs, x.grad, A.grad, B.grad, Wg.grad]
+
+    eager = run(lambda *t: routed_lowrank_linear(*t, 0.5, top_k=top_k, return_router_probs=True,
+                                                 backend=backend))
+    custom = run(lambda *t: itemgetter(0, 3)(torch.ops.adapterops.routed_lowrank_linear_fwd(
+        *t, 0.5, top_k, backend)))
+    for i, (a, b) in enumerate(zip(eager, custom)):
+        assert torch.equal(a, b), f"{backend} output/grad {i}: max difference {(a - b).abs().max()}"
 
 
 @pytest.mark.parametrize("backend,top_k", [("torch", None), ("torch", 2), ("triton", None),

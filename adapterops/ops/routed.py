@@ -32,9 +32,11 @@ r and E; its logits are rounded to x's dtype, as the torch backend's are) and `t
 (everything else); see `adapterops.dispatch`. Under
 `torch.autocast` the op runs in the autocast dtype.
 
-Both halves are `torch.library` custom ops (`adapterops::routed_lowrank_linear_fwd` and
-`adapterops::routed_lowrank_linear_bwd`), so `torch.compile(fullgraph=True)` traces through
-them. Double backward is not supported.
+Two doors onto the same forward and backward functions (`_forward`, `_gradients`), as in
+`adapterops.ops.lowrank`: eagerly a `torch.autograd.Function` (`_EagerRouted`); under
+`torch.compile` the `torch.library` custom ops `adapterops::routed_lowrank_linear_fwd` and
+`adapterops::routed_lowrank_linear_bwd`, which `torch.compile(fullgraph=True)` traces through.
+Double backward is not supported.
 """
 import math
 from typing import Optional
@@ -48,7 +50,33 @@ from .checks import (base_layer_grads, cast_for_autocast, check_base_and_A, chec
 
 
 def _serving_backend(backend, x, weight, lora_A, lora_B):
-    return dispatch.select("routed", backend, x=x, weight=weight, lora_A=lora_A, lora_B=lora_B)
+    # What the backends' reasons depend on: device, dtype, heads and rank.
+    return dispatch.select("routed", backend, signature=(x.device, x.dtype, lora_B.shape),
+                           x=x, weight=weight, lora_A=lora_A, lora_B=lora_B)
+
+
+def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+             router_weight: Tensor, scaling: float, top_k: Optional[int],
+             backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(y, h, hg, probs, gates) for 2-D x; gates is empty for dense routing (gates = probs)."""
+    chosen = _serving_backend(backend, x, weight, lora_A, lora_B)
+    return chosen.routed_forward(x, weight, bias, lora_A, lora_B, router_weight, scaling, top_k)
+
+
+def _gradients(grad_y, grad_probs, x, h, hg, probs, gates, weight, lora_A, lora_B, router_weight,
+               scaling, need_x, need_A, need_B, need_router, backend) -> tuple:
+    """(dx, dA, dB, dWg), None where not asked for; gates is None for dense routing."""
+    need_gate_grads = need_x or need_A or need_router
+    for need, name, saved, why in ((need_A or need_router, "x", x, "dA or dWg"),
+                                   (need_gate_grads, "h", h, "dx, dA or dWg"),
+                                   (need_gate_grads, "probs", probs, "dx, dA or dWg"),
+                                   (need_B, "hg", hg, "dB")):
+        if need and saved is None:
+            raise ValueError(f"routed_lowrank_linear_bwd: {why} was asked for but {name} is None")
+    chosen = _serving_backend(backend, grad_y, weight, lora_A, lora_B)
+    return chosen.routed_backward(grad_y, grad_probs, x, h, hg, probs, gates, weight, lora_A,
+                                  lora_B, router_weight, scaling, need_x, need_A, need_B,
+                                  need_router)
 
 
 def _probs_dtype(x: Tensor) -> torch.dtype:
@@ -60,9 +88,8 @@ def routed_lowrank_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor],
                               lora_B: Tensor, router_weight: Tensor, scaling: float,
                               top_k: Optional[int], backend: Optional[str]
                               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(y, h, hg, probs, gates) for 2-D x; gates is empty for dense routing (gates = probs)."""
-    chosen = _serving_backend(backend, x, weight, lora_A, lora_B)
-    return chosen.routed_forward(x, weight, bias, lora_A, lora_B, router_weight, scaling, top_k)
+    """(y, h, hg, probs, gates) for 2-D x (see `_forward`)."""
+    return _forward(x, weight, bias, lora_A, lora_B, router_weight, scaling, top_k, backend)
 
 
 @routed_lowrank_linear_fwd.register_fake
@@ -84,17 +111,8 @@ def routed_lowrank_linear_bwd(grad_y: Tensor, grad_probs: Tensor, x: Optional[Te
                               backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dA, dB, dWg); a gradient that was not asked for comes back as an empty tensor.
     gates is None for dense routing."""
-    need_gate_grads = need_x or need_A or need_router
-    for need, name, saved, why in ((need_A or need_router, "x", x, "dA or dWg"),
-                                   (need_gate_grads, "h", h, "dx, dA or dWg"),
-                                   (need_gate_grads, "probs", probs, "dx, dA or dWg"),
-                                   (need_B, "hg", hg, "dB")):
-        if need and saved is None:
-            raise ValueError(f"routed_lowrank_linear_bwd: {why} was asked for but {name} is None")
-    chosen = _serving_backend(backend, grad_y, weight, lora_A, lora_B)
-    grads = chosen.routed_backward(grad_y, grad_probs, x, h, hg, probs, gates, weight, lora_A,
-                                   lora_B, router_weight, scaling, need_x, need_A, need_B,
-                                   need_router)
+    grads = _gradients(grad_y, grad_probs, x, h, hg, probs, gates, weight, lora_A, lora_B,
+                       router_weight, scaling, need_x, need_A, need_B, need_router, backend)
     return tuple(g if g is not None else grad_y.new_empty(0) for g in grads)
 
 
@@ -128,21 +146,38 @@ def _setup_context(ctx, inputs, output):
                           weight, lora_A, lora_B, router_weight)
 
 
-def _backward(ctx, grad_y, _grad_h, _grad_hg, grad_probs, _grad_gates):
-    need_x, need_W, need_bias, need_A, need_B, need_router = ctx.flags
-    x, h, hg, probs, gates, weight, lora_A, lora_B, router_weight = ctx.saved_tensors
-    dx = dA = dB = dWg = None
-    if need_x or need_A or need_B or need_router:
-        dx, dA, dB, dWg = routed_lowrank_linear_bwd(
-            grad_y, grad_probs, x, h, hg, probs, gates, weight, lora_A, lora_B, router_weight,
-            ctx.scaling, need_x, need_A, need_B, need_router, ctx.backend)
-        dx, dA, dB, dWg = (g if need else None for g, need in
-                           zip((dx, dA, dB, dWg), (need_x, need_A, need_B, need_router)))
-    dW, dbias = base_layer_grads(grad_y, x, need_W, need_bias)
-    return dx, dW, dbias, dA, dB, dWg, None, None, None
+def _backward_through(gradients):
+    """The autograd backward of either door; `gradients` is `_gradients` or the custom op."""
+    def backward(ctx, grad_y, _grad_h, _grad_hg, grad_probs, _grad_gates):
+        need_x, need_W, need_bias, need_A, need_B, need_router = ctx.flags
+        x, h, hg, probs, gates, weight, lora_A, lora_B, router_weight = ctx.saved_tensors
+        dx = dA = dB = dWg = None
+        if need_x or need_A or need_B or need_router:
+            grads = gradients(grad_y, grad_probs, x, h, hg, probs, gates, weight, lora_A, lora_B,
+                              router_weight, ctx.scaling, need_x, need_A, need_B, need_router,
+                              ctx.backend)
+            dx, dA, dB, dWg = (g if need else None for g, need in
+                               zip(grads, (need_x, need_A, need_B, need_router)))
+        dW, dbias = base_layer_grads(grad_y, x, need_W, need_bias)
+        return dx, dW, dbias, dA, dB, dWg, None, None, None
+    return backward
 
 
-routed_lowrank_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+routed_lowrank_linear_fwd.register_autograd(_backward_through(routed_lowrank_linear_bwd),
+                                            setup_context=_setup_context)
+
+
+class _EagerRouted(torch.autograd.Function):
+    """The eager door: the same forward, context and backward as the custom op's (see
+    `adapterops.ops.lowrank._EagerLowRank`)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _forward(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    backward = staticmethod(_backward_through(_gradients))
 
 
 def check_routed_args(x, weight, bias, lora_A, lora_B, router_weight, scaling, top_k) -> float:
@@ -181,12 +216,13 @@ def routed_lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lor
     scaling = check_routed_args(x, weight, bias, lora_A, lora_B, router_weight, scaling, top_k)
     if not isinstance(return_router_probs, bool):
         raise TypeError(f"return_router_probs must be a bool, got {type(return_router_probs).__name__}")
-    dispatch.check_backend_name(backend)
     leading = x.shape[:-1]
-    # An explicit token count: reshape(-1, 0) is ambiguous when in_features is 0.
-    y, _, _, probs, _ = routed_lowrank_linear_fwd(
-        x.reshape(math.prod(leading), x.shape[-1]), weight, bias, lora_A, lora_B, router_weight,
-        scaling, top_k, backend)
+    forward = routed_lowrank_linear_fwd if torch.compiler.is_compiling() else _EagerRouted.apply
+    # An explicit token count: reshape(-1, 0) is ambiguous when in_features is 0. (A bad
+    # backend name raises in dispatch, before any kernel.)
+    x2 = x if x.dim() == 2 else x.reshape(math.prod(leading), x.shape[-1])
+    y, _, _, probs, _ = forward(x2, weight, bias, lora_A, lora_B, router_weight, scaling, top_k,
+                                backend)
     if x.dim() != 2:  # 2-D x: y itself, not a view (FSDP2 warns on, and skips hooks for, views)
         y, probs = y.reshape(*leading, weight.shape[0]), probs.reshape(*leading, lora_B.shape[0])
     return (y, probs) if return_router_probs else y
