@@ -51,6 +51,12 @@ def _signature(inputs: dict) -> tuple:
                  for name, t in inputs.items())
 
 
+def cached(op: str, backend: Optional[str], signature: tuple) -> Optional[Backend]:
+    """select's cached answer for `signature`, or None (then call `select`): the ops' hot path,
+    one dictionary lookup."""
+    return _SELECTED.get((op, backend, os.environ.get(ENV_VAR), signature))
+
+
 def select(op: str, backend: Optional[str] = None, *, signature: Optional[tuple] = None,
            **inputs) -> Backend:
     """The backend that serves `op` for these inputs (see the module docstring). The answer is

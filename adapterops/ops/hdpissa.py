@@ -39,8 +39,10 @@ from .checks import (base_layer_grads, cast_for_autocast, check_base_and_A, chec
 
 def _serving_backend(backend, x, weight, lora_A):
     # What the backends' reasons depend on: device, dtype, rank.
-    return dispatch.select("hdpissa", backend, signature=(x.device, x.dtype, lora_A.shape[0]),
-                           x=x, weight=weight, lora_A=lora_A)
+    signature = (x.device, x.dtype, lora_A.shape[0])
+    return (dispatch.cached("hdpissa", backend, signature)
+            or dispatch.select("hdpissa", backend, signature=signature, x=x, weight=weight,
+                               lora_A=lora_A))
 
 
 def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
@@ -98,7 +100,7 @@ def _(grad_y, x, h, weight, lora_A, lora_B, scaling, need_x, need_A, need_B, bac
 def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_A, lora_B, scaling, _need_h, backend = inputs
     _, h = output
-    need_x, need_W, need_bias, need_A, need_B = (ctx.needs_input_grad[i] for i in range(5))
+    need_x, need_W, need_bias, need_A, need_B = ctx.needs_input_grad[:5]
     ctx.flags = (need_x, need_W, need_bias, need_A, need_B)
     ctx.scaling, ctx.backend = scaling, backend
     # The memory contract: x only for gA or dW, h only for gB.

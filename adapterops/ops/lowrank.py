@@ -39,8 +39,10 @@ from .checks import (all_plain, base_layer_grads, cast_for_autocast, check_base_
 
 def _serving_backend(backend, x, weight, lora_A):
     # What the backends' reasons depend on: device, dtype, rank.
-    return dispatch.select("lowrank", backend, signature=(x.device, x.dtype, lora_A.shape[0]),
-                           x=x, weight=weight, lora_A=lora_A)
+    signature = (x.device, x.dtype, lora_A.shape[0])
+    return (dispatch.cached("lowrank", backend, signature)
+            or dispatch.select("lowrank", backend, signature=signature, x=x, weight=weight,
+                               lora_A=lora_A))
 
 
 def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
@@ -104,7 +106,7 @@ def _(grad_y, x, h1, h2, weight, lora_A, lora_B, lora_S, scaling, need_x, need_A
 def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_A, lora_B, lora_S, scaling, backend = inputs
     _, h1, h2 = output
-    need_x, need_W, need_bias, need_A, need_B, need_S = (ctx.needs_input_grad[i] for i in range(6))
+    need_x, need_W, need_bias, need_A, need_B, need_S = ctx.needs_input_grad[:6]
     if lora_S is None:
         h2 = h1
     ctx.flags = (need_x, need_W, need_bias, need_A, need_B, need_S)

@@ -51,8 +51,10 @@ from .checks import (base_layer_grads, cast_for_autocast, check_base_and_A, chec
 
 def _serving_backend(backend, x, weight, lora_A, lora_B):
     # What the backends' reasons depend on: device, dtype, heads and rank.
-    return dispatch.select("routed", backend, signature=(x.device, x.dtype, lora_B.shape),
-                           x=x, weight=weight, lora_A=lora_A, lora_B=lora_B)
+    signature = (x.device, x.dtype, lora_B.shape)
+    return (dispatch.cached("routed", backend, signature)
+            or dispatch.select("routed", backend, signature=signature, x=x, weight=weight,
+                               lora_A=lora_A, lora_B=lora_B))
 
 
 def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
@@ -128,8 +130,7 @@ def _(grad_y, grad_probs, x, h, hg, probs, gates, weight, lora_A, lora_B, router
 def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_A, lora_B, router_weight, scaling, top_k, backend = inputs
     _, h, hg, probs, gates = output
-    need_x, need_W, need_bias, need_A, need_B, need_router = (ctx.needs_input_grad[i]
-                                                              for i in range(6))
+    need_x, need_W, need_bias, need_A, need_B, need_router = ctx.needs_input_grad[:6]
     need_gate_grads = need_x or need_A or need_router
     # h, hg and the gates are the op's internals: autograd then hands backward no (zero) grads
     # for them. y and the probabilities are differentiable outputs.
