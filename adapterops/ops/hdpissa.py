@@ -110,7 +110,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward_through(gradients):
     """The autograd backward of either door; `gradients` is `_gradients` or the custom op."""
-    def backward(ctx, grad_y, _grad_h):
+    def backward(ctx, grad_y, _grad_h=None):
         need_x, need_W, need_bias, need_A, need_B = ctx.flags
         x, h, weight, lora_A, lora_B = ctx.saved_tensors
         dx = gA = gB = None
@@ -135,7 +135,7 @@ class _EagerHDPiSSA(torch.autograd.Function):
     def forward(ctx, *inputs):
         output = _forward(*inputs)
         _setup_context(ctx, inputs, output)
-        return output
+        return output[0]  # only y leaves: h is saved in ctx
 
     backward = staticmethod(_backward_through(_gradients))
 
@@ -158,10 +158,12 @@ def hdpissa_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Te
     scaling = check_hdpissa_args(x, weight, bias, lora_A, lora_B, scaling)
     leading = x.shape[:-1]
     need_h = torch.is_grad_enabled() and lora_B.requires_grad  # gB is the only user of h
-    forward = hdpissa_linear_fwd if torch.compiler.is_compiling() else _EagerHDPiSSA.apply
     # (A bad backend name raises in dispatch, before any kernel.)
     x2 = x if x.dim() == 2 else x.reshape(math.prod(leading), x.shape[-1])
-    y, _ = forward(x2, weight, bias, lora_A, lora_B, scaling, need_h, backend)
+    if torch.compiler.is_compiling():
+        y = hdpissa_linear_fwd(x2, weight, bias, lora_A, lora_B, scaling, need_h, backend)[0]
+    else:
+        y = _EagerHDPiSSA.apply(x2, weight, bias, lora_A, lora_B, scaling, need_h, backend)
     # 2-D x: y itself, not a view of it (FSDP2 warns on, and skips hooks for, view outputs).
     return y if x.dim() == 2 else y.reshape(*leading, weight.shape[0])
 

@@ -121,7 +121,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward_through(gradients):
     """The autograd backward of either door; `gradients` is `_gradients` or the custom op."""
-    def backward(ctx, grad_y, _grad_h1, _grad_h2):
+    def backward(ctx, grad_y, _grad_h1=None, _grad_h2=None):
         need_x, need_W, need_bias, need_A, need_B, need_S = ctx.flags
         x, h1, h2, weight, lora_A, lora_B, lora_S = ctx.saved_tensors
         dx = dA = dB = dS = None
@@ -148,7 +148,9 @@ class _EagerLowRank(torch.autograd.Function):
     def forward(ctx, *inputs):
         output = _forward(*inputs)
         _setup_context(ctx, inputs, output)
-        return output
+        # Only y leaves: h1 and h2 are saved in ctx, and every extra output costs autograd
+        # bookkeeping per call.
+        return output[0]
 
     backward = staticmethod(_backward_through(_gradients))
 
@@ -193,10 +195,12 @@ def lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Te
                                                                  lora_S)
     scaling = check_lowrank_args(x, weight, bias, lora_A, lora_B, scaling, lora_S)
     leading = x.shape[:-1]
-    forward = lowrank_linear_fwd if torch.compiler.is_compiling() else _EagerLowRank.apply
     # An explicit token count: reshape(-1, 0) is ambiguous when in_features is 0. (A bad
     # backend name raises in dispatch, before any kernel.)
     x2 = x if x.dim() == 2 else x.reshape(math.prod(leading), x.shape[-1])
-    y, _, _ = forward(x2, weight, bias, lora_A, lora_B, lora_S, scaling, backend)
+    if torch.compiler.is_compiling():
+        y = lowrank_linear_fwd(x2, weight, bias, lora_A, lora_B, lora_S, scaling, backend)[0]
+    else:
+        y = _EagerLowRank.apply(x2, weight, bias, lora_A, lora_B, lora_S, scaling, backend)
     # 2-D x: y itself, not a view of it (FSDP2 warns on, and skips hooks for, view outputs).
     return y if x.dim() == 2 else y.reshape(*leading, weight.shape[0])
