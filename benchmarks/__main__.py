@@ -21,11 +21,12 @@ from pathlib import Path
 
 import torch
 
-from . import harness, hdpissa, lowrank, routed
+from . import harness, hdpissa, lowrank, overhead, routed
 
 # Adding an op: write its benchmark file (see lowrank.py) and list its BENCHMARKS here.
 BENCHMARKS = {bench.name: bench
-              for bench in lowrank.BENCHMARKS + routed.BENCHMARKS + hdpissa.BENCHMARKS}
+              for bench in (lowrank.BENCHMARKS + routed.BENCHMARKS + hdpissa.BENCHMARKS
+                            + overhead.BENCHMARKS)}
 
 
 def main(argv=None) -> None:

@@ -17,7 +17,8 @@ What each column measures:
   before every call); on CPU from a timed loop: warm-up calls (at least one, for lazy
   initialisation and Triton's first-call work, up to `CPU_WARMUP_S`), then calls until
   `cpu_budget_s` has passed (at least `CPU_MIN_REPS`, at most `CPU_MAX_REPS`), each timed
-  with `time.perf_counter`.
+  with `time.perf_counter`. An op may declare its own `timer` instead (benchmarks/overhead.py:
+  host time per call, batched).
 - tflops, gbps: the workload's FLOPs and minimum bytes (inputs read once, outputs written once;
   the op file documents its model) divided by the p50 time. fwdbwd counts fwd + bwd; update
   counts the workload's forward counts (its call is the update).
@@ -126,7 +127,9 @@ class OpBenchmark:
     run: the message becomes the rows' error). `baseline` is the provider every other is
     divided by in the summary; `speedups` are the (fast, slow) pairs whose ratio it shows;
     `modes` are the modes timed, from `KNOWN_MODES` (default `MODES`); `dtype`, when set, is
-    the dtype the op always runs in (its rows record it instead of the run's).
+    the dtype the op always runs in (its rows record it instead of the run's); `timer`, when
+    set, replaces the default timing: timer(fn, device, cpu_budget_s) returns the p20, p50
+    and p80 ms of one call of fn.
     """
     name: str
     cases: Callable[[bool, str], list[Case]]
@@ -137,6 +140,7 @@ class OpBenchmark:
     modes: tuple[str, ...] = MODES
     dtype: Optional[torch.dtype] = None  # an op whose tensors ignore the run's dtype (fp32 master weights)
     headline: Optional[Callable[[str], list[Case]]] = None
+    timer: Optional[Callable[[Callable, torch.device, float], list[float]]] = None
 
     def __post_init__(self):
         unknown = [mode for mode in self.modes if mode not in KNOWN_MODES]
@@ -338,11 +342,14 @@ def _measure(bench: OpBenchmark, provider: str, case: Case, dtype: torch.dtype,
             row["saved_mb"] = prepared.saved_bytes / MB
         try:
             fn = prepared.mode_fn(mode)
-            if device.type == "cuda":
+            if bench.timer is not None:
+                p20, p50, p80 = bench.timer(fn, device, cpu_budget_s)
+            elif device.type == "cuda":
                 p20, p50, p80 = _time_cuda(fn)
-                row["peak_mem_mb"] = _peak_mem_mb(fn)
             else:
                 p20, p50, p80 = _time_cpu(fn, cpu_budget_s)
+            if device.type == "cuda":
+                row["peak_mem_mb"] = _peak_mem_mb(fn)
         except Exception as exc:
             row["error"] = _describe(exc)
             continue
