@@ -34,7 +34,7 @@ from torch import Tensor
 
 from .. import dispatch
 from .checks import (base_layer_grads, cast_for_autocast, check_base_and_A, check_dim,
-                     check_same_dtype_and_device, check_scaling, check_tensor)
+                     check_same_dtype_and_device, check_scaling, check_tensor, eager_door)
 
 
 def _serving_backend(backend, x, weight, lora_A):
@@ -127,17 +127,9 @@ hdpissa_linear_fwd.register_autograd(_backward_through(hdpissa_linear_bwd),
                                      setup_context=_setup_context)
 
 
-class _EagerHDPiSSA(torch.autograd.Function):
-    """The eager door: the same forward, context and backward as the custom op's (see
-    `adapterops.ops.lowrank._EagerLowRank`)."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _forward(*inputs)
-        _setup_context(ctx, inputs, output)
-        return output[0]  # only y leaves: h is saved in ctx
-
-    backward = staticmethod(_backward_through(_gradients))
+# The eager door: the same forward, context and backward as the custom op's.
+_EagerHDPiSSA = eager_door("_EagerHDPiSSA", _forward, _setup_context,
+                           _backward_through(_gradients), only_first=True)
 
 
 def check_hdpissa_args(x, weight, bias, lora_A, lora_B, scaling) -> float:

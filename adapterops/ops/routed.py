@@ -46,7 +46,7 @@ from torch import Tensor
 
 from .. import dispatch
 from .checks import (base_layer_grads, cast_for_autocast, check_base_and_A, check_dim,
-                     check_scaling, check_tensor, check_top_k)
+                     check_scaling, check_tensor, check_top_k, eager_door)
 
 
 def _serving_backend(backend, x, weight, lora_A, lora_B):
@@ -168,17 +168,9 @@ routed_lowrank_linear_fwd.register_autograd(_backward_through(routed_lowrank_lin
                                             setup_context=_setup_context)
 
 
-class _EagerRouted(torch.autograd.Function):
-    """The eager door: the same forward, context and backward as the custom op's (see
-    `adapterops.ops.lowrank._EagerLowRank`)."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _forward(*inputs)
-        _setup_context(ctx, inputs, output)
-        return output
-
-    backward = staticmethod(_backward_through(_gradients))
+# The eager door: the same forward, context and backward as the custom op's.
+_EagerRouted = eager_door("_EagerRouted", _forward, _setup_context,
+                          _backward_through(_gradients), only_first=False)
 
 
 def check_routed_args(x, weight, bias, lora_A, lora_B, router_weight, scaling, top_k) -> float:
