@@ -70,7 +70,19 @@ are taken until the budget (`--cpu-budget-s`, default 0.3 s, on every device for
 has passed, at least `MIN_SAMPLES`; p20, p50 and p80 are the quantiles of the samples' means.
 Python's garbage collector is off while timing (as in `timeit`). Warm-up: one call, then
 calls for `WARMUP_S`, before any sample. The issue's own method, best of 5 x 2000 calls, is
-the minimum of five such means: compare it with p20.
+the minimum of five such means: compare it with p20 (on the development machine, LoRA at
+M = 16, the two agreed within 10% for linear, composition and ours_torch, fwd and fwdbwd).
+Timed one by one with the harness's default loop, the same calls gave a p50 up to 15% below
+the batched mean and a p80 above it: the per-call times are skewed to the right, and their
+median drops the slow calls that a training loop pays for; a batch's mean keeps them.
+
+Stability, measured on the 2-core development VM, idle: two runs' p50 agree within about 5%
+(the median over all 144 measurements of the full cases); the worst tenth differ by 20% or
+more at the default budget of 0.3 s (slow phases of the machine outlast a measurement) and by
+about 10% at `--cpu-budget-s 1`. So use `--cpu-budget-s 1` for numbers to compare (the full
+CPU cases then take about 2.5 minutes and `--quick` under one; at the default budget, about
+60 s and 20 s), repeat a run before reading a difference under 10%, and run nothing else
+meanwhile.
 
 tflops and gbps use the FLOP and byte models of lowrank.py, routed.py and hdpissa.py (with
 bias there, none here; `linear` gets the floor's): at these shapes they show only how far from
