@@ -2,8 +2,9 @@
 
 Per call, the first backend in priority order (`BACKENDS`' order) whose `reasons(op, ...)` is
 empty serves; the choice is cached per input signature (`select`). `backend="name"` on an op,
-or the `ADAPTEROPS_BACKEND` environment variable (read per call; the argument wins), forces one; forcing an unknown backend, or one that cannot serve
-the input, raises `ValueError` with the known backends and every reason.
+or the `ADAPTEROPS_BACKEND` environment variable (read per call; the argument wins), forces one;
+forcing an unknown backend, or one that cannot serve the input, raises `ValueError` with the
+known backends and every reason.
 """
 import os
 from typing import Optional
