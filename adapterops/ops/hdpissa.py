@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from .. import dispatch
-from .checks import (base_layer_grads, cast_for_autocast, check_base_and_A, check_dim,
+from .checks import (autocast_on, base_layer_grads, cast_for_autocast, check_base_and_A, check_dim,
                      check_same_dtype_and_device, check_scaling, check_tensor, eager_door)
 
 
@@ -146,7 +146,8 @@ def hdpissa_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Te
     """y = x W^T + bias, with HD-PiSSA's factor gradients in backward; see this module's
     docstring. backend: None picks the first backend that supports the input
     (`ADAPTEROPS_BACKEND` overrides); "triton", "cuda" or "torch" forces one."""
-    x, weight, bias, lora_A, lora_B = cast_for_autocast(x, weight, bias, lora_A, lora_B)
+    if autocast_on(x):
+        x, weight, bias, lora_A, lora_B = cast_for_autocast(x, weight, bias, lora_A, lora_B)
     scaling = check_hdpissa_args(x, weight, bias, lora_A, lora_B, scaling)
     leading = x.shape[:-1]
     need_h = torch.is_grad_enabled() and lora_B.requires_grad  # gB is the only user of h

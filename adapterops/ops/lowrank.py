@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from .. import dispatch
-from .checks import (all_plain, base_layer_grads, cast_for_autocast, check_base_and_A,
+from .checks import (all_plain, autocast_on, base_layer_grads, cast_for_autocast, check_base_and_A,
                      check_dim, check_scaling, check_tensor, eager_door, plain_scaling)
 
 
@@ -110,7 +110,6 @@ def _setup_context(ctx, inputs, output):
     if lora_S is None:
         h2 = h1
     ctx.flags = (need_x, need_W, need_bias, need_A, need_B, need_S)
-    ctx.has_bias = bias is not None
     ctx.scaling, ctx.backend = scaling, backend
     # The memory contract: x only for dA or dW; h1 only for dS; h2 only for dB.
     ctx.save_for_backward(x if (need_A or need_W) else None,
@@ -181,8 +180,9 @@ def lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Te
     backend: None picks the first backend that supports the input (`ADAPTEROPS_BACKEND`
     overrides); "triton", "cuda" or "torch" forces one, and raises ValueError if it cannot serve.
     """
-    x, weight, bias, lora_A, lora_B, lora_S = cast_for_autocast(x, weight, bias, lora_A, lora_B,
-                                                                 lora_S)
+    if autocast_on(x):
+        x, weight, bias, lora_A, lora_B, lora_S = cast_for_autocast(x, weight, bias, lora_A,
+                                                                     lora_B, lora_S)
     scaling = check_lowrank_args(x, weight, bias, lora_A, lora_B, scaling, lora_S)
     leading = x.shape[:-1]
     # An explicit token count: reshape(-1, 0) is ambiguous when in_features is 0. (A bad

@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from .. import dispatch
-from .checks import (base_layer_grads, cast_for_autocast, check_base_and_A, check_dim,
+from .checks import (autocast_on, base_layer_grads, cast_for_autocast, check_base_and_A, check_dim,
                      check_scaling, check_tensor, check_top_k, eager_door)
 
 
@@ -204,8 +204,9 @@ def routed_lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lor
     backend: None picks the first backend that supports the input (`ADAPTEROPS_BACKEND`
     overrides); "triton", "cuda" or "torch" forces one, and raises ValueError if it cannot serve.
     """
-    x, weight, bias, lora_A, lora_B, router_weight = cast_for_autocast(
-        x, weight, bias, lora_A, lora_B, router_weight)
+    if autocast_on(x):
+        x, weight, bias, lora_A, lora_B, router_weight = cast_for_autocast(
+            x, weight, bias, lora_A, lora_B, router_weight)
     scaling = check_routed_args(x, weight, bias, lora_A, lora_B, router_weight, scaling, top_k)
     if not isinstance(return_router_probs, bool):
         raise TypeError(f"return_router_probs must be a bool, got {type(return_router_probs).__name__}")
