@@ -27,7 +27,7 @@ from ..ops import hdpissa_linear
 from ..pissa import check_factor_args, check_rank_index, hdpissa_factors
 from ..distributed import world_and_rank
 from .common import (base_features, check_adapter_state, check_layer_args, check_linear,
-                     copy_base, frozen_base, make_base)
+                     copy_base, frozen_base, make_base, module_tensors)
 
 
 class HDPiSSALinear(nn.Module):
@@ -178,8 +178,8 @@ class HDPiSSALinear(nn.Module):
         return tensors
 
     def forward(self, x: Tensor) -> Tensor:
-        return hdpissa_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
-                              backend=self.backend)
+        return hdpissa_linear(x, *module_tensors(self, "weight", "bias", "lora_A", "lora_B"),
+                              self.scaling, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "

@@ -24,7 +24,7 @@ from ..ops import lowrank_linear
 from ..ops.lowrank import check_lowrank_args
 from ..pissa import factor_dtype, pissa_factors, residual_weight
 from .common import (base_features, check_adapter_state, check_layer_args, check_linear,
-                     copy_base, frozen_base, make_base, zero_gradient_for)
+                     copy_base, frozen_base, make_base, module_tensors, zero_gradient_for)
 
 
 class _FusedLowRankLinear(nn.Module):
@@ -154,21 +154,22 @@ class _FusedLowRankLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.adapters_disabled:
             return self.base_forward(x)
-        lora_B = self.lora_B
+        weight, bias, lora_A, lora_B, lora_S = module_tensors(self, "weight", "bias", "lora_A",
+                                                              "lora_B", "lora_S")
         if self.lora_B_frozen:
             # Frozen by `lamda.BFreezeSchedule`: no dB is computed; B still gets a (zero)
             # gradient, which DDP and FSDP need (see `zero_gradient_for`).
             x, lora_B = zero_gradient_for(x, lora_B), lora_B.detach()
         if self.dropout is None or not self.training:
-            return lowrank_linear(x, self.weight, self.bias, self.lora_A, lora_B, self.scaling,
-                                  self.lora_S, backend=self.backend)
+            return lowrank_linear(x, weight, bias, lora_A, lora_B, self.scaling, lora_S,
+                                  backend=self.backend)
         # Dropout on the adapter's input: the unfused composition (see the module docstring),
         # with the same argument checks as the fused op.
-        check_lowrank_args(x, self.weight, self.bias, self.lora_A, lora_B, self.scaling, self.lora_S)
-        h = F.linear(self.dropout(x), self.lora_A)
-        if self.lora_S is not None:
-            h = F.linear(h, self.lora_S)
-        return F.linear(x, self.weight, self.bias) + self.scaling * F.linear(h, lora_B)
+        check_lowrank_args(x, weight, bias, lora_A, lora_B, self.scaling, lora_S)
+        h = F.linear(self.dropout(x), lora_A)
+        if lora_S is not None:
+            h = F.linear(h, lora_S)
+        return F.linear(x, weight, bias) + self.scaling * F.linear(h, lora_B)
 
     def delta_weight(self) -> Tensor:
         """s B S A (s B A for LoRA) in fp32 or better: the adapter as an out x in matrix."""

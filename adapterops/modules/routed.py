@@ -31,7 +31,7 @@ from ..ops import routed_lowrank_linear
 from ..ops.checks import check_top_k
 from ..ops.routed import check_routed_args
 from .common import (REQUIRED, check_adapter_state, check_layer_args, check_linear, copy_base,
-                     frozen_base, is_conv1d)
+                     frozen_base, is_conv1d, module_tensors)
 
 
 class FusedHydraLoRALinear(nn.Module):
@@ -142,8 +142,9 @@ class FusedHydraLoRALinear(nn.Module):
         if self.adapters_disabled:
             return self.base_forward(x)
         if self.dropout is None or not self.training:
-            out = routed_lowrank_linear(x, self.weight, self.bias, self.lora_A, self.lora_B,
-                                        self.lora_router, self.scaling, top_k=self.top_k,
+            out = routed_lowrank_linear(x, *module_tensors(self, "weight", "bias", "lora_A",
+                                                           "lora_B", "lora_router"),
+                                        self.scaling, top_k=self.top_k,
                                         return_router_probs=want_loss, backend=self.backend)
             y, probs = out if want_loss else (out, None)
         else:

@@ -119,16 +119,40 @@ def base_layer_grads(grad_y: Tensor, x: Optional[Tensor], need_weight: bool, nee
 
 
 def eager_door(name: str, forward, setup_context, backward, only_first: bool):
-    """The `torch.autograd.Function` through which an op runs eagerly: `forward`, then the same
-    `setup_context` and `backward` its custom op registers (so both doors compute the same).
-    With `only_first`, only the first output (y) leaves; the others stay in ctx, as every
-    output costs autograd bookkeeping per call. (A forward taking ctx: the separate
-    setup_context form binds the arguments with `inspect` on every call, about 30 us.)"""
+    """The eager door onto an op: a function of the op's inputs that runs them through a
+    `torch.autograd.Function` (named `name`, kept as the function's `.function`): `forward`,
+    then the same `setup_context` and `backward` its custom op registers (so both doors
+    compute the same). With `only_first`, only the first output (y) leaves; the others stay
+    in ctx, as every output costs autograd bookkeeping per call. (A forward taking ctx: the
+    separate setup_context form binds the arguments with `inspect` on every call, about 30 us.)
+
+    The door calls the Function's C-level apply itself: the Python `Function.apply` in front
+    of it costs about 5 us per call, for work only two cases need, both kept here. Under a
+    functorch transform (vmap, grad, ...) it defers to `Function.apply`, which raises there,
+    as these Functions define no vmap or jvp rule. Outside one, a tensor may still be a dead
+    functorch wrapper (one that escaped a finished transform): it is unwrapped, as
+    `Function.apply` does: through the wrapper itself, no gradient would reach the tensor it
+    wraps."""
     def forward_with_context(ctx, *inputs):
         output = forward(*inputs)
         setup_context(ctx, inputs, output)
         return output[0] if only_first else output
 
-    return type(name, (torch.autograd.Function,),
-                {"forward": staticmethod(forward_with_context),
-                 "backward": staticmethod(backward), "__doc__": eager_door.__doc__})
+    function = type(name, (torch.autograd.Function,),
+                    {"forward": staticmethod(forward_with_context),
+                     "backward": staticmethod(backward), "__doc__": eager_door.__doc__})
+    # The C-level apply, bound to `function` (what `Function.apply` itself ends in).
+    c_apply = super(torch.autograd.Function, function).apply
+    transforms_active = torch._C._are_functorch_transforms_active
+    unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+
+    def apply(*inputs):
+        if transforms_active():
+            return function.apply(*inputs)
+        # functorch wraps into a plain Tensor (a Parameter's wrapper too), so only those can
+        # be dead wrappers; `type(t) is Tensor` skips the parameters at a sixth of the cost
+        # of isinstance.
+        return c_apply(*[unwrap_if_dead(t) if type(t) is Tensor else t for t in inputs])
+
+    apply.function = function
+    return apply

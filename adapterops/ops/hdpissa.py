@@ -23,8 +23,9 @@ bf16 at rank <= 128; the update on an fp32 W), `cuda` (the compiled C++: CUDA te
 fp16, bf16, any rank; the update as one cuBLAS GEMM with beta = 1 plus a rounding kernel for
 the copy) and `torch` (everything else). Both ops are `torch.library` custom ops, so
 `torch.compile(fullgraph=True)` traces the layer; eagerly the layer runs the same forward and
-backward functions through a `torch.autograd.Function` (`_EagerHDPiSSA`), which costs a few
-microseconds of host time per call where the custom op's dispatcher costs tens.
+backward functions through `_eager_hdpissa`, a `torch.autograd.Function` (`_EagerHDPiSSA`),
+which costs a few microseconds of host time per call where the custom op's dispatcher costs
+tens.
 """
 import math
 from typing import Optional
@@ -128,8 +129,8 @@ hdpissa_linear_fwd.register_autograd(_backward_through(hdpissa_linear_bwd),
 
 
 # The eager door: the same forward, context and backward as the custom op's.
-_EagerHDPiSSA = eager_door("_EagerHDPiSSA", _forward, _setup_context,
-                           _backward_through(_gradients), only_first=True)
+_eager_hdpissa = eager_door("_EagerHDPiSSA", _forward, _setup_context,
+                            _backward_through(_gradients), only_first=True)
 
 
 def check_hdpissa_args(x, weight, bias, lora_A, lora_B, scaling) -> float:
@@ -156,7 +157,7 @@ def hdpissa_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Te
     if torch.compiler.is_compiling():
         y = hdpissa_linear_fwd(x2, weight, bias, lora_A, lora_B, scaling, need_h, backend)[0]
     else:
-        y = _EagerHDPiSSA.apply(x2, weight, bias, lora_A, lora_B, scaling, need_h, backend)
+        y = _eager_hdpissa(x2, weight, bias, lora_A, lora_B, scaling, need_h, backend)
     # 2-D x: y itself, not a view of it (FSDP2 warns on, and skips hooks for, view outputs).
     return y if x.dim() == 2 else y.reshape(*leading, weight.shape[0])
 

@@ -20,11 +20,12 @@ Backends: `triton` (CUDA sm_80+, or CPU under TRITON_INTERPRET=1; fp32, fp16, bf
 (everything else); see `adapterops.dispatch`. Under `torch.autocast` the op runs in
 the autocast dtype.
 
-Two doors onto the same forward and backward functions (`_forward`, `_gradients`): eagerly, a
-`torch.autograd.Function` (`_EagerLowRank`: a few microseconds of host time per call); under
-`torch.compile`, the `torch.library` custom ops `adapterops::lowrank_linear_fwd` and
-`adapterops::lowrank_linear_bwd`, which `torch.compile(fullgraph=True)` traces through (their
-dispatcher costs tens of microseconds per eager call). Double backward is not supported.
+Two doors onto the same forward and backward functions (`_forward`, `_gradients`): eagerly,
+`_eager_lowrank`, a `torch.autograd.Function` (`_EagerLowRank`: a few microseconds of host time
+per call); under `torch.compile`, the `torch.library` custom ops
+`adapterops::lowrank_linear_fwd` and `adapterops::lowrank_linear_bwd`, which
+`torch.compile(fullgraph=True)` traces through (their dispatcher costs tens of microseconds per
+eager call). Double backward is not supported.
 """
 import math
 from typing import Optional
@@ -139,8 +140,8 @@ lowrank_linear_fwd.register_autograd(_backward_through(lowrank_linear_bwd),
 
 
 # The eager door: the same forward, context and backward as the custom op's.
-_EagerLowRank = eager_door("_EagerLowRank", _forward, _setup_context,
-                           _backward_through(_gradients), only_first=True)
+_eager_lowrank = eager_door("_EagerLowRank", _forward, _setup_context,
+                            _backward_through(_gradients), only_first=True)
 
 
 def _plain_args(x, weight, bias, lora_A, lora_B, scaling, lora_S) -> bool:
@@ -191,6 +192,6 @@ def lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Te
     if torch.compiler.is_compiling():
         y = lowrank_linear_fwd(x2, weight, bias, lora_A, lora_B, lora_S, scaling, backend)[0]
     else:
-        y = _EagerLowRank.apply(x2, weight, bias, lora_A, lora_B, lora_S, scaling, backend)
+        y = _eager_lowrank(x2, weight, bias, lora_A, lora_B, lora_S, scaling, backend)
     # 2-D x: y itself, not a view of it (FSDP2 warns on, and skips hooks for, view outputs).
     return y if x.dim() == 2 else y.reshape(*leading, weight.shape[0])

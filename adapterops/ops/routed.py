@@ -33,8 +33,8 @@ r and E; its logits are rounded to x's dtype, as the torch backend's are) and `t
 `torch.autocast` the op runs in the autocast dtype.
 
 Two doors onto the same forward and backward functions (`_forward`, `_gradients`), as in
-`adapterops.ops.lowrank`: eagerly a `torch.autograd.Function` (`_EagerRouted`); under
-`torch.compile` the `torch.library` custom ops `adapterops::routed_lowrank_linear_fwd` and
+`adapterops.ops.lowrank`: eagerly `_eager_routed`, a `torch.autograd.Function` (`_EagerRouted`);
+under `torch.compile` the `torch.library` custom ops `adapterops::routed_lowrank_linear_fwd` and
 `adapterops::routed_lowrank_linear_bwd`, which `torch.compile(fullgraph=True)` traces through.
 Double backward is not supported.
 """
@@ -169,8 +169,8 @@ routed_lowrank_linear_fwd.register_autograd(_backward_through(routed_lowrank_lin
 
 
 # The eager door: the same forward, context and backward as the custom op's.
-_EagerRouted = eager_door("_EagerRouted", _forward, _setup_context,
-                          _backward_through(_gradients), only_first=False)
+_eager_routed = eager_door("_EagerRouted", _forward, _setup_context,
+                           _backward_through(_gradients), only_first=False)
 
 
 def check_routed_args(x, weight, bias, lora_A, lora_B, router_weight, scaling, top_k) -> float:
@@ -211,7 +211,7 @@ def routed_lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lor
     if not isinstance(return_router_probs, bool):
         raise TypeError(f"return_router_probs must be a bool, got {type(return_router_probs).__name__}")
     leading = x.shape[:-1]
-    forward = routed_lowrank_linear_fwd if torch.compiler.is_compiling() else _EagerRouted.apply
+    forward = routed_lowrank_linear_fwd if torch.compiler.is_compiling() else _eager_routed
     # An explicit token count: reshape(-1, 0) is ambiguous when in_features is 0. (A bad
     # backend name raises in dispatch, before any kernel.)
     x2 = x if x.dim() == 2 else x.reshape(math.prod(leading), x.shape[-1])
