@@ -32,8 +32,9 @@ __all__ = ["aggregate_lowrank_deltas", "check_consistency", "raise_together", "w
 # Integer dtype of each element size: checksums read a tensor's bytes as integers of the same
 # width, so they are exact for every floating dtype (bf16 and fp16 included) and never round.
 _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-# Elements per checksum chunk: bounds the int64 temporaries (the chunk, its positions, their
-# product) to 3 x 32 MiB whatever the size of the tensor checked.
+# Elements per checksum chunk: bounds the int64 temporaries (the chunk, its position weights
+# and the steps computing them, their product) to a few times 32 MiB whatever the size of the
+# tensor checked.
 _CHECKSUM_CHUNK = 1 << 22
 
 
@@ -122,7 +123,8 @@ def check_consistency(model: nn.Module, group=None) -> None:
     A module takes part when it has a method `consistency_tensors()` returning a dict
     name -> Tensor (an HD-PiSSA layer returns its weight, bias and fp32 master weight). Each
     tensor's checksum is exact: its bytes read as integers of the same width, summed plain and
-    weighted by position (the weighted sum catches permuted or transposed data) in int64 with
+    weighted by odd pseudo-random weights of the position (the weighted sum catches permuted
+    or transposed data, and differences crafted to cancel in a patterned sum) in int64 with
     wrap-around (integer addition is associative, so the order of the reduction does not
     matter), plus a hash of its shape and dtype.
 
@@ -319,18 +321,46 @@ def _run_collective(what: str, rank: int, world: int, collective, *args, **kwarg
 
 
 def _checksum(tensor: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(hash of shape and dtype, Σ v_j, Σ (j + 1) v_j) in int64 with wrap-around, v_j the
-    elements read as integers of their own width."""
+    """(hash of shape and dtype, Σ v_j, Σ w_j v_j) in int64 with wrap-around (mod 2^64), v_j
+    the elements read as integers of their own width and w_j odd pseudo-random weights of the
+    position j (`_position_weights`, the same on every rank). Weights that follow a pattern
+    can be cancelled by a difference that follows it too (with w_j = j + 1, the edit
+    +1, -2, +1 of three neighbours keeps both sums); with pseudo-random ones a given
+    difference goes unseen with chance about 2^-64."""
     ints = tensor.detach().reshape(-1).view(_INT_OF_SIZE[tensor.element_size()])
     plain = torch.zeros((), dtype=torch.int64, device=ints.device)
     weighted = torch.zeros((), dtype=torch.int64, device=ints.device)
     for start in range(0, ints.numel(), _CHECKSUM_CHUNK):
         chunk = ints[start:start + _CHECKSUM_CHUNK].to(torch.int64)
         plain += chunk.sum()
-        position = torch.arange(start + 1, start + 1 + chunk.numel(), dtype=torch.int64, device=ints.device)
-        weighted += (chunk * position).sum()
+        weighted += (chunk * _position_weights(start, chunk.numel(), ints.device)).sum()
     shape = torch.tensor(_digest((tuple(tensor.shape), str(tensor.dtype))), dtype=torch.int64, device=ints.device)
     return shape, plain, weighted
+
+
+def _as_int64(value: int) -> int:
+    """A 64-bit pattern as the signed int torch's int64 arithmetic takes."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+# SplitMix64's constants (Steele, Lea and Flood, 2014): a bijective mix of 64-bit integers.
+_GOLDEN, _MIX1, _MIX2 = (_as_int64(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9,
+                                                0x94D049BB133111EB))
+
+
+def _shift_right(z: Tensor, bits: int) -> Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic: it copies the sign bit)."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _position_weights(start: int, count: int, device) -> Tensor:
+    """Odd pseudo-random int64 weights of positions start .. start + count - 1: SplitMix64 of
+    (position + 1), lowest bit set (an odd weight keeps every bit of a difference visible
+    mod 2^64). Products wrap around mod 2^64, as the checksum's sums do."""
+    z = torch.arange(start + 1, start + 1 + count, dtype=torch.int64, device=device) * _GOLDEN
+    z = (z ^ _shift_right(z, 30)) * _MIX1
+    z = (z ^ _shift_right(z, 27)) * _MIX2
+    return (z ^ _shift_right(z, 31)) | 1
 
 
 def _digest(value) -> int:

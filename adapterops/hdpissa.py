@@ -70,6 +70,20 @@ def convert(model: nn.Module, rank: int, alpha: float, world_size: Optional[int]
     return inject(model, config)
 
 
+def _cast_problem(layers: list[HDPiSSALinear], names: list[str]) -> Optional[str]:
+    """What is wrong, or None, with the layers' dtypes: a model cast after `convert` (its
+    factors are no longer fp32, or an fp16/bf16 weight lacks its fp32 master copy, or an fp32
+    one keeps a stale one)."""
+    for m, name in zip(layers, names):
+        low_precision = m.weight.dtype in (torch.float16, torch.bfloat16)
+        if m.factor_A.dtype != torch.float32 or low_precision != (m.master_weight is not None):
+            return (f"layer {name} has a {m.weight.dtype} weight, {m.factor_A.dtype} factors and "
+                    f"{'a' if m.master_weight is not None else 'no'} fp32 master copy: the model "
+                    "was cast after adapterops.hdpissa.convert. Cast it first, then convert (the "
+                    "factors and the master copy of fp16/bf16 weights are fp32)")
+    return None
+
+
 class HDPiSSAOptimizer(torch.optim.Optimizer):
     """Per-rank Adam on the HD-PiSSA factors, the exchange of the steps and the W update.
 
@@ -103,15 +117,9 @@ class HDPiSSAOptimizer(torch.optim.Optimizer):
         if len(set(world_sizes.values())) > 1:
             raise ValueError(f"HDPiSSAOptimizer: the layers were converted with different world "
                              f"sizes: {world_sizes}")
-        for m in layers:
-            low_precision = m.weight.dtype in (torch.float16, torch.bfloat16)
-            if m.factor_A.dtype != torch.float32 or low_precision != (m.master_weight is not None):
-                raise ValueError(
-                    f"HDPiSSAOptimizer: layer {names[id(m)]} has a {m.weight.dtype} weight, "
-                    f"{m.factor_A.dtype} factors and {'a' if m.master_weight is not None else 'no'} "
-                    "fp32 master copy: the model was cast after adapterops.hdpissa.convert. Cast "
-                    "it first, then convert (the factors and the master copy of fp16/bf16 "
-                    "weights are fp32)")
+        problem = _cast_problem(layers, [names[id(m)] for m in layers])
+        if problem is not None:
+            raise ValueError(f"HDPiSSAOptimizer: {problem}")
         self.world_size = layers[0].world_size
         self.virtual_ranks = virtual_ranks
         self._flag_device = layers[0].weight.device if layers[0].weight.is_cuda else None
@@ -220,10 +228,15 @@ class HDPiSSAOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # A cast since the optimizer was built (model.half()) would train without the fp32
+        # master copy, or not at all: checked at every step (a few attribute reads per layer).
+        problem = _cast_problem(self._layers, self._layer_names)
+        if problem is not None:
+            problem = f"HDPiSSAOptimizer.step(): {problem}"
         # Every rank's gradients are checked before any state changes, and a problem on one
         # process raises on all of them (not a hang in the exchange).
         checked = [self._gradients(k) for k in self._ranks_here()]
-        problem = next((p for _, p in checked if p is not None), None)
+        problem = problem or next((p for _, p in checked if p is not None), None)
         if self.virtual_ranks:
             if problem is not None:
                 raise RuntimeError(problem)

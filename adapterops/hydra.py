@@ -53,7 +53,7 @@ def balance_loss(probs: Tensor, top_k: Optional[int] = None) -> Tensor:
         raise ValueError(f"probs must be (..., E) with E >= 1 heads and at least one token, "
                          f"got shape {tuple(probs.shape)}")
     num_heads = probs.shape[-1]
-    check_top_k(top_k, num_heads, "probs.shape[-1]")
+    top_k = check_top_k(top_k, num_heads, "probs.shape[-1]")
     k = 1 if top_k is None else top_k
     flat = probs.reshape(-1, num_heads)
     tokens = flat.shape[0]

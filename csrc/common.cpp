@@ -29,12 +29,19 @@ const at::Tensor& or_undefined(const std::optional<at::Tensor>& tensor) {
 }
 
 at::Tensor scaled_mm(const at::Tensor& a, const at::Tensor& b, double alpha) {
+  // BLAS skips the product when alpha is 0, dropping a NaN or inf of a @ b that PyTorch's
+  // composition 0 * (a @ b) propagates: alpha 0 takes that composition.
+  if (alpha == 0) return at::mm(a, b).mul_(0);
   at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
   return at::addmm_out(out, out, a, b, /*beta=*/0, /*alpha=*/alpha);
 }
 
 at::Tensor low_rank_term(const at::Tensor& h, const at::Tensor& b_t,
                          const std::optional<at::Tensor>& bias, double alpha) {
+  if (alpha == 0) {  // see scaled_mm
+    at::Tensor term = scaled_mm(h, b_t, 0);
+    return bias.has_value() ? term.add_(*bias) : term;
+  }
   if (bias.has_value()) return at::addmm(*bias, h, b_t, /*beta=*/1, /*alpha=*/alpha);
   return scaled_mm(h, b_t, alpha);
 }

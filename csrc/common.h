@@ -63,7 +63,8 @@ void check_args(const char* op, std::initializer_list<Arg> args);
 // An optional tensor argument as a tensor, undefined when absent (for `check_args`).
 const at::Tensor& or_undefined(const std::optional<at::Tensor>& tensor);
 
-// out = alpha * (a @ b): the scale is the GEMM's alpha (beta = 0: out's old contents are not read).
+// out = alpha * (a @ b): the scale is the GEMM's alpha (beta = 0: out's old contents are not read);
+// alpha = 0 keeps a NaN or inf of a @ b, as 0 * (a @ b) does.
 at::Tensor scaled_mm(const at::Tensor& a, const at::Tensor& b, double alpha);
 
 // bias + alpha * (h @ b_t), the low-rank term a base GEMM then accumulates onto (beta = 1);

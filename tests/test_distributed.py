@@ -171,6 +171,12 @@ def healthy_run(rank: int, world: int, group) -> None:
         expect_error("transposed weight", RuntimeError, ["ranks disagree on layers.2.proj weight (values)"],
                      check_consistency, model, group=group)
         model = make_model()
+        if rank == world - 1:  # +1, -2, +1 on three neighbours' bits: Σ v and Σ (j + 1) v keep
+            bits = model.layers[2].proj.weight.data.view(-1).view(torch.int32)
+            bits[4:7] += torch.tensor([1, -2, 1], dtype=torch.int32)
+        expect_error("crafted +1 -2 +1", RuntimeError, ["ranks disagree on layers.2.proj weight (values)"],
+                     check_consistency, model, group=group)
+        model = make_model()
         if rank == 0:
             model.layers[0].proj.bias.data = model.layers[0].proj.bias.data.double()
         expect_error("a float64 bias", RuntimeError, ["ranks disagree on layers.0.proj bias (shape or dtype)"],

@@ -554,7 +554,10 @@ BAD_INPUTS = [
     ("weight-not-tensor", lambda d: {"weight": [[0.0] * 10] * 8}, TypeError,
      r"weight must be a torch.Tensor, got list"),
     ("scaling-str", lambda d: {"scaling": "0.5"}, TypeError, r"scaling must be a Python float, got str"),
-    ("scaling-tensor", lambda d: {"scaling": torch.tensor(0.5)}, TypeError, r"scaling .* got Tensor"),
+    # A 0-d tensor is a real scalar and is taken (issue 14); a 1-D one is not.
+    ("scaling-tensor", lambda d: {"scaling": torch.tensor([0.5])}, TypeError,
+     r"scaling must be a Python float, got a tensor of shape \(1,\)"),
+    ("scaling-huge", lambda d: {"scaling": 1e300}, ValueError, r"scaling must be within float32's range"),
     ("scaling-nan", lambda d: {"scaling": float("nan")}, ValueError, r"scaling must be finite"),
 ]
 

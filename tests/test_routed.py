@@ -552,7 +552,7 @@ BAD = [
     ("top_k > E", dict(top_k=4), ValueError, ["top_k", "3", "4"]),
     ("top_k bool", dict(top_k=True), TypeError, ["top_k", "bool"]),
     ("top_k float", dict(top_k=1.0), TypeError, ["top_k", "float"]),
-    ("scaling tensor", dict(scaling=torch.tensor(0.5)), TypeError, ["scaling"]),
+    ("scaling tensor", dict(scaling=torch.tensor([0.5])), TypeError, ["scaling", "shape (1,)"]),
     ("return_router_probs int", dict(return_router_probs=1), TypeError, ["return_router_probs"]),
     ("unknown backend", dict(backend="cuda_typo"), ValueError, ["cuda_typo", "known backends"]),
 ]

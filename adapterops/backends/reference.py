@@ -28,12 +28,21 @@ from torch import Tensor
 from .base import Backend
 
 
+def add_scaled_product(base: Tensor, a: Tensor, b: Tensor, scale: float) -> Tensor:
+    """base + scale * (a @ b). BLAS skips the product when alpha is 0, dropping a NaN or inf
+    of a @ b that PyTorch's composition `base + 0 * (a @ b)` propagates: scale 0 takes that
+    composition."""
+    if scale == 0:
+        return base + torch.mm(a, b).mul_(0)
+    return torch.addmm(base, a, b, alpha=scale)
+
+
 def lowrank_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
                     lora_B: Tensor, lora_S: Optional[Tensor], scaling: float):
     """Returns (y, h1, h2); h2 is an empty tensor when there is no S (then h2 = h1)."""
     h1 = F.linear(x, lora_A)
     h2 = F.linear(h1, lora_S) if lora_S is not None else h1
-    y = torch.addmm(F.linear(x, weight, bias), h2, lora_B.t(), alpha=scaling)
+    y = add_scaled_product(F.linear(x, weight, bias), h2, lora_B.t(), scaling)
     return y, h1, (h2 if lora_S is not None else x.new_empty(0))
 
 
@@ -88,7 +97,7 @@ def routed_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Te
     probs = router_probs(x, router_weight)
     gates = top_k_gates(probs, top_k) if top_k is not None else probs
     hg = (gates[:, :, None] * h[:, None, :].to(gates.dtype)).to(x.dtype).reshape(M, E * r)
-    y = torch.addmm(F.linear(x, weight, bias), hg, heads_side_by_side(lora_B).t(), alpha=scaling)
+    y = add_scaled_product(F.linear(x, weight, bias), hg, heads_side_by_side(lora_B).t(), scaling)
     return y, h, hg, probs, (gates if top_k is not None else probs.new_empty(0))
 
 

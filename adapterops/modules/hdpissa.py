@@ -30,6 +30,12 @@ from .common import (base_features, check_adapter_state, check_layer_args, check
                      copy_base, frozen_base, make_base, module_tensors)
 
 
+def _reslice_after_load(module: "HDPiSSALinear", incompatible_keys) -> None:
+    """The load_state_dict post-hook of HDPiSSALinear (a module-level function, not a lambda,
+    so layers and models pickle and `torch.save` whole)."""
+    module.set_rank_index(module.rank_index)
+
+
 class HDPiSSALinear(nn.Module):
     """Rank `rank_index` of `world_size`'s HD-PiSSA layer; scaling = alpha / rank.
 
@@ -75,8 +81,7 @@ class HDPiSSALinear(nn.Module):
         # lora_A and lora_B are this rank's slice of the factors. A state_dict saved on another
         # rank (rank 0's, loaded everywhere as data-parallel trainers do) holds that rank's
         # slice: after any load, take this rank's slice from the loaded factors again.
-        self.register_load_state_dict_post_hook(
-            lambda module, _: module.set_rank_index(module.rank_index))
+        self.register_load_state_dict_post_hook(_reslice_after_load)
 
     @classmethod
     def from_linear(cls, linear, rank: int, alpha: float, world_size: int,

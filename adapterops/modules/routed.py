@@ -56,7 +56,7 @@ class FusedHydraLoRALinear(nn.Module):
         super().__init__()
         check_layer_args(in_features=in_features, out_features=out_features, rank=rank,
                          num_heads=num_heads, alpha=alpha, dropout=dropout)
-        check_top_k(top_k, num_heads, "num_heads")
+        top_k = check_top_k(top_k, num_heads, "num_heads")
         if (isinstance(balance_loss_weight, bool) or not isinstance(balance_loss_weight, (int, float))
                 or not math.isfinite(balance_loss_weight) or balance_loss_weight < 0):
             raise ValueError(f"balance_loss_weight must be a finite number >= 0, got {balance_loss_weight!r}")
@@ -133,6 +133,12 @@ class FusedHydraLoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.kaiming_uniform_(self.lora_router, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
+
+    def __getstate__(self) -> dict:
+        # The balance loss of the last batch belongs to that batch's graph, not to the layer
+        # (and, a non-leaf tensor, cannot be deep-copied): copies and pickles leave it out.
+        state = super().__getstate__()
+        return {**state, "last_balance_loss": None}
 
     def forward(self, x: Tensor) -> Tensor:
         want_loss = self.training and self.balance_loss_weight > 0 and not self.adapters_disabled

@@ -2,16 +2,25 @@
 name the argument and the sizes in the error), the autocast cast, the base layer's own
 gradients, and the eager door onto an op's forward and backward."""
 import math
+import numbers
+import operator
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
 
 def autocast_on(x) -> bool:
     """Whether the op must cast its inputs (`cast_for_autocast`): autocast is on for x's
-    device. The ops ask this first, as the cast itself costs a microsecond per call."""
-    return isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type)
+    device. The ops ask this first, as the cast itself costs a microsecond per call. A device
+    autocast does not know (meta, where models are built before loading) has it off."""
+    if not isinstance(x, Tensor):
+        return False
+    try:
+        return torch.is_autocast_enabled(x.device.type)
+    except RuntimeError:  # "unknown device type for autocast"; free when nothing raises
+        return False
 
 
 def cast_for_autocast(x, *tensors) -> tuple:
@@ -86,30 +95,69 @@ def all_plain(dtype: torch.dtype, device: torch.device, *tensors) -> bool:
     return True
 
 
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
 def plain_scaling(scaling) -> bool:
-    """Whether `scaling` passes `check_scaling` (a finite Python int or float, not a bool)."""
-    return type(scaling) in (float, int) and math.isfinite(scaling)
+    """Whether `scaling` passes `check_scaling` as it is (a Python float or int, not a bool,
+    finite and within float32's range; an int with an exact float value): the common case,
+    checked in one pass."""
+    if type(scaling) is float:
+        return -_FLOAT32_MAX <= scaling <= _FLOAT32_MAX
+    return type(scaling) is int and -2 ** 53 <= scaling <= 2 ** 53
 
 
-def check_top_k(top_k, num_heads: int, heads_from: str) -> None:
-    """top_k is None (dense routing) or an int in [1, num_heads]; `heads_from` says where the
-    head count comes from, for the message."""
+def _exact_index(value):
+    """value as a Python int if it is an integer scalar (int, a NumPy integer, a 0-d integer
+    tensor: what `operator.index` takes), not a bool; else None."""
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, Tensor) and value.dtype == torch.bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def check_top_k(top_k, num_heads: int, heads_from: str) -> Optional[int]:
+    """top_k as a Python int, or None (dense routing): an integer scalar (int, NumPy integer,
+    0-d integer tensor) in [1, num_heads]; `heads_from` says where the head count comes from,
+    for the message."""
     if top_k is None:
-        return
-    if isinstance(top_k, bool) or not isinstance(top_k, int):
+        return None
+    k = _exact_index(top_k)
+    if k is None:
         raise TypeError(f"top_k must be an int or None, got {type(top_k).__name__} {top_k!r}")
-    if not 1 <= top_k <= num_heads:
-        raise ValueError(f"top_k must be in [1, E] = [1, {num_heads}] (E = {heads_from}), got {top_k}")
+    if not 1 <= k <= num_heads:
+        raise ValueError(f"top_k must be in [1, E] = [1, {num_heads}] (E = {heads_from}), got {k}")
+    return k
 
 
 def check_scaling(scaling, name: str = "scaling") -> float:
-    """A finite Python number (the op's runtime scalar), as a float."""
-    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
-        raise TypeError(f"{name} must be a Python float, got {type(scaling).__name__}")
-    scaling = float(scaling)
-    if scaling != scaling or scaling in (float("inf"), float("-inf")):
-        raise ValueError(f"{name} must be finite, got {scaling}")
-    return scaling
+    """The op's runtime scalar as a Python float: any real scalar that converts exactly (int,
+    float, a NumPy number, a 0-d real tensor, which costs a device sync on a GPU), not a bool,
+    finite and within float32's range (the kernels compute with it in float32)."""
+    if isinstance(scaling, Tensor):
+        if scaling.dim() != 0 or scaling.is_complex() or scaling.dtype == torch.bool:
+            raise TypeError(f"{name} must be a Python float, got a tensor of shape "
+                            f"{tuple(scaling.shape)} and dtype {scaling.dtype} (a 0-d real "
+                            "tensor is taken)")
+        if scaling.requires_grad:
+            raise ValueError(f"{name} requires grad, but the op takes it as a constant: no "
+                             "gradient would reach it (pass a float or a detached tensor)")
+        scaling = scaling.item()
+    if isinstance(scaling, (bool, np.bool_)) or not isinstance(scaling, numbers.Real):
+        raise TypeError(f"{name} must be a Python float, got {type(scaling).__name__} "
+                        f"{scaling!r} (any real scalar that converts exactly is taken: int, "
+                        "NumPy numbers, a 0-d real tensor; not a bool)")
+    as_float = float(scaling)
+    if not math.isfinite(as_float):
+        raise ValueError(f"{name} must be finite, got {as_float}")
+    if isinstance(scaling, numbers.Integral) and int(as_float) != int(scaling):
+        raise ValueError(f"{name} = {scaling} has no exact float value")
+    if abs(as_float) > _FLOAT32_MAX:
+        raise ValueError(f"{name} must be within float32's range (|{name}| <= {_FLOAT32_MAX:.4g}), "
+                         f"got {as_float:g}")
+    return as_float
 
 
 def base_layer_grads(grad_y: Tensor, x: Optional[Tensor], need_weight: bool, need_bias: bool):

@@ -181,13 +181,24 @@ def _byte_range(t: Tensor) -> tuple[int, int]:
     return t.data_ptr(), t.data_ptr() + span * t.element_size()
 
 
+def _check_writable(name: str, t: Tensor) -> None:
+    """What PyTorch's in-place ops refuse: a tensor that repeats elements (a stride 0: each
+    element would be written many times, over memory shared with others), and, with grad
+    mode on, one that requires grad (the update is not differentiable; PyTorch raises for a
+    leaf and would record the op on anything else)."""
+    if any(size > 1 and stride == 0 for size, stride in zip(t.shape, t.stride())):
+        raise ValueError(f"{name} has strides {t.stride()} for shape {tuple(t.shape)}: it "
+                         "repeats elements, so an in-place update cannot write it")
+    if t.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(f"lowrank_update_: {name} requires grad and grad mode is on; update "
+                           "it under torch.no_grad(), as optimizers do (the update is not "
+                           "differentiable)")
+
+
 def _check_copy_memory(weight: Tensor, copy: Tensor) -> None:
-    """copy receives each element of the updated weight once: it must not repeat elements
-    (a stride 0) nor overlap weight's memory, unless it is weight itself (same view). Checked
-    before any backend runs, so a bad copy never leaves weight half-updated."""
-    if any(size > 1 and stride == 0 for size, stride in zip(copy.shape, copy.stride())):
-        raise ValueError(f"copy has strides {copy.stride()} for shape {tuple(copy.shape)}: it "
-                         "repeats elements")
+    """copy receives each element of the updated weight once: it must not overlap weight's
+    memory, unless it is weight itself (same view). Checked before any backend runs, so a bad
+    copy never leaves weight half-updated (a copy that repeats elements: `_check_writable`)."""
     same_view = (copy.data_ptr() == weight.data_ptr() and copy.stride() == weight.stride()
                  and copy.dtype == weight.dtype)
     (c0, c1), (w0, w1) = _byte_range(copy), _byte_range(weight)
@@ -206,7 +217,9 @@ def lowrank_update_(weight: Tensor, P: Tensor, Q: Tensor, scale: float, *,
         check_tensor(name, t, ndim=2)
     check_tensor("copy", copy, ndim=2, optional=True)
     check_same_dtype_and_device("weight", weight, P=P, Q=Q)
+    _check_writable("weight", weight)
     if copy is not None:
+        _check_writable("copy", copy)
         if copy.device != weight.device:
             raise ValueError(f"copy is on {copy.device} but weight is on {weight.device}")
         check_dim("copy", copy, 0, weight.shape[0], "weight.shape[0]")

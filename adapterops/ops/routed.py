@@ -208,6 +208,8 @@ def routed_lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lor
         x, weight, bias, lora_A, lora_B, router_weight = cast_for_autocast(
             x, weight, bias, lora_A, lora_B, router_weight)
     scaling = check_routed_args(x, weight, bias, lora_A, lora_B, router_weight, scaling, top_k)
+    if top_k is not None and type(top_k) is not int:  # a NumPy or 0-d tensor integer
+        top_k = check_top_k(top_k, lora_B.shape[0], "lora_B.shape[0]")
     if not isinstance(return_router_probs, bool):
         raise TypeError(f"return_router_probs must be a bool, got {type(return_router_probs).__name__}")
     leading = x.shape[:-1]

@@ -3,6 +3,7 @@ autotuning and the description of kernel configurations for the kernel report.""
 import dataclasses
 import functools
 import os
+import threading
 from typing import Any, Callable, Optional
 
 import torch
@@ -94,8 +95,18 @@ def split_config(config: dict) -> tuple[dict, dict]:
             {k: config[k] for k in LAUNCH_OPTIONS if k in config})
 
 
+# The Triton interpreter (TRITON_INTERPRET=1) is not thread-safe: it patches triton.language
+# process-wide while a kernel runs, so two threads interpreting at once fail with
+# InterpreterError. Interpreted launches are serialized by this lock; compiled ones take none.
+_INTERPRETER_LOCK = threading.Lock()
+
+
 def launch(kernel, grid, args, config: dict, **constexprs):
     meta, launch_options = split_config(config)
+    if interpreting(kernel):
+        with _INTERPRETER_LOCK:
+            kernel[grid](*args, **meta, **constexprs, **launch_options)
+        return
     kernel[grid](*args, **meta, **constexprs, **launch_options)
 
 
