@@ -173,8 +173,10 @@ _eager_routed = eager_door("_EagerRouted", _forward, _setup_context,
                            _backward_through(_gradients), only_first=False)
 
 
-def check_routed_args(x, weight, bias, lora_A, lora_B, router_weight, scaling, top_k) -> float:
-    """Validates every argument of `routed_lowrank_linear`; returns scaling as a float."""
+def check_routed_args(x, weight, bias, lora_A, lora_B, router_weight, scaling,
+                      top_k) -> tuple[float, Optional[int]]:
+    """Validates every argument of `routed_lowrank_linear`; returns (scaling as a float, top_k
+    as an int or None)."""
     check_tensor("lora_B", lora_B, ndim=3)
     check_tensor("router_weight", router_weight, ndim=2)
     out_features, in_features, rank = check_base_and_A(x, weight, bias, lora_A, lora_B=lora_B,
@@ -187,8 +189,8 @@ def check_routed_args(x, weight, bias, lora_A, lora_B, router_weight, scaling, t
     check_dim("lora_B", lora_B, 2, rank, "the rank (lora_A.shape[0])")
     check_dim("router_weight", router_weight, 0, num_heads, "the head count (lora_B.shape[0])")
     check_dim("router_weight", router_weight, 1, in_features, "in_features (weight.shape[1])")
-    check_top_k(top_k, num_heads, "lora_B.shape[0]")
-    return check_scaling(scaling)
+    top_k = check_top_k(top_k, num_heads, "lora_B.shape[0]")
+    return check_scaling(scaling), top_k
 
 
 def routed_lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
@@ -207,9 +209,8 @@ def routed_lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lor
     if autocast_on(x):
         x, weight, bias, lora_A, lora_B, router_weight = cast_for_autocast(
             x, weight, bias, lora_A, lora_B, router_weight)
-    scaling = check_routed_args(x, weight, bias, lora_A, lora_B, router_weight, scaling, top_k)
-    if top_k is not None and type(top_k) is not int:  # a NumPy or 0-d tensor integer
-        top_k = check_top_k(top_k, lora_B.shape[0], "lora_B.shape[0]")
+    scaling, top_k = check_routed_args(x, weight, bias, lora_A, lora_B, router_weight, scaling,
+                                       top_k)
     if not isinstance(return_router_probs, bool):
         raise TypeError(f"return_router_probs must be a bool, got {type(return_router_probs).__name__}")
     leading = x.shape[:-1]
