@@ -1,7 +1,8 @@
 """Install adapterops.
 
-`kernels/` (Triton code only) is installed as `adapterops.kernels`, never as a top-level
-`kernels` package (that name belongs to another project on PyPI).
+The Triton code lives in `adapterops/kernels/`. Nothing in this repository may be importable as a
+top-level `kernels`: that is Hugging Face's `kernels` package, which transformers >= 5.25
+requires (tests/test_packaging.py checks both the install and the imports beside it).
 
 The CUDA C++ fallback in `csrc/` is built as `adapterops._C` only when a CUDA build of torch
 and a CUDA toolchain are present; otherwise the install goes on without it and says so in one
@@ -90,7 +91,7 @@ setup(
               "adapterops.backends.cuda", "adapterops.modules", "adapterops.kernels",
               "adapterops.csrc"],
     # csrc/ ships as data (no Python in it): the just-in-time build compiles it from there.
-    package_dir={"adapterops.kernels": "kernels", "adapterops.csrc": "csrc"},
+    package_dir={"adapterops.csrc": "csrc"},
     package_data={"adapterops.csrc": ["*.cpp", "*.cu", "*.h"], "adapterops": ["methods.md"]},
     install_requires=["torch>=2.11", "numpy", "triton>=3.6; platform_system == 'Linux'"],
     extras_require={

@@ -122,7 +122,8 @@ class OpBenchmark:
     """What an op's benchmark file declares.
 
     cases(quick, device_type) lists the shapes; headline(device_type), when given, the one or
-    two shapes the op's targets are stated at (on CPU: small stand-ins, for a dry run); workload(provider, case, dtype, device) makes
+    two shapes the op's targets are stated at (on CPU: small stand-ins, for a dry run);
+    workload(provider, case, dtype, device) makes
     fresh tensors and returns the provider's `Workload` (it raises when the provider cannot
     run: the message becomes the rows' error). `baseline` is the provider every other is
     divided by in the summary; `speedups` are the (fast, slow) pairs whose ratio it shows;

@@ -139,7 +139,7 @@ def _wgmma_serialized_in_sass(instructions: list[tuple[int, str]]) -> bool:
     start, end = (max(loops)[2:] if loops else (instructions[0][0], instructions[-1][0]))
     body = [(addr, text) for addr, text in instructions if start <= addr <= end]
     waited = []  # per HGMMA of the loop, whether a full wait follows it
-    for addr, text in body:
+    for _, text in body:
         if _is_hgmma(text):
             waited.append(False)
         elif waited and re.search(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x0\b", text):

@@ -22,7 +22,6 @@ hang fails within a minute or two instead of stalling the suite.
 import faulthandler
 import gc
 import os
-import time
 import warnings
 from datetime import timedelta
 

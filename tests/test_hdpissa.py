@@ -400,7 +400,8 @@ def test_convert_all_or_targets():
     assert [type(m).__name__ for m in (model[0], model[2][0], model[3])] == ["HDPiSSALinear"] * 3
     model = convert(_net(), 2, 4.0, world_size=3, rank_index=1, target_modules=["2.0"])
     assert type(model[2][0]) is HDPiSSALinear and type(model[0]) is nn.Linear
-    with pytest.raises(ValueError, match=r"no nn.Linear or Conv1D in the model matches .*its linear layers: 0, 2\.0, 3"):
+    with pytest.raises(ValueError,
+                       match=r"no nn.Linear or Conv1D in the model matches .*its linear layers: 0, 2\.0, 3"):
         convert(_net(), 2, 4.0, world_size=3, rank_index=1, target_modules=["q_proj"])
     with pytest.raises(ValueError, match="pass world_size and rank_index"):
         convert(_net(), 2, 4.0)
@@ -441,7 +442,7 @@ def _float64_hdpissa(base: nn.Module, xs, targets, K, r, alpha, lr, steps, betas
             grads = torch.autograd.grad(loss, [p for pair in adapters for p in pair])
             for lin in linears:
                 lin.forward = originals[lin]
-            for i, (lin, f) in enumerate(zip(linears, factors)):
+            for i, f in enumerate(factors):
                 deltas = []
                 for j in range(2):
                     g = grads[2 * i + j]
@@ -559,7 +560,7 @@ def test_a_failed_step_changes_no_state():
     with pytest.raises(ZeroDivisionError):
         with opt.virtual_rank(1):
             F.mse_loss(model(xs[1]), targets[1]).backward()
-            1 / 0
+            raise ZeroDivisionError("a failure inside the block")
     assert 1 not in opt._virtual_grads, "a failed virtual_rank block kept its gradients"
 
 
@@ -702,7 +703,8 @@ def test_gloo_a_fault_on_one_rank_raises_on_every_rank(tmp_path):
     for rank in range(2):
         step_error, setup_error = results[rank]
         assert "rank 1: HDPiSSAOptimizer.step(): no gradient for 0.lora_A" in step_error, step_error
-        assert "rank 1: HDPiSSAOptimizer: layer 0 was built for rank 0 of 2, but this process is rank 1" in setup_error, setup_error
+        assert ("rank 1: HDPiSSAOptimizer: layer 0 was built for rank 0 of 2, but this process is rank 1"
+                in setup_error), setup_error
 
 
 @pytest.mark.parametrize("world", [2, 3])

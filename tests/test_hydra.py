@@ -24,7 +24,8 @@ PROBS = torch.tensor([[0.5, 0.25, 0.25],
 def _assert_exact(name, actual, expected):
     assert actual.dtype == torch.float32 and actual.dim() == 0, \
         f"{name}: want a 0-dim fp32 tensor, got {actual.dtype} of shape {tuple(actual.shape)}"
-    assert actual.item() == expected, f"{name}: {actual.item()!r} != {expected!r} (off by {actual.item() - expected:.3e})"
+    assert actual.item() == expected, \
+        f"{name}: {actual.item()!r} != {expected!r} (off by {actual.item() - expected:.3e})"
 
 
 def _f_from_grad(probs, top_k):
@@ -84,7 +85,7 @@ def test_balance_loss_ties_go_to_the_lower_index():
     for top_k, want in ((None, [1.0, 0.0, 0.0, 0.0]), (2, [0.5, 0.5, 0.0, 0.0])):
         f, _ = _f_from_grad(torch.full((7, 4), 0.25), top_k)
         torch.testing.assert_close(f[3], torch.tensor(want), rtol=1e-6, atol=0,
-                                   msg=lambda m: f"uniform probs, top_k={top_k}: {m}")
+                                   msg=lambda m, top_k=top_k: f"uniform probs, top_k={top_k}: {m}")
 
 
 @pytest.mark.parametrize("top_k", [None, 1, 2, 5])
@@ -158,7 +159,8 @@ class _Root(nn.Module):
 
 def test_collect_balance_loss_sums_and_resets(device):
     a, b, c, shared = _FakeLayer(1.0), _FakeLayer(None), _FakeLayer(3.0), _FakeLayer(0.25)
-    model = _Root([a, nn.Sequential(b, nn.ReLU(), c), shared, shared], own=torch.tensor(0.125, device=device)).to(device)
+    model = _Root([a, nn.Sequential(b, nn.ReLU(), c), shared, shared],
+                  own=torch.tensor(0.125, device=device)).to(device)
     for layer in (a, c, shared):  # .to() replaced the parameters: rebuild the kept losses on them
         layer.last_balance_loss = 0.5 * layer.w.sum()
     # a: 0.5 * 2 = 1, c: 3, shared (counted once): 0.25, the root's own 0.125, b: None

@@ -545,7 +545,7 @@ def test_torch_compile_lora_and_lamda_match_eager():
     adapterops.inject(model, config_for("lamda", target_modules=["gate_proj", "up_proj",
                                                                  "down_proj"]))
     # The second inject froze every parameter but its own (the LoRA factors too): train both.
-    for name, layer in adapter_layers(model):
+    for _, layer in adapter_layers(model):
         for key in CASES[layer.method][1]:
             getattr(layer, key).requires_grad_(True)
     assert {type(m).__name__ for _, m in adapter_layers(model)} == {"FusedLoRALinear",

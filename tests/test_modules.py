@@ -148,16 +148,18 @@ def test_torch_compile_fullgraph_matches_eager(device):
             if hasattr(m, "lora_B"):
                 m.lora_B.normal_()
     x = torch.randn(2, 3, 24, device=device, requires_grad=True)
+    trained = [p for p in model.parameters() if p.requires_grad]
     eager_y = model(x)
-    eager_grads = torch.autograd.grad(eager_y.square().sum(), [x] + [p for p in model.parameters() if p.requires_grad])
+    eager_grads = torch.autograd.grad(eager_y.square().sum(), [x] + trained)
     compiled = torch.compile(model, fullgraph=True)
     y = compiled(x)
-    grads = torch.autograd.grad(y.square().sum(), [x] + [p for p in model.parameters() if p.requires_grad])
+    grads = torch.autograd.grad(y.square().sum(), [x] + trained)
     # Inductor fuses the GELU and square around our ops and rounds them in another order than
     # eager: allow a few fp32 ulps at each tensor's own scale, no more.
-    for name, got, want in [("y", y, eager_y)] + [(f"grad {i}", g, e) for i, (g, e) in enumerate(zip(grads, eager_grads))]:
+    pairs = [("y", y, eager_y)] + [(f"grad {i}", g, e) for i, (g, e) in enumerate(zip(grads, eager_grads))]
+    for name, got, want in pairs:
         ulps = 16 * torch.finfo(torch.float32).eps * want.abs().max().item()
-        torch.testing.assert_close(got, want, rtol=0, atol=ulps, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got, want, rtol=0, atol=ulps, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("kwargs,error,match", [

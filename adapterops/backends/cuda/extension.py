@@ -3,7 +3,8 @@
 In order: the prebuilt extension (`setup.py` builds it when a CUDA build of torch and nvcc are
 present); else a just-in-time build of csrc/ with `torch.utils.cpp_extension.load` (ninja),
 cached on disk per torch version, variant, source directory and (CUDA) arch list, so only the
-first use in an environment pays for the compile. The CUDA variant is built when torch is a CUDA build and a CUDA toolchain is found;
+first use in an environment pays for the compile. The CUDA variant is built when torch is a
+CUDA build and a CUDA toolchain is found;
 the host variant (CPU tensors only, for testing without a GPU; see build.py) when
 ADAPTEROPS_CSRC_ON_CPU=1. ADAPTEROPS_JIT_BUILD=0 forbids building. Nothing here raises: every
 failure becomes the reason the backend gives, shown by the dispatcher and

@@ -136,7 +136,7 @@ def pick_config(key: tuple, configs: list[dict], default: dict, launch: Callable
     timings = {}
     for index, config in enumerate(configs):
         try:
-            timings[index] = triton.testing.do_bench(lambda: launch(config), warmup=5, rep=20)
+            timings[index] = triton.testing.do_bench(lambda config=config: launch(config), warmup=5, rep=20)
         except triton.runtime.errors.OutOfResources:
             continue
     _best_configs[key] = configs[min(timings, key=timings.get)] if timings else default

@@ -93,7 +93,8 @@ UNIT_STRIDES = ("stride_wk", "stride_pr", "stride_qk", "stride_ck")
 
 def kernel_configurations() -> list[KernelConfig]:
     """The update kernel's configurations: fp32 W, P and Q in full fp32 and in TF32, without a
-    copy and with an fp16 or bf16 copy, with and without a masked inner dimension. The forward and backward run the low-rank kernels (see
+    copy and with an fp16 or bf16 copy, with and without a masked inner dimension. The forward
+    and backward run the low-rank kernels (see
     lowrank.kernel_configurations)."""
     configs = []
     for precision in ("ieee", "tf32"):

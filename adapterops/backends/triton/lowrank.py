@@ -324,8 +324,9 @@ def kernel_configurations() -> list[KernelConfig]:
         d = variant_label(dtype, precision)
         numerics = numerics_class(dtype, {"INPUT_PRECISION": precision})
 
+        # Called only within this iteration, so the loop variables it reads are current.
         def add(fn, label, config, default, unit_strides, fp32_ptrs=(), **flags):
-            configs.append(kernel_config(fn, f"{d} {label}", config, default, dtype, precision,
+            configs.append(kernel_config(fn, f"{d} {label}", config, default, dtype, precision,  # noqa: B023
                                          unit_strides, fp32_ptrs, R_CHUNK=RANK_CHUNK, **flags))
 
         # The backward (dx) GEMM never has a bias.
