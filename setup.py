@@ -78,7 +78,9 @@ def _cuda_extension_kwargs():
     }
 
 
-HF = ["transformers>=4.45", "peft>=0.13", "safetensors>=0.4"]
+# Lower bounds: the oldest releases the test suite has passed with (transformers 5.24 and peft
+# 0.21 on 2026-12-02; CI installs the newest: transformers 5.25.0, peft 0.22.0 on 2026-12-07).
+HF = ["transformers>=5.24", "peft>=0.21", "safetensors>=0.8"]
 
 setup(
     name="adapterops",
@@ -98,9 +100,10 @@ setup(
         # save_adapters / load_adapters write safetensors files; adapterops.peft talks to PEFT;
         # Conv1D (GPT-2) layers come from transformers.
         "hf": HF,
-        # ninja: torch's just-in-time C++ build (the tests build csrc for CPU tensors); the HF
-        # stack: the model-level tests build tiny transformers models and PEFT adapters.
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "ninja"] + HF,
+        # ninja: torch's just-in-time C++ build (the tests build csrc for CPU tensors); ruff: the
+        # linter make test runs; the HF stack: the model-level tests build tiny transformers
+        # models and PEFT adapters.
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "ninja", "ruff"] + HF,
         "plot": ["matplotlib"],
     },
     **_cuda_extension_kwargs(),

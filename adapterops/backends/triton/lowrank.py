@@ -145,8 +145,10 @@ def _programs_and_tma(device: torch.device) -> tuple[int, bool]:
 
 def _describable(t: Tensor) -> bool:
     """Whether a TMA descriptor can address 2-D `t`: unit column stride, 16-byte aligned base
-    and row stride, no empty dimension."""
+    and row stride, no empty dimension, and rows that do not overlap (a row stride of at least
+    a row: an expanded dY has row stride 0, and a descriptor has no way to say so)."""
     return (t.shape[0] > 0 and t.shape[1] > 0 and t.stride(1) == 1
+            and t.stride(0) >= t.shape[1]
             and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0)
 
 
