@@ -64,8 +64,8 @@ ARCHS = {  # name -> (compute capability, most shared memory one block can use, 
 }
 SIZES = ("aligned", "odd")
 COLUMNS = ("kernel", "label", "dtype", "sizes", "arch", "default", "num_warps", "num_stages",
-           "registers", "spills", "shared", "mma", "hgmma", "wgmma_serialized", "advisories",
-           "tma", "reductions", "seconds", "error")
+           "registers", "spills", "shared", "mma", "hgmma", "wgmma_serialized", "wgmma_waits",
+           "advisories", "tma", "reductions", "seconds", "error")
 FENCED = "fenced ATOMG"
 
 _configs = None  # each worker's kernel_configurations(), indexed by the jobs it is sent
@@ -117,17 +117,20 @@ def _is_hgmma(text: str) -> bool:
     return re.search(r"\bHGMMA\.", text) is not None
 
 
-def _wgmma_serialized_in_sass(instructions: list[tuple[int, str]]) -> bool:
-    """True when every HGMMA of the main loop waits for all earlier ones before the next issues.
+def _main_loop_waits(instructions: list[tuple[int, str]]) -> list[bool]:
+    """Per HGMMA of the main loop, in order, whether a `WARPGROUP.DEPBAR.LE gsb0, 0x0` (a wait
+    for every MMA in flight) follows it before the next HGMMA or the loop's end; empty without
+    HGMMAs.
 
-    Loops are the spans of backward branches (`BRA` to a lower address); the main loop is the
-    one holding the most HGMMAs (the innermost on ties). An HGMMA counts as waited for when a
-    `WARPGROUP.DEPBAR.LE gsb0, 0x0` follows it before the next HGMMA or the loop's end.
-    Without a loop holding an HGMMA, the whole kernel is the span.
+    Loops are the spans of backward branches (`BRA` to a lower address); the main loop is,
+    among the innermost loops holding HGMMAs (those with no such loop inside), the one holding
+    the most (the shortest on ties): a persistent GEMM's tile loop holds its K-loop and its
+    epilogue's MMAs, and the K-loop is what must pipeline. Without a loop holding an HGMMA, the
+    whole kernel is the span.
     """
     hgmma = [addr for addr, text in instructions if _is_hgmma(text)]
     if not hgmma:
-        return False
+        return []
     loops = []
     for addr, text in instructions:
         target = re.search(r"\bBRA\s+(?:`?\(?)0x([0-9a-f]+)", text)
@@ -136,7 +139,10 @@ def _wgmma_serialized_in_sass(instructions: list[tuple[int, str]]) -> bool:
             count = sum(start <= a <= addr for a in hgmma)
             if count:
                 loops.append((count, -(addr - start), start, addr))
-    start, end = (max(loops)[2:] if loops else (instructions[0][0], instructions[-1][0]))
+    innermost = [loop for loop in loops
+                 if not any(other is not loop and loop[2] <= other[2] and other[3] <= loop[3]
+                            for other in loops)]
+    start, end = (max(innermost)[2:] if innermost else (instructions[0][0], instructions[-1][0]))
     body = [(addr, text) for addr, text in instructions if start <= addr <= end]
     waited = []  # per HGMMA of the loop, whether a full wait follows it
     for _, text in body:
@@ -144,7 +150,33 @@ def _wgmma_serialized_in_sass(instructions: list[tuple[int, str]]) -> bool:
             waited.append(False)
         elif waited and re.search(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x0\b", text):
             waited[-1] = True
-    return all(waited)
+    return waited
+
+
+def _wgmma_serialized_in_sass(instructions: list[tuple[int, str]]) -> bool:
+    """True when every HGMMA of the main loop waits for all earlier ones before the next issues
+    (see `_main_loop_waits`)."""
+    waited = _main_loop_waits(instructions)
+    return bool(waited) and all(waited)
+
+
+def _wgmma_waits(instructions: list[tuple[int, str]]) -> str:
+    """How the main loop's MMAs wait, from the SASS (see `_main_loop_waits`):
+    - "pipelined": some HGMMA is left in flight when the next one issues (`gsb0, 0x1`, or no
+      wait in the loop): MMAs of one iteration overlap the next iteration's;
+    - "per group": the HGMMAs of one `tl.dot` issue back to back (one k16 step each), but every
+      such group is waited for before the loop goes on: no MMA crosses an iteration;
+    - "per HGMMA": every HGMMA waits for the one before (serialized);
+    - "none": no HGMMA.
+    """
+    waited = _main_loop_waits(instructions)
+    if not waited:
+        return "none"
+    if all(waited):
+        return "per HGMMA"
+    # A group ends at the HGMMA that a full wait follows; "per group" when the loop's last
+    # HGMMA is waited for (nothing carried into the next iteration).
+    return "per group" if waited[-1] else "pipelined"
 
 
 def _reductions(instructions: list[tuple[int, str]]) -> str:
@@ -189,8 +221,9 @@ def _compile(job: tuple) -> dict:
     row = {"kernel": cfg.kernel, "label": cfg.label, "dtype": str(cfg.dtype).replace("torch.", ""),
            "sizes": sizes, "arch": arch, "default": cfg.default, "num_warps": cfg.num_warps,
            "num_stages": cfg.num_stages, "registers": "?", "spills": "?", "shared": "?",
-           "mma": "?", "hgmma": "?", "wgmma_serialized": "?", "advisories": "?", "tma": "?",
-           "reductions": "?", "expects_tma": cfg.expects_tma, "seconds": "?", "error": ""}
+           "mma": "?", "hgmma": "?", "wgmma_serialized": "?", "wgmma_waits": "?", "advisories": "?",
+           "tma": "?", "reductions": "?", "expects_tma": cfg.expects_tma, "loop": cfg.loop,
+           "seconds": "?", "error": ""}
     if not isinstance(cfg.fn, triton.runtime.JITFunction):
         row["error"] = "the kernel was built by the Triton interpreter (TRITON_INTERPRET is set)"
         return row
@@ -220,6 +253,7 @@ def _compile(job: tuple) -> dict:
     row["hgmma"] = sum(_is_hgmma(text) for _, text in instructions)
     row["wgmma_serialized"] = ("yes" if "C7515" in advisories or _wgmma_serialized_in_sass(instructions)
                                else "no")
+    row["wgmma_waits"] = _wgmma_waits(instructions)
     row["advisories"] = " ".join(code for code in advisories if code != "C7515") or "none"
     row["tma"] = "yes" if "cp.async.bulk.tensor" in ptx else "no"
     row["reductions"] = _reductions(instructions)
@@ -239,8 +273,14 @@ def _problems(row: dict) -> list[str]:
     # Unknown values ("?") fail too: a check must not pass by not looking.
     if row["spills"] != 0:
         out.append(f"default configuration spills ({row['spills']} bytes)")
-    if row["wgmma_serialized"] != "no":
+    # The wgmma rules judge a main loop of MMAs (`KernelConfig.loop`): a GEMM's must keep MMAs
+    # in flight across iterations; a streaming pass's may wait for each iteration's MMAs (its
+    # loads in flight hide them), never for each HGMMA; a finishing kernel's loop has none.
+    if row["loop"] != "partials" and row["wgmma_serialized"] != "no":
         out.append("wgmma serialized (each HGMMA of the main loop waits for the one before)")
+    if row["loop"] == "gemm" and row["wgmma_waits"] not in ("pipelined", "none"):
+        out.append(f"GEMM main loop waits for its MMAs {row['wgmma_waits']} (no MMA in flight "
+                   "across iterations: the tensor cores idle for each step's latency)")
     if row["advisories"] != "none":
         out.append(f"ptxas performance advisories {row['advisories']}")
     if row["reductions"] not in ("none", "REDG", "ATOMG"):
@@ -346,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
                     row = {c: "?" for c in COLUMNS}
                     row.update(kernel=configs[i].kernel, label=configs[i].label, sizes=s,
                                arch=arch, default=configs[i].default,
-                               expects_tma=configs[i].expects_tma,
+                               expects_tma=configs[i].expects_tma, loop=configs[i].loop,
                                error=f"{type(exc).__name__}: {exc}")
                 _print_row(row, widths)
                 rows.append(row)

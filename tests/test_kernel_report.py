@@ -21,6 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks import kernel_report  # noqa: E402
 
+# The report runs in a subprocess (every kernel compiled for sm_90): slow, so not in
+# `make quick` (pyproject.toml's `slow` marker).
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
@@ -148,7 +152,25 @@ def test_serialized_wgmma_is_found_in_the_main_loop():
     tail = _sass("MOV R1, R2", HGMMA, HGMMA, WAIT_ONE, "@P0 BRA 0x10", WAIT_ALL,
                  HGMMA, WAIT_ALL, "@P1 BRA 0x60", "EXIT")
     assert not kernel_report._wgmma_serialized_in_sass(tail)
+    # A persistent GEMM: the tile loop (from 0x10) holds the pipelined K-loop (from 0x20) and
+    # an epilogue MMA waited for; the K-loop decides, though the tile loop holds more HGMMAs.
+    persistent = _sass("MOV R1, R2", "MOV R3, R4", HGMMA, HGMMA, WAIT_ONE, "@P0 BRA 0x20",
+                       WAIT_ALL, HGMMA, WAIT_ALL, "@P1 BRA 0x10", "EXIT")
+    assert kernel_report._wgmma_waits(persistent) == "pipelined"
     assert not kernel_report._wgmma_serialized_in_sass(_sass("MOV R1, R2", "EXIT"))
+
+
+def test_wgmma_waits_are_classified():
+    assert kernel_report._wgmma_waits(_sass("MOV R1, R2", "EXIT")) == "none"
+    # One left in flight across iterations.
+    assert kernel_report._wgmma_waits(
+        _sass("MOV R1, R2", HGMMA, HGMMA, WAIT_ONE, "@P0 BRA 0x10", WAIT_ALL, "EXIT")) == "pipelined"
+    # The chain of one tl.dot (two k16 steps) issues back to back, then waits for all: the
+    # grad pass's loop.
+    assert kernel_report._wgmma_waits(
+        _sass("MOV R1, R2", HGMMA, HGMMA, WAIT_ALL, "@P0 BRA 0x10", "EXIT")) == "per group"
+    assert kernel_report._wgmma_waits(
+        _sass("MOV R1, R2", HGMMA, WAIT_ALL, HGMMA, WAIT_ALL, "@P0 BRA 0x10", "EXIT")) == "per HGMMA"
 
 
 def test_reductions_are_classified():
@@ -165,13 +187,20 @@ def test_advisories_and_the_failure_rules():
            "serialized due to ...\nptxas info    : (C7514) Potential Performance Loss: wgmma...")
     assert kernel_report._advisories(log) == ["C7514", "C7515"]
     good = {"error": "", "arch": "sm_90", "shared": 1000, "default": True, "spills": 0,
-            "wgmma_serialized": "no", "advisories": "none", "reductions": "REDG",
-            "expects_tma": True, "tma": "yes"}
+            "wgmma_serialized": "no", "wgmma_waits": "pipelined", "advisories": "none",
+            "reductions": "REDG", "expects_tma": True, "tma": "yes", "loop": "gemm"}
     assert kernel_report._problems(good) == []
     for change in ({"spills": 8}, {"spills": "?"}, {"wgmma_serialized": "yes"},
+                   {"wgmma_waits": "per group"}, {"wgmma_waits": "?"},
                    {"advisories": "C7514"}, {"reductions": kernel_report.FENCED},
-                   {"tma": "no"}, {"shared": 10 ** 6}, {"error": "boom"}):
+                   {"tma": "no"}, {"shared": 10 ** 6}, {"error": "boom"},
+                   {"loop": "stream", "wgmma_serialized": "yes"}):
         assert kernel_report._problems({**good, **change}), f"{change} passed the report"
+    # A streaming pass may wait for each iteration's MMAs; a finishing kernel's MMAs are its
+    # r x r tail, outside the wgmma rules.
+    assert kernel_report._problems({**good, "loop": "stream", "wgmma_waits": "per group"}) == []
+    assert kernel_report._problems({**good, "loop": "partials", "wgmma_serialized": "yes",
+                                    "wgmma_waits": "per HGMMA"}) == []
     # A configuration that is not the default is held to the shared-memory limit only.
     assert kernel_report._problems({**good, "default": False, "wgmma_serialized": "yes",
                                     "spills": 8}) == []

@@ -53,3 +53,17 @@ def join_or_kill(context, guard_s: float, what: str) -> None:
                 if process.is_alive():
                     process.kill()
             pytest.fail(f"{what} did not finish within {guard_s} s")
+
+
+class CountingKernel:
+    """Stands in for a kernel and records (its name, the grid) of every launch in `log`."""
+
+    def __init__(self, name, kernel, log):
+        self.name, self.kernel, self.log = name, kernel, log
+
+    def __getitem__(self, grid):
+        self.log.append((self.name, grid))
+        return self.kernel[grid]
+
+    def __getattr__(self, name):
+        return getattr(self.kernel, name)

@@ -16,3 +16,28 @@ def mma(a, b, acc, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def store_partial(part_ptr, acc, split, offs_m, mask_m, M, BLOCK_R: tl.constexpr):
+    """acc (fp32, [BLOCK_M, BLOCK_R]) into slice `split` of a (splits, M, BLOCK_R) fp32 buffer
+    of partial sums: a split pass's share, for its finishing kernel to sum."""
+    offs_r = tl.arange(0, BLOCK_R)
+    # A scalar base for the split: the grad pass at rank bucket 256 spilled 108 bytes on sm_90
+    # with 64-bit (split M + row) offsets per element, none with this.
+    base = part_ptr + split.to(tl.int64) * M * BLOCK_R
+    tl.store(base + offs_m[:, None] * BLOCK_R + offs_r[None, :], acc, mask=mask_m[:, None])
+
+
+@triton.jit
+def sum_partials(part_ptr, num_splits, offs_m, mask_m, M, BLOCK_M: tl.constexpr,
+                 BLOCK_R: tl.constexpr):
+    """The sum over the splits of a (splits, M, BLOCK_R) partial-sum buffer, in split order: the
+    same bits on every run (fp32 atomics would add in arrival order)."""
+    offs_r = tl.arange(0, BLOCK_R)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for split in range(0, num_splits):
+        base = part_ptr + split.to(tl.int64) * M * BLOCK_R
+        acc += tl.load(base + offs_m[:, None] * BLOCK_R + offs_r[None, :], mask=mask_m[:, None],
+                       other=0.0)
+    return acc

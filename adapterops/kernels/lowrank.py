@@ -7,6 +7,7 @@
 Forward = `lowrank_shrink_kernel` (h1, h2) then the base GEMM with the low-rank term s h2 B^T
 and the bias added in its epilogue. Backward = `lowrank_grad_pass_kernel` (one pass over dY:
 g = s dY B, dB = s dY^T h2, dS = g^T h1, gS = g S) then the same GEMM for dx = dY W + (g S) A.
+For few tokens both passes split their loop and a finishing kernel ends them ("Few tokens").
 The GEMM has two forms with one epilogue (`_add_lowrank_and_bias`): `gemm_lowrank_tma_kernel`
 (tensor descriptors, persistent, for sm_90) and `gemm_lowrank_kernel` (pointer loads, one
 program per tile, for sm_80 and for operands a descriptor cannot describe); the launcher picks.
@@ -36,6 +37,26 @@ The backward pass sums dB and dS over row blocks with relaxed, vectorized fp32 r
 N = 4096, r = 16, BLOCK_M = 64, into an L2-resident dB, next to a 64 MiB read of dY; the
 grad pass's docstring compares them with per-program partials.
 
+Few tokens: the two passes are grids of M / BLOCK_M row blocks (BLOCK_M = 64 for 16-bit),
+each looping over all of K (shrink) or N (grad pass). On an H100 (132 SMs; bf16, K = N = 4096,
+r = 16; an estimate, not yet measured on a GPU) that is 32 programs at M = 2048 and 128 at
+M = 8192: one program or none per SM. A program keeps about 48 KiB of loads in flight (three
+pipeline stages of a 64 x 128 bf16 tile), which at ~1 us of memory latency is ~48 GB/s per
+SM (Little's law), so 32 programs pull at most ~1.5 TB/s of the ~3 TB/s the GPU can: the
+shrink's 16 MiB read of x at M = 2048 takes >= 11 us instead of 5.6 us, about 15-30% of the
+layer there. And with one program per SM nothing hides a program's waits (each grad-pass step
+waits for its own MMAs before the next; see the kernel report). So when the row blocks are
+fewer than the SMs, the launcher splits the loop: SPLIT_K (shrink) and SPLIT_N (grad pass) run
+row blocks x splits programs, each over a contiguous range of whole K or N tiles, enough for
+every SM to get a program but at least 4 tiles each (at M = 2048: 5 splits of 7 tiles, 160
+programs; at M = 8192: 2 splits, 256 programs). Each stores its fp32 partial x A^T or dY B in
+a (splits, M, BLOCK_R) buffer, and a finishing kernel (`lowrank_shrink_finish_kernel`,
+`lowrank_grad_pass_finish_kernel`, one program per row block) sums the partials in split
+order, so the result is the same on every run, and does what the unsplit pass does after its
+loop (rounding, h2 = h1 S^T; gS, dS). The partials cost splits x M x BLOCK_R x 4 bytes written
+and read once: 640 KiB at M = 2048 (4% of x) and 1 MiB at M = 8192 (1.6%), plus one more
+launch. dB's reductions are the same in both forms.
+
 Conventions: every tensor is addressed through (row, column) strides, so transposed views
 (W^T, B^T, A^T) need no copies; row offsets are 64-bit (a column stride times a tile width
 stays 32-bit: below 2^31 / 128 for a transposed x, i.e. 16M tokens); every pointer load and
@@ -53,7 +74,7 @@ crosses into another BLOCK_R bucket (16, 32, 64, 128).
 import triton
 import triton.language as tl
 
-from .common import mma
+from .common import mma, store_partial, sum_partials
 
 
 @triton.jit
@@ -79,35 +100,15 @@ def _rows_times_square(rows_ptr, stride_rows, offs_m, mask_m, q_ptr, stride_qi, 
     return acc
 
 
-@triton.jit(do_not_specialize=["M", "R", "stride_h1m", "stride_h2m"])
-def lowrank_shrink_kernel(
-    x_ptr, a_ptr, s_ptr, h1_ptr, h2_ptr,
-    M, K, R,
-    stride_xm, stride_xk, stride_ar, stride_ak, stride_si, stride_sj, stride_h1m, stride_h2m,
-    HAS_S: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    R_CHUNK: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-):
-    """h1 = x A^T and (with S) h2 = h1 S^T for one block of BLOCK_M rows; one read of x."""
-    pid = tl.program_id(0)
-    offs_m = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = tl.arange(0, BLOCK_K)
+@triton.jit
+def _store_h1_h2(acc, offs_m, mask_m, s_ptr, h1_ptr, h2_ptr, R, stride_si, stride_sj, stride_h1m,
+                 stride_h2m, HAS_S: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+                 R_CHUNK: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """h1 = acc rounded to h1's dtype, and (with S) h2 = h1 S^T, for the rows offs_m."""
     offs_r = tl.arange(0, BLOCK_R)
-    mask_m = offs_m < M
-    mask_r = offs_r < R
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    # A^T tile: element (k, r) = A[r, k].
-    at_ptrs = a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        mask_k = offs_k < K - k0
-        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        at = tl.load(at_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
-        acc = mma(x, at, acc, UPCAST, INPUT_PRECISION)
-        x_ptrs += BLOCK_K * stride_xk
-        at_ptrs += BLOCK_K * stride_ak
-    h1 = acc.to(h1_ptr.dtype.element_ty)
-    mask_h = mask_m[:, None] & mask_r[None, :]
-    tl.store(h1_ptr + offs_m[:, None] * stride_h1m + offs_r[None, :], h1, mask=mask_h)
+    mask_h = mask_m[:, None] & (offs_r < R)[None, :]
+    tl.store(h1_ptr + offs_m[:, None] * stride_h1m + offs_r[None, :],
+             acc.to(h1_ptr.dtype.element_ty), mask=mask_h)
     if HAS_S:
         # h2 from the stored (rounded) h1, as the unfused composition and dS (which uses the
         # saved h1) see it. S^T has element (i, j) = S[j, i].
@@ -116,6 +117,74 @@ def lowrank_shrink_kernel(
                                 BLOCK_M, BLOCK_R, R_CHUNK, UPCAST, INPUT_PRECISION)
         tl.store(h2_ptr + offs_m[:, None] * stride_h2m + offs_r[None, :],
                  h2.to(h2_ptr.dtype.element_ty), mask=mask_h)
+
+
+@triton.jit(do_not_specialize=["M", "R", "stride_h1m", "stride_h2m"])
+def lowrank_shrink_kernel(
+    x_ptr, a_ptr, s_ptr, h1_ptr, h2_ptr, part_ptr,
+    M, K, R, k_per_split,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_si, stride_sj, stride_h1m, stride_h2m,
+    HAS_S: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr, UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """h1 = x A^T and (with S) h2 = h1 S^T for one block of BLOCK_M rows; one read of x.
+
+    SPLIT_K (a grid of row blocks x splits, for few row blocks): program (m, k) reads columns
+    [k k_per_split, (k + 1) k_per_split) of x and stores its fp32 partial x A^T into `part`;
+    `lowrank_shrink_finish_kernel` sums the partials and stores h1 and h2.
+    """
+    pid = tl.program_id(0)
+    offs_m = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_m = offs_m < M
+    mask_r = offs_r < R
+    if SPLIT_K:
+        # This program's columns [k_start, k_start + k_len), walked from 0 as the unsplit loop
+        # walks K. k_per_split is a whole number of BLOCK_K tiles, and a launch specializes it
+        # (divisible by 16): a runtime k_start of unknown alignment made the 16-bit loads scalar
+        # (rank 128: 255 registers and 3 KB of spills on sm_90; specialized: 141, none).
+        k_start = tl.program_id(1) * k_per_split
+        k_len = tl.minimum(K - k_start, k_per_split)
+        x_ptr += k_start.to(tl.int64) * stride_xk
+        a_ptr += k_start.to(tl.int64) * stride_ak
+    else:
+        k_len = K
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    # A^T tile: element (k, r) = A[r, k].
+    at_ptrs = a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, k_len, BLOCK_K):
+        mask_k = offs_k < k_len - k0
+        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        at = tl.load(at_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+        acc = mma(x, at, acc, UPCAST, INPUT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        at_ptrs += BLOCK_K * stride_ak
+    if SPLIT_K:
+        store_partial(part_ptr, acc, tl.program_id(1), offs_m, mask_m, M, BLOCK_R)
+    else:
+        _store_h1_h2(acc, offs_m, mask_m, s_ptr, h1_ptr, h2_ptr, R, stride_si, stride_sj,
+                     stride_h1m, stride_h2m, HAS_S, BLOCK_M, BLOCK_R, R_CHUNK, UPCAST,
+                     INPUT_PRECISION)
+
+
+@triton.jit(do_not_specialize=["M", "R", "num_splits", "stride_h1m", "stride_h2m"])
+def lowrank_shrink_finish_kernel(
+    part_ptr, s_ptr, h1_ptr, h2_ptr,
+    M, R, num_splits,
+    stride_si, stride_sj, stride_h1m, stride_h2m,
+    HAS_S: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr,
+    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """The end of a SPLIT_K shrink for one block of BLOCK_M rows: h1 = the sum of the partials
+    (in split order), and h2 = h1 S^T."""
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    acc = sum_partials(part_ptr, num_splits, offs_m, mask_m, M, BLOCK_M, BLOCK_R)
+    _store_h1_h2(acc, offs_m, mask_m, s_ptr, h1_ptr, h2_ptr, R, stride_si, stride_sj, stride_h1m,
+                 stride_h2m, HAS_S, BLOCK_M, BLOCK_R, R_CHUNK, UPCAST, INPUT_PRECISION)
 
 
 @triton.jit
@@ -248,12 +317,12 @@ def gemm_lowrank_tma_kernel(
 
 @triton.jit(do_not_specialize=["M", "R", "stride_h1m", "stride_h2m", "stride_gsm"])
 def lowrank_grad_pass_kernel(
-    dy_ptr, b_ptr, h1_ptr, h2_ptr, s_ptr, gs_ptr, db_ptr, ds_ptr,
-    M, N, R, scale,
+    dy_ptr, b_ptr, h1_ptr, h2_ptr, s_ptr, gs_ptr, db_ptr, ds_ptr, part_ptr,
+    M, N, R, n_per_split, scale,
     stride_dym, stride_dyn, stride_bn, stride_br, stride_h1m, stride_h2m, stride_si, stride_sj,
     stride_gsm,
     HAS_S: tl.constexpr, COMPUTE_DB: tl.constexpr, COMPUTE_DS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr,
+    SPLIT_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr,
     UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """One pass over a BLOCK_M-row block of dY:
@@ -280,6 +349,17 @@ def lowrank_grad_pass_kernel(
     the pass's HBM bytes. dS is r / N of dB's work. Determinism: the order of the fp32
     additions varies from run to run (differences at fp32 rounding, far below the output
     dtype's), as with any atomics.
+
+    Each program walks its N tiles starting at a rotated tile (row block i starts at tile
+    i mod the tile count): in step order, the programs would all reduce into the same dB rows
+    at the same moment (at M = 8192, 128 programs x BLOCK_N x r adds into the same 32 L2 lines
+    at a time); rotated, they spread over every tile. The sums are the same; the order of the
+    fp32 additions into g changes, far below the output dtype's rounding.
+
+    SPLIT_N (a grid of row blocks x splits, for few row blocks): program (m, n) walks the
+    columns [n n_per_split, (n + 1) n_per_split) of dY, reduces its dB tiles as above, and
+    stores its fp32 partial dY B into `part`; `lowrank_grad_pass_finish_kernel` sums the
+    partials and does the rest (gS, dS).
     """
     pid = tl.program_id(0)
     offs_m = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -292,23 +372,51 @@ def lowrank_grad_pass_kernel(
         h2 = tl.load(h2_ptr + offs_m[:, None] * stride_h2m + offs_r[None, :], mask=mask_mr, other=0.0)
         # Fold s into h2 once instead of into every dB tile.
         h2 = (h2.to(tl.float32) * scale).to(h2_ptr.dtype.element_ty)
+    if SPLIT_N:
+        n_start = tl.program_id(1) * n_per_split
+        n_end = tl.minimum(N, n_start + n_per_split)
+    else:
+        n_start = 0
+        n_end = N
+    num_tiles = tl.cdiv(n_end - n_start, BLOCK_N)
+    first_tile = pid % tl.maximum(num_tiles, 1)  # (no tiles when N = 0: the loop never runs)
 
-    dy_ptrs = dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn
-    b_ptrs = b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br
     g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
+    for step in range(0, num_tiles):
+        tile = first_tile + step
+        tile = tl.where(tile < num_tiles, tile, tile - num_tiles)
+        n0 = n_start + tile * BLOCK_N
         mask_n = offs_n < N - n0
-        dy = tl.load(dy_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=mask_n[:, None] & mask_r[None, :], other=0.0)
+        dy = tl.load(dy_ptr + n0.to(tl.int64) * stride_dyn + offs_m[:, None] * stride_dym
+                     + offs_n[None, :] * stride_dyn, mask=mask_m[:, None] & mask_n[None, :],
+                     other=0.0)
+        b = tl.load(b_ptr + n0.to(tl.int64) * stride_bn + offs_n[:, None] * stride_bn
+                    + offs_r[None, :] * stride_br, mask=mask_n[:, None] & mask_r[None, :],
+                    other=0.0)
         g = mma(dy, b, g, UPCAST, INPUT_PRECISION)
         if COMPUTE_DB:
             db = mma(tl.trans(dy), h2, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32),
                      UPCAST, INPUT_PRECISION)
             tl.atomic_add(db_ptr + (n0 + offs_n)[:, None] * BLOCK_R + offs_r[None, :], db,
                           mask=mask_n[:, None], sem="relaxed")
-        dy_ptrs += BLOCK_N * stride_dyn
-        b_ptrs += BLOCK_N * stride_bn
 
+    if SPLIT_N:
+        store_partial(part_ptr, g, tl.program_id(1), offs_m, mask_m, M, BLOCK_R)
+    else:
+        _grad_pass_tail(g, offs_m, mask_m, h1_ptr, s_ptr, gs_ptr, ds_ptr, R, scale, stride_h1m,
+                        stride_si, stride_sj, stride_gsm, HAS_S, COMPUTE_DS, BLOCK_M, BLOCK_R,
+                        R_CHUNK, UPCAST, INPUT_PRECISION)
+
+
+@triton.jit
+def _grad_pass_tail(g, offs_m, mask_m, h1_ptr, s_ptr, gs_ptr, ds_ptr, R, scale, stride_h1m,
+                    stride_si, stride_sj, stride_gsm, HAS_S: tl.constexpr,
+                    COMPUTE_DS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+                    R_CHUNK: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """From g = dY B (fp32, unscaled) for the rows offs_m: gS = s g S (s g without S) into
+    gs, and dS += (s g)^T h1 (fp32 reductions into ds, R x BLOCK_R) if COMPUTE_DS."""
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_mr = mask_m[:, None] & (offs_r < R)[None, :]
     # g goes to the gS buffer first: without S it is the result; with S, dS and gS re-read it
     # R_CHUNK columns at a time (see `_rows_times_square`) and gS then overwrites it.
     gs_ptrs = gs_ptr + offs_m[:, None] * stride_gsm + offs_r[None, :]
@@ -330,3 +438,21 @@ def lowrank_grad_pass_kernel(
                                 BLOCK_M, BLOCK_R, R_CHUNK, UPCAST, INPUT_PRECISION)
         tl.debug_barrier()  # every thread has read g before any thread overwrites it
         tl.store(gs_ptrs, gs.to(gs_ptr.dtype.element_ty), mask=mask_mr)
+
+
+@triton.jit(do_not_specialize=["M", "R", "num_splits", "stride_h1m", "stride_gsm"])
+def lowrank_grad_pass_finish_kernel(
+    part_ptr, h1_ptr, s_ptr, gs_ptr, ds_ptr,
+    M, R, num_splits, scale,
+    stride_h1m, stride_si, stride_sj, stride_gsm,
+    HAS_S: tl.constexpr, COMPUTE_DS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+    R_CHUNK: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """The end of a SPLIT_N grad pass for one block of BLOCK_M rows: g = the sum of the
+    partials (in split order), then gS and dS as in `lowrank_grad_pass_kernel`."""
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    g = sum_partials(part_ptr, num_splits, offs_m, mask_m, M, BLOCK_M, BLOCK_R)
+    _grad_pass_tail(g, offs_m, mask_m, h1_ptr, s_ptr, gs_ptr, ds_ptr, R, scale, stride_h1m,
+                    stride_si, stride_sj, stride_gsm, HAS_S, COMPUTE_DS, BLOCK_M, BLOCK_R,
+                    R_CHUNK, UPCAST, INPUT_PRECISION)

@@ -8,7 +8,8 @@
     y      = x W^T + bias + s hg Bcat^T   Bcat = [B_0 | B_1 | ... ]  (out x E r)
 
 Forward: `routed_shrink_kernel` (one read of x gives h and the logits: the projection by
-[A; Wg]; softmax, top-k and the per-head scaling of h in its epilogue), then the low-rank GEMM
+[A; Wg]; softmax, top-k and the per-head scaling of h in its epilogue; for few tokens split
+over K and ended by `routed_shrink_finish_kernel`, as the low-rank shrink), then the low-rank GEMM
 of `kernels.lowrank` with h = hg and c = Bcat^T: the routed sum over heads is ONE GEMM of inner
 size E r added in the base GEMM's epilogue.
 Backward: `lowrank_grad_pass_kernel` with B = Bcat, h2 = hg and no S (one pass over dY gives
@@ -23,22 +24,27 @@ smallest `tl.dot` tile a GPU takes) are compile-time.
 import triton
 import triton.language as tl
 
-from .common import mma
+from .common import mma, store_partial, sum_partials
 
 
 @triton.jit(do_not_specialize=["M", "R", "E", "top_k", "stride_hm", "stride_hgm", "stride_pm"])
 def routed_shrink_kernel(
-    x_ptr, a_ptr, wg_ptr, h_ptr, hg_ptr, probs_ptr, gates_ptr,
-    M, K, R, E, top_k,
+    x_ptr, a_ptr, wg_ptr, h_ptr, hg_ptr, probs_ptr, gates_ptr, part_h_ptr, part_logits_ptr,
+    M, K, R, E, top_k, k_per_split,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_we, stride_wk, stride_hm, stride_hgm,
     stride_pm,
-    HAS_TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_TOP_K: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     """For one block of BLOCK_M tokens: h = x A^T and the router logits x Wg^T from one read
     of x, then p = softmax(logits) (stored, fp32), the gates g (stored with top_k, fp32) and
-    hg = [g_0 h | ... | g_{E-1} h] (stored in x's dtype)."""
+    hg = [g_0 h | ... | g_{E-1} h] (stored in x's dtype).
+
+    SPLIT_K (for few row blocks, as the low-rank shrink: see `kernels.lowrank`, "Few tokens"):
+    program (m, k) reads columns [k k_per_split, (k + 1) k_per_split) of x and stores its fp32
+    partial h and logits; `routed_shrink_finish_kernel` sums them and routes.
+    """
     pid = tl.program_id(0)
     offs_m = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
@@ -47,14 +53,23 @@ def routed_shrink_kernel(
     mask_m = offs_m < M
     mask_r = offs_r < R
     mask_e = offs_e < E
+    if SPLIT_K:
+        # As in the low-rank shrink: a whole number of tiles from k_start, walked from 0.
+        k_start = tl.program_id(1) * k_per_split
+        k_len = tl.minimum(K - k_start, k_per_split)
+        x_ptr += k_start.to(tl.int64) * stride_xk
+        a_ptr += k_start.to(tl.int64) * stride_ak
+        wg_ptr += k_start.to(tl.int64) * stride_wk
+    else:
+        k_len = K
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
     # A^T and Wg^T tiles: element (k, j) = A[j, k], Wg[j, k].
     at_ptrs = a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar
     wgt_ptrs = wg_ptr + offs_k[:, None] * stride_wk + offs_e[None, :] * stride_we
     acc_h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     acc_logits = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        mask_k = offs_k < K - k0
+    for k0 in range(0, k_len, BLOCK_K):
+        mask_k = offs_k < k_len - k0
         x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         at = tl.load(at_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
         wgt = tl.load(wgt_ptrs, mask=mask_k[:, None] & mask_e[None, :], other=0.0)
@@ -63,6 +78,42 @@ def routed_shrink_kernel(
         x_ptrs += BLOCK_K * stride_xk
         at_ptrs += BLOCK_K * stride_ak
         wgt_ptrs += BLOCK_K * stride_wk
+    if SPLIT_K:
+        store_partial(part_h_ptr, acc_h, tl.program_id(1), offs_m, mask_m, M, BLOCK_R)
+        store_partial(part_logits_ptr, acc_logits, tl.program_id(1), offs_m, mask_m, M, BLOCK_E)
+    else:
+        _route(acc_h, acc_logits, offs_m, mask_m, h_ptr, hg_ptr, probs_ptr, gates_ptr, R, E,
+               top_k, stride_hm, stride_hgm, stride_pm, HAS_TOP_K, BLOCK_M, BLOCK_R, BLOCK_E)
+
+
+@triton.jit(do_not_specialize=["M", "R", "E", "top_k", "num_splits", "stride_hm", "stride_hgm",
+                               "stride_pm"])
+def routed_shrink_finish_kernel(
+    part_h_ptr, part_logits_ptr, h_ptr, hg_ptr, probs_ptr, gates_ptr,
+    M, R, E, top_k, num_splits,
+    stride_hm, stride_hgm, stride_pm,
+    HAS_TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    """The end of a SPLIT_K routed shrink for one block of BLOCK_M tokens: h and the logits
+    are the sums of the partials (in split order), then the routing as unsplit."""
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    acc_h = sum_partials(part_h_ptr, num_splits, offs_m, mask_m, M, BLOCK_M, BLOCK_R)
+    acc_logits = sum_partials(part_logits_ptr, num_splits, offs_m, mask_m, M, BLOCK_M, BLOCK_E)
+    _route(acc_h, acc_logits, offs_m, mask_m, h_ptr, hg_ptr, probs_ptr, gates_ptr, R, E, top_k,
+           stride_hm, stride_hgm, stride_pm, HAS_TOP_K, BLOCK_M, BLOCK_R, BLOCK_E)
+
+
+@triton.jit
+def _route(acc_h, acc_logits, offs_m, mask_m, h_ptr, hg_ptr, probs_ptr, gates_ptr, R, E, top_k,
+           stride_hm, stride_hgm, stride_pm, HAS_TOP_K: tl.constexpr, BLOCK_M: tl.constexpr,
+           BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):
+    """From fp32 h and logits for the rows offs_m: h (rounded), p, the gates and hg stored."""
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_e = tl.arange(0, BLOCK_E)
+    mask_r = offs_r < R
+    mask_e = offs_e < E
     h = acc_h.to(h_ptr.dtype.element_ty)
     tl.store(h_ptr + offs_m[:, None] * stride_hm + offs_r[None, :], h,
              mask=mask_m[:, None] & mask_r[None, :])

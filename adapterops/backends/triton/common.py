@@ -161,6 +161,12 @@ class KernelConfig:
     default: bool                  # the configuration used with ADAPTEROPS_AUTOTUNE=0
     dtype: Optional[torch.dtype] = None
     expects_tma: bool = False      # the sm_90 tensor-descriptor path: its PTX must use TMA
+    # What the kernel's main loop is, for the kernel report's wgmma rules: "gemm" (compute-bound:
+    # its MMAs must stay in flight across iterations), "stream" (a memory-bound pass over x or
+    # dY: each iteration may wait for its MMAs, which the loads in flight hide), "partials" (a
+    # split pass's finishing kernel: its loop sums partials; its MMAs are the r x r tail the
+    # unsplit pass ends with too).
+    loop: str = "gemm"
 
 
 # The (dtype, fp32 matmul precision) pairs the kernel report compiles: fp32 in full precision
@@ -202,7 +208,7 @@ def triton_signature(fn, dtype: torch.dtype, constexprs: dict, fp32_ptrs=(),
 
 def kernel_config(fn, label: str, config: dict, default: bool, dtype: torch.dtype,
                   precision: str, unit_strides=(), fp32_ptrs=(), pointer_dtypes=None,
-                  descriptor_blocks=None, **flags) -> KernelConfig:
+                  descriptor_blocks=None, loop="gemm", **flags) -> KernelConfig:
     """The `KernelConfig` of `fn` launched with tile configuration `config`, feature flags
     `flags` and the strides in `unit_strides` equal to 1 (a launch makes an integer argument
     equal to 1 a compile-time constant). UPCAST is off (a GPU never sets it) and
@@ -215,4 +221,5 @@ def kernel_config(fn, label: str, config: dict, default: bool, dtype: torch.dtyp
     signature = triton_signature(fn, dtype, constexprs, fp32_ptrs, pointer_dtypes,
                                  descriptor_blocks)
     return KernelConfig(fn.__name__, fn, label, signature, constexprs, options["num_warps"],
-                        options["num_stages"], default, dtype, expects_tma=bool(descriptor_blocks))
+                        options["num_stages"], default, dtype, expects_tma=bool(descriptor_blocks),
+                        loop=loop)

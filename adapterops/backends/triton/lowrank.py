@@ -106,6 +106,13 @@ GRAD_PASS_CONFIGS = {
              (128, {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3}),
              (256, {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 8, "num_stages": 3})),
 }
+# The two passes split their K (shrink) or N (grad pass) loop when their row blocks are fewer
+# than the GPU's SMs (see "Few tokens" in adapterops.kernels.lowrank), so that every SM gets a
+# program, but never into splits of fewer than SPLIT_MIN_STEPS tiles each: a split's partial
+# sums cost a write and a read of BLOCK_M x BLOCK_R fp32 values, worth it only against a few
+# tiles of x or dY. Under the interpreter the GPU counts INTERPRETER_PROGRAMS SMs and a split
+# may be one tile, so that the tests' small shapes run both forms.
+SPLIT_MIN_STEPS = 4
 # Under the interpreter every program runs serially in NumPy: small tiles keep tests fast.
 INTERPRETER_CONFIGS = {
     "gemm": {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4},
@@ -222,22 +229,64 @@ def gemm_lowrank(a: Tensor, b: Tensor, h: Tensor, c: Tensor, bias: Optional[Tens
     return out
 
 
+def split_loop(kernel, device: torch.device, row_blocks: int, size: int, block: int) -> tuple[int, int]:
+    """(splits, columns per split) for a pass of `row_blocks` programs whose loop walks `size`
+    columns `block` at a time: one split when the row blocks fill the GPU's SMs; else as many
+    as give every SM a program, each walking at least SPLIT_MIN_STEPS tiles. The columns per
+    split are whole tiles, and no split is empty."""
+    if interpreting(kernel):
+        programs, min_steps = INTERPRETER_PROGRAMS, 1
+    else:
+        programs, min_steps = _programs_and_tma(device)[0], SPLIT_MIN_STEPS
+    steps = triton.cdiv(size, block)
+    if row_blocks >= programs or steps < 2 * min_steps:
+        return 1, size
+    splits = min(triton.cdiv(programs, row_blocks), steps // min_steps)
+    steps_per_split = triton.cdiv(steps, splits)
+    return triton.cdiv(steps, steps_per_split), steps_per_split * block
+
+
+def finish_config(config: dict) -> dict:
+    """A split pass's finishing kernel runs on the pass's row blocks and warps; its loop over
+    the splits has nothing worth pipelining."""
+    return {**{k: v for k, v in config.items() if k in ("BLOCK_M", "num_warps")}, "num_stages": 1}
+
+
+def partial_sums(splits: int, M: int, block_r: int, like: Tensor) -> Tensor:
+    """The (splits, M, block_r) fp32 buffer of a split pass's partial sums; with one split,
+    `like` (a valid pointer the kernel does not touch)."""
+    if splits == 1:
+        return like
+    return torch.empty((splits, M, block_r), dtype=torch.float32, device=like.device)
+
+
 def shrink(x: Tensor, lora_A: Tensor, lora_S: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    """(h1, h2) = (x A^T, h1 S^T) from one read of x; h2 is empty without S."""
+    """(h1, h2) = (x A^T, h1 S^T) from one read of x; h2 is empty without S. Split over K
+    (and finished by a second kernel) when the row blocks are too few for the GPU."""
     M, Kdim = x.shape
     R = lora_A.shape[0]
     h1 = torch.empty((M, R), dtype=x.dtype, device=x.device)
     h2 = torch.empty((M, R), dtype=x.dtype, device=x.device) if lora_S is not None else x.new_empty(0)
     if M > 0:
         kernel = K.lowrank_shrink_kernel
-        flags, config = pass_config(kernel, x.dtype, SHRINK_CONFIGS, rank_block(R),
+        block_r = rank_block(R)
+        flags, config = pass_config(kernel, x.dtype, SHRINK_CONFIGS, block_r,
                                     INTERPRETER_CONFIGS["shrink"])
+        row_blocks = triton.cdiv(M, config["BLOCK_M"])
+        splits, k_per_split = split_loop(kernel, x.device, row_blocks, Kdim, config["BLOCK_K"])
         S = lora_S if lora_S is not None else lora_A  # a valid pointer; unread without HAS_S
-        launch(kernel, (triton.cdiv(M, config["BLOCK_M"]),),
-                (x, lora_A, S, h1, h2 if lora_S is not None else h1, M, Kdim, R,
-                 x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
-                 S.stride(0), S.stride(1), h1.stride(0), R),
-                config, HAS_S=lora_S is not None, BLOCK_R=rank_block(R), R_CHUNK=RANK_CHUNK, **flags)
+        h2_arg = h2 if lora_S is not None else h1
+        part = partial_sums(splits, M, block_r, h1)
+        shapes = dict(HAS_S=lora_S is not None, BLOCK_R=block_r, R_CHUNK=RANK_CHUNK, **flags)
+        launch(kernel, (row_blocks, splits),
+               (x, lora_A, S, h1, h2_arg, part, M, Kdim, R, k_per_split,
+                x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
+                S.stride(0), S.stride(1), h1.stride(0), R),
+               config, SPLIT_K=splits > 1, **shapes)
+        if splits > 1:
+            launch(K.lowrank_shrink_finish_kernel, (row_blocks,),
+                   (part, S, h1, h2_arg, M, R, splits, S.stride(0), S.stride(1), h1.stride(0), R),
+                   finish_config(config), **shapes)
     return h1, h2
 
 
@@ -256,6 +305,7 @@ def grad_pass(grad_y: Tensor, lora_B: Tensor, h1: Optional[Tensor], h2: Optional
               lora_S: Optional[Tensor], scaling: float, need_B: bool, need_S: bool):
     """(gS, dB, dS) from one pass over dY: gS = s dY B S (s dY B without S) in dY's dtype; dB
     = s dY^T h2 (N x R) and dS = (s dY B)^T h1 (R x R) in fp32, None when not asked for.
+    Split over N (and finished by a second kernel) when the row blocks are too few for the GPU.
 
     The kernel sums dB and dS into buffers whose rows are padded to the rank bucket (a
     compile-time row stride lets its reductions vectorize); the padding is sliced off with a
@@ -271,17 +321,26 @@ def grad_pass(grad_y: Tensor, lora_B: Tensor, h1: Optional[Tensor], h2: Optional
         kernel = K.lowrank_grad_pass_kernel
         flags, config = pass_config(kernel, grad_y.dtype, GRAD_PASS_CONFIGS, block_r,
                                     INTERPRETER_CONFIGS["grad_pass"])
+        row_blocks = triton.cdiv(M, config["BLOCK_M"])
+        splits, n_per_split = split_loop(kernel, device, row_blocks, N, config["BLOCK_N"])
         S = lora_S if lora_S is not None else lora_B  # a valid pointer; unread without HAS_S
         h1_arg = h1 if h1 is not None else gS       # likewise when dS is not asked for
         h2_arg = h2 if h2 is not None else gS       # likewise when dB is not asked for
-        launch(kernel, (triton.cdiv(M, config["BLOCK_M"]),),
-               (grad_y, lora_B, h1_arg, h2_arg, S, gS,
-                dB if dB is not None else gS, dS if dS is not None else gS,
-                M, N, R, scaling, grad_y.stride(0), grad_y.stride(1),
+        ds_arg = dS if dS is not None else gS
+        part = partial_sums(splits, M, block_r, gS)
+        shapes = dict(HAS_S=lora_S is not None, COMPUTE_DS=need_S, BLOCK_R=block_r,
+                      R_CHUNK=RANK_CHUNK, **flags)
+        launch(kernel, (row_blocks, splits),
+               (grad_y, lora_B, h1_arg, h2_arg, S, gS, dB if dB is not None else gS, ds_arg,
+                part, M, N, R, n_per_split, scaling, grad_y.stride(0), grad_y.stride(1),
                 lora_B.stride(0), lora_B.stride(1), h1_arg.stride(0), h2_arg.stride(0),
                 S.stride(0), S.stride(1), R),
-               config, HAS_S=lora_S is not None, COMPUTE_DB=need_B, COMPUTE_DS=need_S,
-               BLOCK_R=block_r, R_CHUNK=RANK_CHUNK, **flags)
+               config, COMPUTE_DB=need_B, SPLIT_N=splits > 1, **shapes)
+        if splits > 1:
+            launch(K.lowrank_grad_pass_finish_kernel, (row_blocks,),
+                   (part, h1_arg, S, gS, ds_arg, M, R, splits, scaling, h1_arg.stride(0),
+                    S.stride(0), S.stride(1), R),
+                   finish_config(config), **shapes)
     return (gS, dB[:, :R].contiguous() if need_B else None,
             dS[:, :R].contiguous() if need_S else None)
 
@@ -314,6 +373,7 @@ UNIT_STRIDES = {
     "tma bwd": ("stride_hr", "stride_cn"),
     "shrink": ("stride_xk", "stride_ak", "stride_sj"),
     "grad_pass": ("stride_dyn", "stride_br", "stride_sj"),
+    "finish": ("stride_sj",),
 }
 
 
@@ -351,17 +411,29 @@ def kernel_configurations() -> list[KernelConfig]:
                     B_TRANSPOSED=transposed, HAS_BIAS=has_bias, R_CHUNK=RANK_CHUNK))
         for block_r in (16, 32, 64, 128, WIDE_RANK_BLOCK):
             # Rank bucket 256 is the routed op's grad pass alone: no S, no shrink.
+            grad_config = bucket_config(GRAD_PASS_CONFIGS, numerics, block_r)
             for has_s in ((True, False) if block_r < WIDE_RANK_BLOCK else (False,)):
+                shapes = dict(HAS_S=has_s, BLOCK_R=block_r)
                 if block_r < WIDE_RANK_BLOCK:
-                    add(K.lowrank_shrink_kernel, f"R{block_r} S={has_s}",
-                        bucket_config(SHRINK_CONFIGS, numerics, block_r),
-                        True, UNIT_STRIDES["shrink"], HAS_S=has_s, BLOCK_R=block_r)
-                for compute_db in (True, False):
-                    for compute_ds in ((True, False) if has_s else (False,)):
-                        add(K.lowrank_grad_pass_kernel,
-                            f"R{block_r} S={has_s} dB={compute_db} dS={compute_ds}",
-                            bucket_config(GRAD_PASS_CONFIGS, numerics, block_r), True,
-                            UNIT_STRIDES["grad_pass"],
-                            fp32_ptrs=("db_ptr", "ds_ptr"), HAS_S=has_s, COMPUTE_DB=compute_db,
-                            COMPUTE_DS=compute_ds, BLOCK_R=block_r)
+                    shrink_config = bucket_config(SHRINK_CONFIGS, numerics, block_r)
+                    for split in (False, True):
+                        add(K.lowrank_shrink_kernel, f"R{block_r} S={has_s} split={split}",
+                            shrink_config, True, UNIT_STRIDES["shrink"], fp32_ptrs=("part_ptr",),
+                            loop="stream", SPLIT_K=split, **shapes)
+                    add(K.lowrank_shrink_finish_kernel, f"R{block_r} S={has_s}",
+                        finish_config(shrink_config), True, UNIT_STRIDES["finish"],
+                        fp32_ptrs=("part_ptr",), loop="partials", **shapes)
+                for compute_ds in ((True, False) if has_s else (False,)):
+                    for compute_db in (True, False):
+                        for split in (False, True):
+                            add(K.lowrank_grad_pass_kernel,
+                                f"R{block_r} S={has_s} dB={compute_db} dS={compute_ds} split={split}",
+                                grad_config, True, UNIT_STRIDES["grad_pass"],
+                                fp32_ptrs=("db_ptr", "ds_ptr", "part_ptr"), loop="stream",
+                                COMPUTE_DB=compute_db, COMPUTE_DS=compute_ds, SPLIT_N=split,
+                                **shapes)
+                    add(K.lowrank_grad_pass_finish_kernel, f"R{block_r} S={has_s} dS={compute_ds}",
+                        finish_config(grad_config), True, UNIT_STRIDES["finish"],
+                        fp32_ptrs=("ds_ptr", "part_ptr"), loop="partials", COMPUTE_DS=compute_ds,
+                        **shapes)
     return configs

@@ -72,14 +72,27 @@ def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, l
     gates = torch.empty_like(probs) if top_k is not None else probs.new_empty(0)
     if M > 0:
         kernel = K.routed_shrink_kernel
-        flags, config = lowrank.pass_config(kernel, x.dtype, SHRINK_CONFIGS, rank_block(R),
+        block_r, block_e = rank_block(R), head_block(E)
+        flags, config = lowrank.pass_config(kernel, x.dtype, SHRINK_CONFIGS, block_r,
                                             lowrank.INTERPRETER_CONFIGS["shrink"])
-        launch(kernel, (triton.cdiv(M, config["BLOCK_M"]),),
-               (x, lora_A, router_weight, h, hg, probs, gates if top_k is not None else probs,
-                M, Kdim, R, E, top_k or 0, x.stride(0), x.stride(1), lora_A.stride(0),
-                lora_A.stride(1), router_weight.stride(0), router_weight.stride(1), R, E * R, E),
-               config, HAS_TOP_K=top_k is not None, BLOCK_R=rank_block(R),
-               BLOCK_E=head_block(E), **flags)
+        row_blocks = triton.cdiv(M, config["BLOCK_M"])
+        splits, k_per_split = lowrank.split_loop(kernel, x.device, row_blocks, Kdim,
+                                                 config["BLOCK_K"])
+        gates_arg = gates if top_k is not None else probs  # a valid pointer; unread without top_k
+        part_h = lowrank.partial_sums(splits, M, block_r, h)
+        part_logits = lowrank.partial_sums(splits, M, block_e, h)
+        shapes = dict(HAS_TOP_K=top_k is not None, BLOCK_R=block_r, BLOCK_E=block_e)
+        launch(kernel, (row_blocks, splits),
+               (x, lora_A, router_weight, h, hg, probs, gates_arg, part_h, part_logits,
+                M, Kdim, R, E, top_k or 0, k_per_split, x.stride(0), x.stride(1),
+                lora_A.stride(0), lora_A.stride(1), router_weight.stride(0),
+                router_weight.stride(1), R, E * R, E),
+               config, SPLIT_K=splits > 1, **shapes, **flags)
+        if splits > 1:
+            launch(K.routed_shrink_finish_kernel, (row_blocks,),
+                   (part_h, part_logits, h, hg, probs, gates_arg, M, R, E, top_k or 0, splits,
+                    R, E * R, E),
+                   lowrank.finish_config(config), **shapes)
     y = lowrank.gemm_lowrank(x, weight.t(), hg, heads_side_by_side(lora_B).t(), bias, scaling)
     return y, h, hg, probs, gates
 
@@ -141,15 +154,25 @@ def kernel_configurations() -> list[KernelConfig]:
         for block_r in (16, 32, 64, 128):
             for has_top_k in (False, True):
                 flags = dict(HAS_TOP_K=has_top_k, BLOCK_R=block_r, BLOCK_E=head_block(MAX_HEADS))
-                configs.append(kernel_config(
-                    K.routed_shrink_kernel, f"{d} R{block_r} E16 top_k={has_top_k}",
-                    lowrank.bucket_config(SHRINK_CONFIGS, numerics, block_r), True, dtype, precision,
-                    UNIT_STRIDES["shrink"], fp32_ptrs=("probs_ptr", "gates_ptr"), **flags))
-                # No dots: the fp32 matmul precision does not apply, one fp32 variant suffices.
+                shrink_config = lowrank.bucket_config(SHRINK_CONFIGS, numerics, block_r)
+                for split in (False, True):
+                    configs.append(kernel_config(
+                        K.routed_shrink_kernel, f"{d} R{block_r} E16 top_k={has_top_k} split={split}",
+                        shrink_config, True, dtype, precision, UNIT_STRIDES["shrink"],
+                        fp32_ptrs=("probs_ptr", "gates_ptr", "part_h_ptr", "part_logits_ptr"),
+                        loop="stream", SPLIT_K=split, **flags))
+                # No dots below (the finishing kernel routes, the gate gradients are
+                # elementwise): the fp32 matmul precision does not apply, one fp32 variant
+                # suffices.
                 if precision == "tf32" and dtype == torch.float32:
                     continue
                 configs.append(kernel_config(
+                    K.routed_shrink_finish_kernel, f"{d} R{block_r} E16 top_k={has_top_k}",
+                    lowrank.finish_config(shrink_config), True, dtype, precision,
+                    fp32_ptrs=("probs_ptr", "gates_ptr", "part_h_ptr", "part_logits_ptr"),
+                    loop="partials", **flags))
+                configs.append(kernel_config(
                     K.routed_gate_grad_kernel, f"{d} R{block_r} E16 top_k={has_top_k}",
                     GATE_GRAD_CONFIG, True, dtype, precision, UNIT_STRIDES["gate_grad"],
-                    fp32_ptrs=("probs_ptr", "gates_ptr", "dprobs_ptr"), **flags))
+                    fp32_ptrs=("probs_ptr", "gates_ptr", "dprobs_ptr"), loop="stream", **flags))
     return configs
