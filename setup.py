@@ -85,7 +85,8 @@ HF = ["transformers>=5.24", "peft>=0.21", "safetensors>=0.8"]
 setup(
     name="adapterops",
     version="0.1.0",
-    description="Fused Triton kernels for parameter-efficient fine-tuning adapters (LoRA, PiSSA, LaMDA)",
+    description=("Fused Triton kernels for parameter-efficient fine-tuning adapters (LoRA, PiSSA, "
+                 "LaMDA, HydraLoRA, HD-PiSSA)"),
     long_description=open("README.md").read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",

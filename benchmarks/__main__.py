@@ -5,7 +5,7 @@ benchmarks/lowrank.py, hydra in benchmarks/routed.py, hdpissa and hdpissa_update
 benchmarks/hdpissa.py), writes DIR/results.csv, DIR/summary.md and, when matplotlib is
 installed, PNG plots (benchmarks/plots.py) into DIR (default:
 benchmarks/results/<device>-<YYYY-MM-DD>/) and prints the summary. `--headline` runs only the
-shapes the README's targets are stated at (small stand-ins on CPU); `--profile` also writes
+shapes the targets (docs/performance.md) are stated at (small stand-ins on CPU); `--profile` also writes
 DIR/profile.csv and DIR/profile.md, every kernel each timed call launches (harness.py).
 
 On a machine without a GPU the run sets TRITON_INTERPRET=1 and ADAPTEROPS_CSRC_ON_CPU=1 (unless

@@ -132,7 +132,7 @@ SQUARE_ONLY_RANKS = (64,)
 QUICK = {"cuda": ((4096, 4096), (512, 8192)), "cpu": ((256, 256), (16, 128))}
 UPDATE_FULL = ((4096, 4096), 16, (2, 4, 8))   # (in, out), r, K (world)
 UPDATE_QUICK = {"cuda": ((4096, 4096), 16, (8,)), "cpu": ((128, 128), 8, (2,))}
-# The shapes the targets are stated at (README "Numbers"); on CPU stand-ins for a dry run.
+# The shapes the targets are stated at (docs/performance.md, "Targets"); on CPU stand-ins for a dry run.
 HEADLINE = {"cuda": Case(M=8192, K=4096, N=4096, r=TARGET_RANK),
             "cpu": Case(M=16, K=64, N=32, r=8)}
 UPDATE_HEADLINE = {"cuda": Case(M=None, K=4096, N=4096, r=TARGET_RANK, world=8),

@@ -54,7 +54,7 @@ FULL_RANKS = (8, 16, 64, 128)
 # a 128 x 256 x 256 fused forward in about 2 s on this project's 2-core development machine.
 QUICK = {"cuda": (((4096, 4096),), (512, 8192), (16,)),
          "cpu": (((256, 256),), (16, 128), (16,))}
-# The shape the targets are stated at (README "Numbers"); on CPU a stand-in for a dry run.
+# The shape the targets are stated at (docs/performance.md, "Targets"); on CPU a stand-in for a dry run.
 HEADLINE = {"cuda": Case(M=8192, K=4096, N=4096, r=16), "cpu": Case(M=16, K=64, N=32, r=16)}
 
 

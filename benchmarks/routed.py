@@ -73,7 +73,7 @@ SQUARE_ONLY = ((8, 2), (8, 8), (16, 4), (64, 4))
 # 9 s, M=128: 27 s on this project's 2-core development machine), so the quick CPU run of
 # every op takes about 2 minutes there (1:50 measured).
 QUICK = {"cuda": ((4096, 4096), (512, 8192)), "cpu": ((256, 256), (16, 128))}
-# The shape the targets are stated at (README "Numbers"); on CPU a stand-in for a dry run.
+# The shape the targets are stated at (docs/performance.md, "Targets"); on CPU a stand-in for a dry run.
 HEADLINE = {"cuda": Case(M=8192, K=4096, N=4096, r=8, heads=4),
             "cpu": Case(M=16, K=64, N=32, r=8, heads=4)}
 

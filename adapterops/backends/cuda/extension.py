@@ -177,7 +177,7 @@ def kernel_image_problem(device: torch.device) -> Optional[str]:
         _kernel_image_problems[index] = problem and (
             f"adapterops._C has no kernel image for cuda:{index} (compute capability "
             f"{'.'.join(map(str, torch.cuda.get_device_capability(index)))}): {problem}; rebuild "
-            f"it for this GPU (TORCH_CUDA_ARCH_LIST, see README)")
+            f"it for this GPU (TORCH_CUDA_ARCH_LIST, see docs/backends.md)")
     return _kernel_image_problems[index] or None
 
 
