@@ -36,6 +36,9 @@ from adapterops.hydra import collect_balance_loss
 from adapterops.lamda import BFreezeSchedule
 from utils import join_or_kill
 
+# Spawns processes: slow, so not in `make quick` (pyproject.toml's `slow` marker).
+pytestmark = pytest.mark.slow
+
 WORLD = 2
 BATCH, IN_FEATURES, OUT_FEATURES = 8, 16, 7   # 7 outputs: FSDP2 shards B's rows 4 / 3
 STEPS = 6

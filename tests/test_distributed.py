@@ -20,6 +20,9 @@ from torch import nn
 from adapterops.distributed import aggregate_lowrank_deltas, check_consistency
 from utils import join_or_kill
 
+# Spawns processes: slow, so not in `make quick` (pyproject.toml's `slow` marker).
+pytestmark = pytest.mark.slow
+
 # (r, in, out) per layer: rank 1, odd sizes, and layer 1 larger than TINY_BUCKET_MB.
 SHAPES = [(1, 5, 3), (4, 24, 16), (2, 7, 9), (2, 1, 11), (1, 3, 2)]
 # r (in + out) per layer: 8, 160, 32, 24, 5; 229 elements in all.

@@ -10,6 +10,8 @@ the optimizer is compared with an fp32 tolerance.
 import copy
 import dataclasses
 import datetime
+import io
+import pickle
 
 import pytest
 import torch
@@ -257,6 +259,34 @@ def test_update_rejects_a_copy_that_overlaps_or_repeats_before_changing_weight(b
     assert torch.equal(W, before + 1)
 
 
+@pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
+def test_update_rejects_a_weight_that_repeats_elements(backend, device):
+    """A weight with a stride-0 dimension would have one element updated many times."""
+    weight = torch.zeros(1, 8, device=device).expand(6, -1)
+    with pytest.raises(ValueError, match=r"weight has strides \(0, 1\).*repeats elements"):
+        lowrank_update_(weight, torch.randn(6, 2, device=device), torch.randn(2, 8, device=device), 0.5,
+                        backend=backend)
+    assert weight.abs().max() == 0
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
+def test_update_of_a_tensor_requiring_grad_raises_like_pytorch(backend, device):
+    g = torch.Generator().manual_seed(3)
+    W = (torch.randn(6, 8, generator=g) / 8 ** 0.5).to(device)
+    P = torch.randn(6, 2, generator=g).to(device)
+    Q = (torch.randn(2, 8, generator=g) / 8 ** 0.5).to(device)
+    leaf = W.clone().requires_grad_()
+    before = leaf.detach().clone()
+    with pytest.raises(RuntimeError, match=r"weight requires grad.*torch.no_grad"):
+        lowrank_update_(leaf, P, Q, 0.5, backend=backend)
+    torch.testing.assert_close(leaf.detach(), before, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match=r"leaf Variable that requires grad"):
+        leaf.add_(1.0)  # what PyTorch itself says
+    with torch.no_grad():  # where optimizers update weights: allowed, as for add_
+        lowrank_update_(leaf, P, Q, 0.5, backend=backend)
+    torch.testing.assert_close(leaf.detach().double(), before.double() + 0.5 * P.double() @ Q.double())
+
+
 def test_cuda_update_declines_a_copy_dtype_it_cannot_write(device):
     W = torch.randn(4, 5, device=device)
     before = W.clone()
@@ -393,6 +423,27 @@ def test_a_state_dict_from_another_rank_keeps_this_ranks_slice():
     A, B = init_factors(linear.weight, 3, 2, 1)
     assert torch.equal(rank1.lora_A, A) and torch.equal(rank1.lora_B, B)
     assert torch.equal(rank1.weight, rank0.weight)
+
+
+def test_layer_and_converted_model_pickle_and_keep_their_load_hook():
+    """The hook that re-slices a rank's factors on load is a module-level function, so pickle
+    and torch.save take the layer, and the hook still works after a load."""
+    layer = HDPiSSALinear(16, 16, 2, 4, world_size=2, rank_index=0)
+    restored = pickle.loads(pickle.dumps(layer))
+    torch.testing.assert_close(restored.lora_A, layer.lora_A, rtol=0, atol=0)
+    model = convert(_net(), rank=2, alpha=4, world_size=2, rank_index=1)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    x = torch.randn(3, 12)
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    # The restored layer still re-slices its rank's factors after a load (the hook survived):
+    # rank 0's state loaded into rank 1's layer gives rank 1's slice.
+    rank0 = convert(_net(), rank=2, alpha=4, world_size=2, rank_index=0)
+    rank0.load_state_dict(model.state_dict())
+    loaded[0].load_state_dict(rank0[0].state_dict())
+    torch.testing.assert_close(loaded[0].lora_A, loaded[0].factor_A[2:4], rtol=0, atol=0)
 
 
 def test_convert_all_or_targets():
@@ -593,6 +644,18 @@ def test_optimizer_faults():
         other.load_state_dict(opt.state_dict())
 
 
+@pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
+def test_cast_after_the_optimizer_is_built_raises_at_step(backend):
+    model = convert(nn.Sequential(nn.Linear(16, 16)), rank=2, alpha=4, world_size=1,
+                    rank_index=0, backend=backend)
+    opt = HDPiSSAOptimizer(model, lr=1e-2)
+    model.half()
+    with pytest.raises(RuntimeError, match=r"step\(\): layer 0 has a torch.float16 weight.*cast "
+                                           r"after adapterops.hdpissa.convert"):
+        opt.step()
+    assert model[0].weight.dtype == torch.float16  # nothing was updated
+
+
 # 6. Real ranks: gloo processes.
 
 def _gloo_worker(rank, world, init_file, steps, results):
@@ -689,6 +752,7 @@ def _gloo_resume_worker(rank, world, init_file, checkpoint_dir, results):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # spawns processes: not in `make quick`
 def test_gloo_resume_reproduces_an_uninterrupted_run(tmp_path):
     results = mp.Manager().dict()
     mp.spawn(_gloo_resume_worker, args=(2, str(tmp_path / "init"), str(tmp_path), results),
@@ -697,6 +761,7 @@ def test_gloo_resume_reproduces_an_uninterrupted_run(tmp_path):
         assert results[rank] == [], f"rank {rank}: {results[rank]} differ after resuming"
 
 
+@pytest.mark.slow  # spawns processes: not in `make quick`
 def test_gloo_a_fault_on_one_rank_raises_on_every_rank(tmp_path):
     results = mp.Manager().dict()
     mp.spawn(_gloo_fault_worker, args=(2, str(tmp_path / "init"), results), nprocs=2, join=True)
@@ -707,6 +772,7 @@ def test_gloo_a_fault_on_one_rank_raises_on_every_rank(tmp_path):
                 in setup_error), setup_error
 
 
+@pytest.mark.slow  # spawns processes: not in `make quick`
 @pytest.mark.parametrize("world", [2, 3])
 def test_gloo_ranks_hold_identical_weights_equal_to_virtual_ranks(world, tmp_path):
     steps = 3

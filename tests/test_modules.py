@@ -1,12 +1,16 @@
-"""FusedLoRALinear and FusedLaMDALinear: inits, merge, dropout, training, compile, bad input.
+"""FusedLoRALinear, FusedLaMDALinear and FusedHydraLoRALinear: inits, merge, dropout, training,
+compile, copies, meta tensors, bad input.
 
 The modules run the default dispatch (Triton under the interpreter on CPU, compiled Triton on
 a GPU); op-level numerics are tested in test_lowrank.py.
 """
+import copy
 import math
+import pickle
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import adapterops
@@ -305,6 +309,22 @@ def test_hydra_balance_loss_is_kept_for_the_trainer(device):
     assert y.shape == (0, 7, 12) and layer.last_balance_loss is None
 
 
+def test_hydra_copy_and_pickle_after_a_training_forward_leave_the_balance_loss_behind():
+    """A deep copy after a training forward (an EMA, "keep the best model") or a pickle works:
+    the kept loss belongs to the batch's graph, not to the layer."""
+    layer = adapterops.FusedHydraLoRALinear(16, 16, rank=4, num_heads=3, alpha=8,
+                                            balance_loss_weight=0.01, backend="torch")
+    layer(torch.randn(7, 16)).sum().backward()
+    assert layer.last_balance_loss is not None and layer.last_balance_loss.grad_fn is not None
+    twin = copy.deepcopy(layer)
+    # The copy has none, the original keeps its own for the trainer.
+    assert twin.last_balance_loss is None and layer.last_balance_loss is not None
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(twin(x), layer(x), rtol=0, atol=0)
+    restored = pickle.loads(pickle.dumps(layer))
+    torch.testing.assert_close(restored(x), layer(x), rtol=0, atol=0)
+
+
 def test_hydra_dropout_path_shares_one_mask(device):
     layer = adapterops.FusedHydraLoRALinear(24, 16, rank=3, num_heads=3, alpha=6.0, top_k=2,
                                             dropout=0.5, device=device)
@@ -355,3 +375,26 @@ def test_hydra_forward_bad_input_named(dropout):
         layer(torch.randn(3, 30, dtype=torch.float16))
     with pytest.raises(TypeError, match="nn.Linear"):
         adapterops.FusedHydraLoRALinear.from_linear(nn.Conv1d(3, 3, 1), 2, 2, 4.0)
+
+
+# Meta tensors: how large models are built before loading.
+
+def test_ops_and_layers_on_meta_inputs_give_meta_results():
+    x, weight, lora_A, lora_B = (torch.empty(*shape, device="meta")
+                                 for shape in ((5, 8), (6, 8), (2, 8), (6, 2)))
+    lora_S = torch.empty(2, 2, device="meta")
+    expected = F.linear(x, weight)
+    for y in (adapterops.lowrank_linear(x, weight, None, lora_A, lora_B, 0.5),
+              adapterops.lowrank_linear(x, weight, None, lora_A, lora_B, 0.5, lora_S),
+              adapterops.hdpissa_linear(x, weight, None, lora_A, lora_B, 0.5),
+              adapterops.routed_lowrank_linear(x, weight, None, lora_A,
+                                               torch.empty(3, 6, 2, device="meta"),
+                                               torch.empty(3, 8, device="meta"), 0.5, top_k=2)):
+        assert y.device.type == "meta" and y.shape == expected.shape and y.dtype == expected.dtype
+    with torch.device("meta"):
+        layers = [FusedLoRALinear(8, 6, rank=2, alpha=4), FusedLaMDALinear(8, 6, rank=2, alpha=4),
+                  adapterops.FusedHydraLoRALinear(8, 6, rank=2, num_heads=3, alpha=4),
+                  adapterops.HDPiSSALinear(8, 6, 2, 4, world_size=1, rank_index=0, initialise=False)]
+    for layer in layers:
+        y = layer(torch.empty(4, 3, 8, device="meta"))
+        assert y.device.type == "meta" and y.shape == (4, 3, 6)

@@ -27,6 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PATH_ENTRIES = (ROOT, ROOT / "tests", ROOT / "benchmarks")
 NOT_SOURCES = (".git", ".venv", ".venv-cuda", "build", "__pycache__", "*.egg-info",
                ".pytest_cache", ".hypothesis", ".benchmarks", "results")
+# Builds and installs a wheel: not in `make quick` (pyproject.toml's `slow` marker).
+pytestmark = pytest.mark.slow
 
 
 def _hf_kernels_installed() -> bool:
