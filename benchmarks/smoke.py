@@ -10,12 +10,22 @@ reference's scale. Cases: `lamda` and `lora` (`lowrank_linear`, bf16, M = 8192, 
 r = 16), `hydra` and `hydra_top2` (`routed_lowrank_linear`, r = 8, E = 4, dense and top-2),
 `hdpissa` (`hdpissa_linear`, r = 16), `update_highest` and `update_high` (`lowrank_update_`,
 fp32 W 4096 x 4096, inner size 2 K r = 256 for K = 8 ranks, a bf16 copy; at both fp32 matmul
-precisions). A backend that cannot serve a case here gives a row saying why, not a failure.
+precisions).
 
-Writes DIR/smoke.csv and DIR/smoke.md after every case and exits 1 when any check fails.
+A backend that was asked for (`--backends`) and cannot serve a case gives a row with the
+backend's reasons (the dispatcher's message, as `python -m adapterops.info` would explain it).
+On a CUDA device that row is a failure (status `UNAVAILABLE`): the smoke exists to check the
+backends there, and a triton that failed to import must not pass as "0 failed". On CPU (the
+dry run, where a backend may legitimately be absent) it is reported (status `unavailable`) and
+counted apart from the checks, so a run that checked nothing says so instead of "0 failed".
+
+Writes DIR/smoke.csv and DIR/smoke.md after every case, prints a verdict line (and every failure,
+with its reasons, on stderr) and exits 1 when any check fails.
 """
 import argparse
+import contextlib
 import csv
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -30,7 +40,8 @@ COLUMNS = ("case", "backend", "tensor", "status", "err", "torch_err", "bound", "
 SCALING = 0.5
 
 
-def _tensor(*shape, fan_in, dtype, device, grad=False):
+def random_tensor(*shape, fan_in, dtype, device, grad=False):
+    """Normal values scaled by 1 / sqrt(fan_in) (unit-size products), a leaf."""
     return (torch.randn(*shape, dtype=dtype, device=device) / fan_in ** 0.5).requires_grad_(grad)
 
 
@@ -44,12 +55,13 @@ def _lowrank_case(lamda: bool):
     def make(size, device):
         M, K, N, r = size["M"], size["K"], size["N"], size["r"]
         bf16 = dict(dtype=torch.bfloat16, device=device)
-        inputs = {"x": _tensor(M, K, fan_in=1, grad=True, **bf16),
-                  "weight": _tensor(N, K, fan_in=K, **bf16), "bias": _tensor(N, fan_in=1, **bf16),
-                  "lora_A": _tensor(r, K, fan_in=K, grad=not lamda, **bf16),
-                  "lora_B": _tensor(N, r, fan_in=r, grad=True, **bf16)}
+        inputs = {"x": random_tensor(M, K, fan_in=1, grad=True, **bf16),
+                  "weight": random_tensor(N, K, fan_in=K, **bf16),
+                  "bias": random_tensor(N, fan_in=1, **bf16),
+                  "lora_A": random_tensor(r, K, fan_in=K, grad=not lamda, **bf16),
+                  "lora_B": random_tensor(N, r, fan_in=r, grad=True, **bf16)}
         if lamda:
-            inputs["lora_S"] = _tensor(r, r, fan_in=r, grad=True, **bf16)
+            inputs["lora_S"] = random_tensor(r, r, fan_in=r, grad=True, **bf16)
 
         def run(t, backend):
             return {"y": adapterops.lowrank_linear(t["x"], t["weight"], t["bias"], t["lora_A"],
@@ -63,11 +75,12 @@ def _routed_case(top_k: Optional[int]):
     def make(size, device):
         M, K, N, r, E = size["M"], size["K"], size["N"], size["hydra_r"], size["E"]
         bf16 = dict(dtype=torch.bfloat16, device=device)
-        inputs = {"x": _tensor(M, K, fan_in=1, grad=True, **bf16),
-                  "weight": _tensor(N, K, fan_in=K, **bf16), "bias": _tensor(N, fan_in=1, **bf16),
-                  "lora_A": _tensor(r, K, fan_in=K, grad=True, **bf16),
-                  "lora_B": _tensor(E, N, r, fan_in=r, grad=True, **bf16),
-                  "router_weight": _tensor(E, K, fan_in=K, grad=True, **bf16)}
+        inputs = {"x": random_tensor(M, K, fan_in=1, grad=True, **bf16),
+                  "weight": random_tensor(N, K, fan_in=K, **bf16),
+                  "bias": random_tensor(N, fan_in=1, **bf16),
+                  "lora_A": random_tensor(r, K, fan_in=K, grad=True, **bf16),
+                  "lora_B": random_tensor(E, N, r, fan_in=r, grad=True, **bf16),
+                  "router_weight": random_tensor(E, K, fan_in=K, grad=True, **bf16)}
 
         def run(t, backend):
             y, probs = adapterops.routed_lowrank_linear(
@@ -81,10 +94,11 @@ def _routed_case(top_k: Optional[int]):
 def _hdpissa_case(size, device):
     M, K, N, r = size["M"], size["K"], size["N"], size["r"]
     bf16 = dict(dtype=torch.bfloat16, device=device)
-    inputs = {"x": _tensor(M, K, fan_in=1, grad=True, **bf16),
-              "weight": _tensor(N, K, fan_in=K, **bf16), "bias": _tensor(N, fan_in=1, **bf16),
-              "lora_A": _tensor(r, K, fan_in=K, grad=True, **bf16),
-              "lora_B": _tensor(N, r, fan_in=r, grad=True, **bf16)}
+    inputs = {"x": random_tensor(M, K, fan_in=1, grad=True, **bf16),
+              "weight": random_tensor(N, K, fan_in=K, **bf16),
+              "bias": random_tensor(N, fan_in=1, **bf16),
+              "lora_A": random_tensor(r, K, fan_in=K, grad=True, **bf16),
+              "lora_B": random_tensor(N, r, fan_in=r, grad=True, **bf16)}
 
     def run(t, backend):
         return {"y": adapterops.hdpissa_linear(t["x"], t["weight"], t["bias"], t["lora_A"],
@@ -95,8 +109,9 @@ def _hdpissa_case(size, device):
 def _update_case(size, device):
     K, N, inner = size["K"], size["N"], 2 * size["world"] * size["r"]
     fp32 = dict(dtype=torch.float32, device=device)
-    inputs = {"weight": _tensor(N, K, fan_in=K, **fp32), "P": _tensor(N, inner, fan_in=inner, **fp32),
-              "Q": _tensor(inner, K, fan_in=K, **fp32)}
+    inputs = {"weight": random_tensor(N, K, fan_in=K, **fp32),
+              "P": random_tensor(N, inner, fan_in=inner, **fp32),
+              "Q": random_tensor(inner, K, fan_in=K, **fp32)}
 
     def run(t, backend):
         weight = t["weight"].clone()
@@ -119,27 +134,55 @@ CASES: dict[str, tuple[Callable, Optional[str]]] = {
 }
 
 
-def _results(inputs: dict, run: Callable, backend: str, dtype: Optional[torch.dtype],
-             grad_outputs: dict[str, Tensor]) -> dict[str, Tensor]:
+def results(inputs: dict, run: Callable, backend: str, dtype: Optional[torch.dtype],
+            grad_outputs: dict[str, Tensor],
+            phase: Callable[[str], contextlib.AbstractContextManager] = lambda name:
+            contextlib.nullcontext()) -> dict[str, Tensor]:
     """run's outputs and the gradients (d<name>) of every input that requires one, from the
-    output gradients `grad_outputs`; the inputs are first cast to `dtype` (None: kept), as
-    fresh leaves."""
+    output gradients `grad_outputs`; the inputs are first cast to `dtype` (None: kept, layout
+    included), as fresh leaves. The forward runs inside `phase("forward")`, the backward (when
+    any input requires a gradient) inside `phase("backward")`."""
     leaves = {name: (t.detach().to(dtype) if dtype is not None else t.detach())
               .requires_grad_(t.requires_grad) for name, t in inputs.items()}
-    outputs = run(leaves, backend)
+    with phase("forward"):
+        outputs = run(leaves, backend)
     wanted = [name for name, t in leaves.items() if t.requires_grad]
     grads = {}
     if wanted:
         differentiable = [name for name, out in outputs.items() if out.requires_grad]
-        grads = dict(zip((f"d{name}" for name in wanted), torch.autograd.grad(
-            [outputs[name] for name in differentiable], [leaves[name] for name in wanted],
-            [grad_outputs[name].to(outputs[name].dtype) for name in differentiable])))
+        with phase("backward"):
+            grads = dict(zip((f"d{name}" for name in wanted), torch.autograd.grad(
+                [outputs[name] for name in differentiable], [leaves[name] for name in wanted],
+                [grad_outputs[name].to(outputs[name].dtype) for name in differentiable])))
     return {name: t.detach() for name, t in {**outputs, **grads}.items()}
+
+
+def compare(tensor: str, got: Tensor, ref: Tensor, base: Tensor) -> dict:
+    """One tensor's verdict under the rule of the unit tests (tests/utils.py): `got` (the backend
+    under test) may be off the float64 reference `ref` by at most twice the error of `base` (the
+    torch backend in got's dtype) plus one unit of got's rounding at ref's scale."""
+    scale = ref.abs().max().item() if ref.numel() else 0.0
+    err = (got.double() - ref).abs().max().item() if ref.numel() else 0.0
+    torch_err = (base.double() - ref).abs().max().item() if ref.numel() else 0.0
+    bound = 2 * torch_err + torch.finfo(got.dtype).eps * scale
+    finite = bool(torch.isfinite(got).all())
+    return {"tensor": tensor, "status": "ok" if finite and err <= bound else "FAIL", "err": err,
+            "torch_err": torch_err, "bound": bound, "scale": scale,
+            "detail": "" if finite else "non-finite values"}
+
+
+def unavailable_status(device_type: str) -> str:
+    """The status of a case a requested backend cannot serve: a failure (UNAVAILABLE) on a CUDA
+    device, where every backend asked for must serve; a note (unavailable) elsewhere."""
+    return "UNAVAILABLE" if device_type == "cuda" else "unavailable"
+
+
+FAILED = ("FAIL", "error", "UNAVAILABLE")
 
 
 def check_case(name: str, backend: str, device: torch.device) -> list[dict]:
     """The rows of one case on one backend: one per output and gradient, or one saying why the
-    backend cannot serve it."""
+    backend cannot serve it (its reasons) or what went wrong."""
     make, precision = CASES[name]
     previous = torch.get_float32_matmul_precision()
     if precision is not None:
@@ -151,15 +194,16 @@ def check_case(name: str, backend: str, device: torch.device) -> list[dict]:
         with torch.no_grad():
             shapes = {name: out.shape for name, out in run(inputs, "torch").items()}
         grad_outputs = {name: torch.randn(shape, device=device) for name, shape in shapes.items()}
-        reference = _results(inputs, run, "torch", torch.float64, grad_outputs)
-        baseline = _results(inputs, run, "torch", None, grad_outputs)
+        reference = results(inputs, run, "torch", torch.float64, grad_outputs)
+        baseline = results(inputs, run, "torch", None, grad_outputs)
         try:
-            actual = _results(inputs, run, backend, None, grad_outputs)
+            actual = results(inputs, run, backend, None, grad_outputs)
         except ValueError as exc:
+            # The dispatcher's message names every reason the forced backend gave.
             if f"backend {backend!r} was forced" not in str(exc):
                 raise
-            return [{"case": name, "backend": backend, "status": "unavailable",
-                     "detail": str(exc)}]
+            return [{"case": name, "backend": backend, "status": unavailable_status(device.type),
+                     "detail": str(exc).replace("\n", " ")}]
         if device.type == "cuda":
             torch.cuda.synchronize()
     except Exception as exc:
@@ -168,19 +212,31 @@ def check_case(name: str, backend: str, device: torch.device) -> list[dict]:
     finally:
         torch.set_float32_matmul_precision(previous)
     seconds = time.perf_counter() - start
-    rows = []
-    for tensor, ref in reference.items():
-        got, base = actual[tensor], baseline[tensor]
-        scale = ref.abs().max().item() if ref.numel() else 0.0
-        err = (got.double() - ref).abs().max().item() if ref.numel() else 0.0
-        torch_err = (base.double() - ref).abs().max().item() if ref.numel() else 0.0
-        bound = 2 * torch_err + torch.finfo(got.dtype).eps * scale
-        finite = bool(torch.isfinite(got).all())
-        rows.append({"case": name, "backend": backend, "tensor": tensor,
-                     "status": "ok" if finite and err <= bound else "FAIL", "err": err,
-                     "torch_err": torch_err, "bound": bound, "scale": scale, "seconds": seconds,
-                     "detail": "" if finite else "non-finite values"})
-    return rows
+    return [{"case": name, "backend": backend, "seconds": seconds,
+             **compare(tensor, actual[tensor], ref, baseline[tensor])}
+            for tensor, ref in reference.items()]
+
+
+def verdict(rows: list[dict]) -> str:
+    """One line: FAILED, passed or NOTHING WAS CHECKED, then how many tensors were compared and
+    how many were wrong, with the cases that errored or that a backend could not serve counted
+    apart. A run that compared nothing never reads as "0 wrong"."""
+    checked = [row for row in rows if row["status"] in ("ok", "FAIL")]
+    count = {status: sum(row["status"] == status for row in rows)
+             for status in ("FAIL", "error", "UNAVAILABLE", "unavailable")}
+    failures = sum(count[status] for status in FAILED)
+    parts = ([f"{len(checked)} tensors checked, {count['FAIL']} wrong"] if checked
+             else ["nothing was checked"] if failures else [])
+    if count["error"]:
+        parts.append(f"{count['error']} case(s) errored")
+    if count["UNAVAILABLE"]:
+        parts.append(f"{count['UNAVAILABLE']} case(s) UNAVAILABLE on a requested backend "
+                     "(a failure on a CUDA device)")
+    if count["unavailable"]:
+        parts.append(f"{count['unavailable']} case(s) unavailable on a requested backend "
+                     "(not checked; not a failure off CUDA)")
+    head = "FAILED" if failures else "passed" if checked else "NOTHING WAS CHECKED"
+    return f"{head}: " + "; ".join(parts)
 
 
 def write(rows: list[dict], out_dir: Path, device_name: str) -> None:
@@ -189,10 +245,9 @@ def write(rows: list[dict], out_dir: Path, device_name: str) -> None:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows({k: row.get(k, "") for k in COLUMNS} for row in rows)
-    failed = sum(row["status"] in ("FAIL", "error") for row in rows)
     lines = ["# Correctness smoke", "", f"{device_name}, torch {torch.__version__}; "
-             "bound = 2 x torch's error in the dtype + 1 ulp at the reference's scale; "
-             f"{len(rows)} rows, {failed} failed", "",
+             "bound = 2 x torch's error in the dtype + 1 ulp at the reference's scale", "",
+             verdict(rows), "",
              "| case | backend | tensor | status | err | torch err | bound | s |",
              "|---|---|---|---|---|---|---|---|"]
     for row in rows:
@@ -236,7 +291,14 @@ def main(argv=None) -> int:
                                            if last["status"] in ("ok", "FAIL")
                                            else f"{last['status']}: {last['detail'][:200]}"),
                   flush=True)
-    return 1 if any(row["status"] in ("FAIL", "error") for row in rows) else 0
+    for row in rows:
+        if row["status"] in FAILED:
+            print(f"smoke: {row['status']} {row['case']} {row['backend']} "
+                  + (row.get("tensor") or "") + ": "
+                  + (row["detail"] or f"error {row['err']:.3g} > bound {row['bound']:.3g}"),
+                  file=sys.stderr, flush=True)
+    print(f"smoke: {verdict(rows)}", flush=True)
+    return 1 if any(row["status"] in FAILED for row in rows) else 0
 
 
 if __name__ == "__main__":

@@ -126,3 +126,66 @@ def test_an_op_with_a_fixed_dtype_records_it(device):
     assert update.name == "hdpissa_update" and update.dtype == torch.float32
     rows = harness.run([update], device=device, dtype=torch.bfloat16, quick=True, cpu_budget_s=0.0)
     assert {row["dtype"] for row in rows} == {"fp32"} and not any(row["error"] for row in rows), rows
+
+
+# benchmarks/smoke.py: a backend asked for that cannot serve is never counted as a pass.
+SIMULATED_REASON = "triton is not importable (ImportError: simulated by test_benchmarks_smoke)"
+
+
+def _triton_unavailable(monkeypatch):
+    from adapterops import dispatch
+    from adapterops.backends import BACKENDS
+    monkeypatch.setattr(BACKENDS["triton"], "unavailable_reason", lambda: SIMULATED_REASON)
+    dispatch.clear_cache()
+
+
+def _smoke_rows(out: Path) -> list[dict]:
+    with open(out / "smoke.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_smoke_off_cuda_reports_an_unavailable_backend_and_never_says_0_failed(
+        monkeypatch, tmp_path, capsys):
+    from benchmarks import smoke
+    _triton_unavailable(monkeypatch)
+    assert smoke.main(["--device", "cpu", "--backends", "triton", "--cases", "lora,update_high",
+                       "--out", str(tmp_path)]) == 0
+    rows = _smoke_rows(tmp_path)
+    assert [(row["case"], row["status"]) for row in rows] == [
+        ("lora", "unavailable"), ("update_high", "unavailable")], rows
+    assert all(SIMULATED_REASON in row["detail"] for row in rows), rows
+    report = (tmp_path / "smoke.md").read_text()
+    assert "NOTHING WAS CHECKED" in report and "2 case(s) unavailable" in report, report
+    assert "0 failed" not in report and "0 wrong" not in report, report
+    assert "smoke: NOTHING WAS CHECKED" in capsys.readouterr().out
+
+
+def test_smoke_on_cuda_an_unavailable_backend_fails_naming_its_reasons(
+        monkeypatch, tmp_path, capsys):
+    """The CUDA rule, simulated here: the status smoke gives an unservable case on a CUDA device
+    (`unavailable_status("cuda")`) for a run whose tensors are on the CPU."""
+    from benchmarks import smoke
+    assert smoke.unavailable_status("cuda") == "UNAVAILABLE" and "UNAVAILABLE" in smoke.FAILED
+    assert smoke.unavailable_status("cpu") == "unavailable" not in smoke.FAILED
+    on_cuda = smoke.unavailable_status
+    monkeypatch.setattr(smoke, "unavailable_status", lambda device_type: on_cuda("cuda"))
+    _triton_unavailable(monkeypatch)
+    assert smoke.main(["--device", "cpu", "--backends", "triton", "--cases", "lora",
+                       "--out", str(tmp_path)]) == 1
+    assert [row["status"] for row in _smoke_rows(tmp_path)] == ["UNAVAILABLE"]
+    report = (tmp_path / "smoke.md").read_text()
+    assert "FAILED: nothing was checked; 1 case(s) UNAVAILABLE" in report, report
+    captured = capsys.readouterr()
+    assert "smoke: UNAVAILABLE lora triton" in captured.err and SIMULATED_REASON in captured.err, \
+        captured.err
+    assert "smoke: FAILED" in captured.out, captured.out
+
+
+def test_smoke_verdict_counts_checks_and_failures_apart():
+    from benchmarks.smoke import verdict
+    ok = {"status": "ok"}
+    assert verdict([ok, ok]) == "passed: 2 tensors checked, 0 wrong"
+    assert verdict([ok, {"status": "FAIL"}]).startswith("FAILED: 2 tensors checked, 1 wrong")
+    assert verdict([ok, {"status": "unavailable"}]).startswith("passed: 1 tensors checked, 0 wrong; "
+                                                               "1 case(s) unavailable")
+    assert verdict([{"status": "error"}]) == "FAILED: nothing was checked; 1 case(s) errored"
