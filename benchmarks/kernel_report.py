@@ -26,6 +26,10 @@ One row per (configuration, sizes, arch):
   HGMMAs) is followed by `WARPGROUP.DEPBAR.LE gsb0, 0x0` before the next one: each waits for
   the one before, so the tensor cores idle for the MMA's latency at every step, where a
   pipelined loop keeps one group in flight (`DEPBAR.LE gsb0, 0x1`);
+- wgmma_waits: how the main loop's MMAs wait (`_wgmma_waits`): `pipelined` (an MMA group left
+  in flight into the next iteration), `per group` (the k16 HGMMAs of each `tl.dot` issue back
+  to back, then the loop waits for all of them with `DEPBAR.LE gsb0, 0x0`: no MMA crosses an
+  iteration), `per HGMMA` (serialized), `none`;
 - advisories: the codes of every other ptxas "Potential Performance Loss" line;
 - tma: `yes` when the PTX loads or stores tiles with `cp.async.bulk.tensor` (Hopper's tensor
   memory accelerator: one instruction moves a whole tile, no per-thread address arithmetic,
@@ -39,7 +43,24 @@ Exits 1 if any row has a problem (`_problems`, the one place the failure rules l
 fails; shared memory over the arch's limit; or, for a default configuration (the one used with
 ADAPTEROPS_AUTOTUNE=0 and before autotuning), spills, serialized wgmma, any ptxas performance
 advisory, a fenced reduction, or no TMA where the configuration is the sm_90 tensor-descriptor
-path (`KernelConfig.expects_tma`).
+path (`KernelConfig.expects_tma`). The wgmma rules follow what the kernel's main loop is
+(`KernelConfig.loop`): a GEMM (`gemm`) must keep its MMAs `pipelined`; a streaming pass over x
+or dY (`stream`: the shrinks, the grad pass, the gate gradients) may wait `per group`, never
+per HGMMA; a split pass's finishing kernel (`partials`) has no MMA loop to judge.
+
+Why the streaming passes may wait per group (sm_90, triton 3.9). In every grad-pass
+configuration, every rank bucket, the loop's `tl.dot`s (g += dY B, then the dB tile dY^T h2)
+each issue their k16 HGMMAs back to back and are then waited for in full. At rank bucket 256
+(the routed op's grad pass at E r > 128; BLOCK_N = 32) the g product is ONE group of two
+HGMMAs followed by the wait: a full wait after the pair, not after each, so ptxas did not
+serialize them (no C7515, and the first HGMMA issues without waiting). No MMA stays in flight
+across iterations because the dB product's result feeds the reductions in the same iteration,
+and a wgmma wait retires every group in flight (the variants without dB wait the same way;
+we did not find what stops Triton's pipeliner there). What it costs is the MMAs' latency once
+per iteration: at rank 16, a 64 x 64 tile, about 0.1-0.2 us of MMA and wait against 0.45 us to
+stream the tile's 10 KB at a 132-SM share of 3 TB/s (an estimate, not yet measured on a GPU),
+and the `cp.async` pipeline keeps the next (num_stages - 1) tiles of dY loading meanwhile. A
+GEMM has no such slack (its MMAs are the work), so there the same pattern fails the report.
 
 Compiles run in a process pool (`--jobs`, default: every CPU) against a fresh TRITON_CACHE_DIR,
 so the times are real compiles, never cache hits. Kernels built under TRITON_INTERPRET=1 cannot

@@ -21,14 +21,17 @@ Without a GPU the Triton kernels run under the interpreter on CPU tensors (tests
 with one, the same tests run on CUDA tensors through the `device` fixture.
 """
 import dataclasses
+import threading
 from typing import Optional
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from adapterops import lowrank_linear
+from adapterops import hdpissa_linear, lowrank_linear, lowrank_update_, routed_lowrank_linear
 from adapterops.backends import BACKENDS
-from utils import assert_close_to_reference, forbid_backend_calls
+from utils import CountingKernel, assert_close_to_reference, forbid_backend_calls
 
 BACKEND_NAMES = ("triton", "cuda", "torch")
 # The backends judged against float64 by the rule in tests/utils.py (see
@@ -99,6 +102,9 @@ class Case:
 #     for an sm_90)                        operands): multitile has 3 x 3 forward tiles and 3 x 2
 #                                         dx tiles of 32 on 3 persistent programs, K = 40 and 72
 #                                         ending in partial blocks; the rest take the pointer path
+#   the shrink and grad pass split over ... every case of at most 2 row blocks of 32 tokens (the
+#     K and N, with their finishing         interpreter's GPU has 3 SMs; see test_passes_split_
+#     kernels                               for_few_row_blocks); multitile (70 tokens) runs unsplit
 CASES = [
     Case("one-token-lora-r16", (1,), 64, 48, 16, "lora", seed=1),
     Case("odd-lamda-r5", (37,), 70, 50, 5, "lamda", seed=2),
@@ -721,43 +727,203 @@ def test_autotune_not_while_capturing_a_cuda_graph(tuner, monkeypatch):
 # kernel must serve every 16-bit GEMM whose operands a descriptor can address (unit column
 # stride, 16-byte aligned rows) and the pointer kernel every other, forward and dx alike.
 
-class _CountingKernel:
-    """Stands in for a kernel and records (its name, the grid) of every launch in `log`."""
-
-    def __init__(self, name, kernel, log):
-        self.name, self.kernel, self.log = name, kernel, log
-
-    def __getitem__(self, grid):
-        self.log.append((self.name, grid))
-        return self.kernel[grid]
-
-    def __getattr__(self, name):
-        return getattr(self.kernel, name)
-
-
 TMA, POINTER = "gemm_lowrank_tma_kernel", "gemm_lowrank_kernel"
 
 
-@pytest.mark.parametrize("what,dtype,in_f,layout,forward,dx", [
-    ("bf16 widths multiple of 8", torch.bfloat16, 40, "contiguous", TMA, TMA),
-    ("fp16 widths multiple of 8", torch.float16, 40, "contiguous", TMA, TMA),
+@pytest.mark.parametrize("what,dtype,in_f,layout,grad_y,forward,dx", [
+    ("bf16 widths multiple of 8", torch.bfloat16, 40, "contiguous", "random", TMA, TMA),
+    ("fp16 widths multiple of 8", torch.float16, 40, "contiguous", "random", TMA, TMA),
     # x's rows (and so dx's) are 140 bytes.
-    ("bf16 in_features 70", torch.bfloat16, 70, "contiguous", POINTER, POINTER),
+    ("bf16 in_features 70", torch.bfloat16, 70, "contiguous", "random", POINTER, POINTER),
     # x has column stride M; dY, W and dx are contiguous.
-    ("bf16 transposed x", torch.bfloat16, 40, "transposed", POINTER, TMA),
-    ("full fp32", torch.float32, 40, "contiguous", POINTER, POINTER),
+    ("bf16 transposed x", torch.bfloat16, 40, "transposed", "random", POINTER, TMA),
+    # dY's rows all alias one row (row stride 0): a descriptor cannot describe overlapping rows.
+    ("bf16 expanded dY", torch.bfloat16, 40, "contiguous", "expanded", TMA, POINTER),
+    ("full fp32", torch.float32, 40, "contiguous", "random", POINTER, POINTER),
+    # TF32 wgmma reads B K-major only: the forward's W^T is, the dx GEMM's W is not.
+    ("TF32", torch.float32, 40, "contiguous", "random", TMA, POINTER),
 ])
-def test_gemm_path_follows_the_operands(what, dtype, in_f, layout, forward, dx, device,
+def test_gemm_path_follows_the_operands(what, dtype, in_f, layout, grad_y, forward, dx, device,
                                         monkeypatch):
     if device != "cpu":
         pytest.skip("the stand-in kernels run under the interpreter only; on a GPU the kernel "
                     "report and the profiler table show the path")
     import adapterops.kernels.lowrank as kernels
+    if what == "TF32":
+        # The interpreter always computes fp32 in full precision; here the launchers choose
+        # as for a GPU under torch.set_float32_matmul_precision("high").
+        from adapterops.backends.triton import lowrank as launchers
+        monkeypatch.setattr(launchers, "numerics_flags",
+                            lambda dtype, kernel: {"UPCAST": False, "INPUT_PRECISION": "tf32"})
     log = []
     for name in (TMA, POINTER):
-        monkeypatch.setattr(kernels, name, _CountingKernel(name, getattr(kernels, name), log))
-    case = Case("path", (70,), in_f, 72, 24, "lamda", layout=layout, seed=13)
+        monkeypatch.setattr(kernels, name, CountingKernel(name, getattr(kernels, name), log))
+    case = Case("path", (70,), in_f, 72, 24, "lamda", layout=layout, grad_y=grad_y, seed=13)
     run_case(case, make_inputs(case), dtype, device, "triton")
     assert [name for name, _ in log] == [forward, dx], f"{what}: launches {log}"
     # Persistent: no more programs than tiles, and here fewer (9 forward, 6 dx tiles of 32).
     assert all(grid == (3,) for name, grid in log if name == TMA), f"{what}: launches {log}"
+
+
+PASSES = ("lowrank_shrink_kernel", "lowrank_shrink_finish_kernel", "lowrank_grad_pass_kernel",
+          "lowrank_grad_pass_finish_kernel")
+
+
+@pytest.mark.parametrize("mode", ["lamda", "lora"])
+@pytest.mark.parametrize("tokens,in_f,out_f,shrink_grid,grad_grid", [
+    # 1 row block of 32 on the interpreter's 3 SMs: K = 100 is 4 tiles of 32, in 2 splits of
+    # 2 tiles (3 splits would leave one empty), the last ending in a partial tile; N = 72 is 3
+    # tiles, in 3 splits of 1.
+    (21, 100, 72, (1, 2), (1, 3)),
+    # 2 row blocks: 2 splits each, every split whole tiles but the last.
+    (40, 100, 72, (2, 2), (2, 2)),
+    # 1 tile of K or N: nothing to split.
+    (21, 24, 20, (1, 1), (1, 1)),
+    # 3 row blocks fill the 3 SMs: unsplit.
+    (70, 100, 72, (3, 1), (3, 1)),
+])
+def test_passes_split_for_few_row_blocks(mode, tokens, in_f, out_f, shrink_grid, grad_grid,
+                                        device, monkeypatch):
+    """With fewer row blocks than SMs the shrink splits K and the grad pass N (then each
+    finishing kernel runs once per row block), and the results stay those of the float64
+    reference by the usual rule."""
+    if device != "cpu":
+        pytest.skip("the stand-in kernels run under the interpreter only; on a GPU the profiler "
+                    "table shows the launches")
+    import adapterops.kernels.lowrank as kernels
+    log = []
+    for name in PASSES:
+        monkeypatch.setattr(kernels, name, CountingKernel(name, getattr(kernels, name), log))
+    case = Case("split", (tokens,), in_f, out_f, 16, mode, seed=14)
+    inputs = make_inputs(case)
+    rounded = {k: (v.to(torch.float16).double() if v is not None else None)
+               for k, v in inputs.items()}
+    ref_y, ref_grads = run_case(case, rounded, torch.float64, device, "torch")
+    base_y, base_grads = run_case(case, inputs, torch.float16, device, "torch")
+    y, grads = run_case(case, inputs, torch.float16, device, "triton")
+    where = f"{mode} {tokens} tokens"
+    assert_close_to_reference(f"{where} y", y, ref_y, base_y)
+    for name, grad in grads.items():
+        assert_close_to_reference(f"{where} d{name}", grad, ref_grads[name], base_grads[name])
+    split_shrink, split_grad = shrink_grid[1] > 1, grad_grid[1] > 1
+    expected = ([("lowrank_shrink_kernel", shrink_grid)]
+                + [("lowrank_shrink_finish_kernel", shrink_grid[:1])] * split_shrink
+                + [("lowrank_grad_pass_kernel", grad_grid)]
+                + [("lowrank_grad_pass_finish_kernel", grad_grid[:1])] * split_grad)
+    assert log == expected, f"{where}: launches {log}"
+
+
+# 10. The scalar arguments (shared with hdpissa_linear, lowrank_update_ and
+# routed_lowrank_linear, which check them alike), NaN at scaling 0, and threads.
+
+def _small(device):
+    """x, weight, lora_A, lora_B of `_good` with 5 tokens, 8 -> 6 features, rank 2."""
+    args = _good(device, M=5, K=8, N=6, r=2)
+    return args["x"], args["weight"], args["lora_A"], args["lora_B"]
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+@pytest.mark.parametrize("scaling", [1e300, -1e39, 3.5e38])
+def test_scaling_outside_float32_range_is_rejected_up_front(backend, scaling, device):
+    x, weight, lora_A, lora_B = _small(device)
+    with pytest.raises(ValueError, match=r"scaling must be within float32's range"):
+        lowrank_linear(x, weight, None, lora_A, lora_B, scaling, backend=backend)
+    with pytest.raises(ValueError, match=r"scaling must be within float32's range"):
+        hdpissa_linear(x, weight, None, lora_A, lora_B, scaling, backend=backend)
+    with pytest.raises(ValueError, match=r"scale must be within float32's range"):
+        lowrank_update_(weight.clone(), lora_B, lora_A, scaling, backend=backend)
+
+
+@pytest.mark.parametrize("scaling", [np.float32(0.5), np.float64(0.5), np.int64(2), torch.tensor(0.5),
+                                     torch.tensor(2, dtype=torch.int32), 0.5])
+def test_scaling_accepts_every_exact_real_scalar(scaling):
+    x, weight, lora_A, lora_B = _small("cpu")
+    expected = lowrank_linear(x, weight, None, lora_A, lora_B, float(scaling), backend="torch")
+    torch.testing.assert_close(lowrank_linear(x, weight, None, lora_A, lora_B, scaling,
+                                              backend="torch"), expected, rtol=0, atol=0)
+    torch.testing.assert_close(hdpissa_linear(x, weight, None, lora_A, lora_B, scaling,
+                                              backend="torch"), F.linear(x, weight), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("scaling", [True, np.bool_(True), torch.tensor([0.5]), torch.tensor(1j),
+                                     "0.5", 2 ** 60 + 1, torch.tensor(0.5, requires_grad=True)])
+def test_scaling_rejects_what_is_not_an_exact_real_scalar(scaling):
+    x, weight, lora_A, lora_B = _small("cpu")
+    with pytest.raises((TypeError, ValueError), match="scaling"):
+        lowrank_linear(x, weight, None, lora_A, lora_B, scaling, backend="torch")
+
+
+def _nan_masks(outputs):
+    return [t.isnan() for t in outputs]
+
+
+# PyTorch's composition propagates a NaN of lora_B at scaling 0 (0 * NaN = NaN): so does every
+# backend, in the output and every gradient, for LoRA, LaMDA and the routed op alike.
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+@pytest.mark.parametrize("op", ["lora", "lamda", "routed"])
+def test_nan_in_lora_B_propagates_at_scaling_zero(backend, op, device):
+    x, weight, lora_A, lora_B = _small(device)
+    lora_S = torch.randn(2, 2, device=device) if op == "lamda" else None
+    if op == "routed":
+        lora_B = torch.stack([lora_B, -lora_B, 2 * lora_B])
+        lora_B[1, 3, 0] = float("nan")
+        router = torch.randn(3, x.shape[1], device=device)
+    else:
+        lora_B[3, 0] = float("nan")
+
+    def run(fn):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, lora_A, lora_B)]
+        S = lora_S.detach().clone().requires_grad_() if lora_S is not None else None
+        y = fn(*leaves, S)
+        y.sum().backward()
+        return [y] + [t.grad for t in leaves] + ([S.grad] if S is not None else [])
+
+    if op == "routed":
+        def ours(x_, A, B, _):
+            return routed_lowrank_linear(x_, weight, None, A, B, router, 0.0, backend=backend)
+
+        def composition(x_, A, B, _):
+            gates = torch.softmax(F.linear(x_, router), dim=-1)
+            h = F.linear(x_, A)
+            heads = sum(gates[:, e:e + 1] * F.linear(h, B[e]) for e in range(3))
+            return F.linear(x_, weight) + 0.0 * heads
+    else:
+        def ours(x_, A, B, S):
+            return lowrank_linear(x_, weight, None, A, B, 0.0, S, backend=backend)
+
+        def composition(x_, A, B, S):
+            h = F.linear(x_, A)
+            h = F.linear(h, S) if S is not None else h
+            return F.linear(x_, weight) + 0.0 * F.linear(h, B)
+
+    got, expected = run(ours), run(composition)
+    assert expected[0].isnan().any()  # the composition does propagate it
+    for i, (a, b) in enumerate(zip(_nan_masks(got), _nan_masks(expected))):
+        assert torch.equal(a, b), f"{backend} {op}: output/grad {i} has NaN at {a.nonzero().tolist()}, " \
+                                  f"the composition at {b.nonzero().tolist()}"
+
+
+# The Triton interpreter patches triton.language process-wide while a kernel runs:
+# adapterops.backends.triton.common serializes interpreted launches with a lock.
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter runs on CPU tensors")
+def test_interpreted_triton_calls_from_two_threads_all_succeed():
+    x, weight, lora_A, lora_B = _small("cpu")
+    expected = lowrank_linear(x, weight, None, lora_A, lora_B, 0.5, backend="triton")
+    failures, results = [], []
+
+    def calls():
+        for _ in range(12):
+            try:
+                results.append(lowrank_linear(x, weight, None, lora_A, lora_B, 0.5, backend="triton"))
+            except Exception as exc:  # noqa: BLE001 (every failure is counted and reported)
+                failures.append(repr(exc))
+
+    threads = [threading.Thread(target=calls) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not failures, f"{len(failures)} of 24 calls failed: {failures[0]}"
+    assert len(results) == 24
+    for y in results:
+        torch.testing.assert_close(y, expected, rtol=0, atol=0)

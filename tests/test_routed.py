@@ -26,13 +26,14 @@ import dataclasses
 from operator import itemgetter
 from typing import Optional
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from adapterops import dispatch, routed_lowrank_linear
+from adapterops import FusedHydraLoRALinear, dispatch, routed_lowrank_linear
 from adapterops.backends import BACKENDS
-from utils import assert_close_to_reference, forbid_backend_calls
+from utils import CountingKernel, assert_close_to_reference, forbid_backend_calls
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -67,6 +68,8 @@ class Case:
 #   3-D x ....................... 3d-*               non-contiguous x ... transposed-*, 3d-sliced-*
 #   loss on the probabilities .... *-probs           weight and bias gradients .. *-trainbase
 #   x not trainable .............. e8-top2-nodx      bias=None ........ e3-nobias
+#   the shrink split over K, with its finishing kernel (at most 2 row blocks of 32 tokens on
+#     the interpreter's 3 SMs) .... every case but big-e4 (unsplit; see test_shrink_splits_...)
 CASES = [
     Case("one-token-e4-r16", (1,), 64, 48, 16, 4, seed=1),
     Case("e1-r5", (37,), 70, 50, 5, 1, seed=2),
@@ -263,6 +266,24 @@ def check_against_float64_loop(case: Case, dtype: torch.dtype, device: str, back
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_matches_float64_reference(case, backend, dtype, device):
     check_against_float64_loop(case, dtype, device, backend)
+
+
+@pytest.mark.parametrize("tokens,grid", [(21, (1, 2)), (40, (2, 2)), (70, (3, 1))])
+def test_shrink_splits_for_few_row_blocks(tokens, grid, device, monkeypatch):
+    """Fewer row blocks than SMs: the routed shrink splits K (in = 100: 4 tiles of 32, 2
+    splits) and its finishing kernel routes once per row block; the results stay those of the
+    float64 loop."""
+    if device != "cpu":
+        pytest.skip("the stand-in kernels run under the interpreter only; on a GPU the profiler "
+                    "table shows the launches")
+    import adapterops.kernels.routed as kernels
+    log = []
+    for name in ("routed_shrink_kernel", "routed_shrink_finish_kernel"):
+        monkeypatch.setattr(kernels, name, CountingKernel(name, getattr(kernels, name), log))
+    case = Case("split", (tokens,), 100, 44, 8, 4, top_k=2, probs_loss=True, seed=16)
+    check_against_float64_loop(case, torch.float16, device, "triton")
+    expected = [("routed_shrink_kernel", grid)] + [("routed_shrink_finish_kernel", grid[:1])] * (grid[1] > 1)
+    assert log == expected, f"{tokens} tokens: launches {log}"
 
 
 # Shapes the Triton kernels decline (more than 16 heads, rank above 128, E r above 256), which
@@ -571,6 +592,18 @@ def test_good_input_reaches_backend(no_kernels):
     # The `no_kernels` fixture is not vacuous: the unchanged arguments do reach a backend.
     with pytest.raises(AssertionError, match="reached a backend"):
         routed_lowrank_linear(**_good("cpu"))
+
+
+@pytest.mark.parametrize("top_k", [np.int64(2), np.int32(2), torch.tensor(2)])
+def test_top_k_accepts_integer_scalars(top_k):
+    args = _good("cpu")
+    expected = routed_lowrank_linear(**args, top_k=2, backend="torch")
+    torch.testing.assert_close(routed_lowrank_linear(**args, top_k=top_k, backend="torch"),
+                               expected, rtol=0, atol=0)
+    layer = FusedHydraLoRALinear(8, 6, rank=2, num_heads=3, alpha=4, top_k=top_k)
+    assert type(layer.top_k) is int and layer.top_k == 2
+    with pytest.raises(TypeError, match="top_k"):
+        routed_lowrank_linear(**args, top_k=np.float64(2.0))
 
 
 @pytest.mark.parametrize("E,r,why", [(17, 4, "17 heads exceed"), (4, 65, "4 x 65 = 260"),

@@ -36,8 +36,8 @@ def sum_partials(part_ptr, num_splits, offs_m, mask_m, M, BLOCK_M: tl.constexpr,
     same bits on every run (fp32 atomics would add in arrival order)."""
     offs_r = tl.arange(0, BLOCK_R)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for split in range(0, num_splits):
-        base = part_ptr + split.to(tl.int64) * M * BLOCK_R
-        acc += tl.load(base + offs_m[:, None] * BLOCK_R + offs_r[None, :], mask=mask_m[:, None],
-                       other=0.0)
+    ptrs = part_ptr + offs_m[:, None] * BLOCK_R + offs_r[None, :]
+    for _ in range(0, num_splits):
+        acc += tl.load(ptrs, mask=mask_m[:, None], other=0.0)
+        ptrs += M * BLOCK_R
     return acc

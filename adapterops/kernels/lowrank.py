@@ -46,7 +46,7 @@ SM (Little's law), so 32 programs pull at most ~1.5 TB/s of the ~3 TB/s the GPU 
 shrink's 16 MiB read of x at M = 2048 takes >= 11 us instead of 5.6 us, about 15-30% of the
 layer there. And with one program per SM nothing hides a program's waits (each grad-pass step
 waits for its own MMAs before the next; see the kernel report). So when the row blocks are
-fewer than the SMs, the launcher splits the loop: SPLIT_K (shrink) and SPLIT_N (grad pass) run
+fewer than the SMs, the launcher splits the loop (over K in the shrink, N in the grad pass) into
 row blocks x splits programs, each over a contiguous range of whole K or N tiles, enough for
 every SM to get a program but at least 4 tiles each (at M = 2048: 5 splits of 7 tiles, 160
 programs; at M = 8192: 2 splits, 256 programs). Each stores its fp32 partial x A^T or dY B in
@@ -119,20 +119,21 @@ def _store_h1_h2(acc, offs_m, mask_m, s_ptr, h1_ptr, h2_ptr, R, stride_si, strid
                  h2.to(h2_ptr.dtype.element_ty), mask=mask_h)
 
 
-@triton.jit(do_not_specialize=["M", "R", "stride_h1m", "stride_h2m"])
+@triton.jit(do_not_specialize=["M", "R", "num_splits", "stride_h1m", "stride_h2m"])
 def lowrank_shrink_kernel(
     x_ptr, a_ptr, s_ptr, h1_ptr, h2_ptr, part_ptr,
-    M, K, R, k_per_split,
+    M, K, R, num_splits, k_per_split,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_si, stride_sj, stride_h1m, stride_h2m,
-    HAS_S: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr, UPCAST: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    HAS_S: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    R_CHUNK: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """h1 = x A^T and (with S) h2 = h1 S^T for one block of BLOCK_M rows; one read of x.
 
-    SPLIT_K (a grid of row blocks x splits, for few row blocks): program (m, k) reads columns
-    [k k_per_split, (k + 1) k_per_split) of x and stores its fp32 partial x A^T into `part`;
-    `lowrank_shrink_finish_kernel` sums the partials and stores h1 and h2.
+    Split over K (num_splits > 1, a grid of row blocks x splits, for few row blocks): program
+    (m, k) reads columns [k k_per_split, (k + 1) k_per_split) of x and stores its fp32 partial
+    x A^T into `part`; `lowrank_shrink_finish_kernel` sums the partials and stores h1 and h2.
+    Unsplit, k_per_split = K. The split is a runtime branch, not a compile-time flag: one
+    compiled kernel serves both (the kernel report compiles every configuration in CI).
     """
     pid = tl.program_id(0)
     offs_m = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -140,17 +141,14 @@ def lowrank_shrink_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     mask_m = offs_m < M
     mask_r = offs_r < R
-    if SPLIT_K:
-        # This program's columns [k_start, k_start + k_len), walked from 0 as the unsplit loop
-        # walks K. k_per_split is a whole number of BLOCK_K tiles, and a launch specializes it
-        # (divisible by 16): a runtime k_start of unknown alignment made the 16-bit loads scalar
-        # (rank 128: 255 registers and 3 KB of spills on sm_90; specialized: 141, none).
-        k_start = tl.program_id(1) * k_per_split
-        k_len = tl.minimum(K - k_start, k_per_split)
-        x_ptr += k_start.to(tl.int64) * stride_xk
-        a_ptr += k_start.to(tl.int64) * stride_ak
-    else:
-        k_len = K
+    # This program's columns [k_start, k_start + k_len), walked from 0 as an unsplit loop walks
+    # K. k_per_split is a whole number of BLOCK_K tiles, and a launch specializes it (divisible
+    # by 16): as a runtime value of unknown alignment it made the 16-bit loads scalar (rank
+    # 128: 255 registers and 3 KB of spills on sm_90; specialized: 141, none).
+    k_start = tl.program_id(1) * k_per_split
+    k_len = tl.minimum(K - k_start, k_per_split)
+    x_ptr += k_start.to(tl.int64) * stride_xk
+    a_ptr += k_start.to(tl.int64) * stride_ak
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
     # A^T tile: element (k, r) = A[r, k].
     at_ptrs = a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar
@@ -162,7 +160,7 @@ def lowrank_shrink_kernel(
         acc = mma(x, at, acc, UPCAST, INPUT_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         at_ptrs += BLOCK_K * stride_ak
-    if SPLIT_K:
+    if num_splits > 1:
         store_partial(part_ptr, acc, tl.program_id(1), offs_m, mask_m, M, BLOCK_R)
     else:
         _store_h1_h2(acc, offs_m, mask_m, s_ptr, h1_ptr, h2_ptr, R, stride_si, stride_sj,
@@ -178,7 +176,7 @@ def lowrank_shrink_finish_kernel(
     HAS_S: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr,
     UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """The end of a SPLIT_K shrink for one block of BLOCK_M rows: h1 = the sum of the partials
+    """The end of a split shrink for one block of BLOCK_M rows: h1 = the sum of the partials
     (in split order), and h2 = h1 S^T."""
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
@@ -315,14 +313,14 @@ def gemm_lowrank_tma_kernel(
         out_desc.store([off_m, off_n], acc.to(out_desc.dtype))
 
 
-@triton.jit(do_not_specialize=["M", "R", "stride_h1m", "stride_h2m", "stride_gsm"])
+@triton.jit(do_not_specialize=["M", "R", "num_splits", "stride_h1m", "stride_h2m", "stride_gsm"])
 def lowrank_grad_pass_kernel(
     dy_ptr, b_ptr, h1_ptr, h2_ptr, s_ptr, gs_ptr, db_ptr, ds_ptr, part_ptr,
-    M, N, R, n_per_split, scale,
+    M, N, R, num_splits, n_per_split, scale,
     stride_dym, stride_dyn, stride_bn, stride_br, stride_h1m, stride_h2m, stride_si, stride_sj,
     stride_gsm,
     HAS_S: tl.constexpr, COMPUTE_DB: tl.constexpr, COMPUTE_DS: tl.constexpr,
-    SPLIT_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr,
     UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """One pass over a BLOCK_M-row block of dY:
@@ -356,10 +354,11 @@ def lowrank_grad_pass_kernel(
     at a time); rotated, they spread over every tile. The sums are the same; the order of the
     fp32 additions into g changes, far below the output dtype's rounding.
 
-    SPLIT_N (a grid of row blocks x splits, for few row blocks): program (m, n) walks the
-    columns [n n_per_split, (n + 1) n_per_split) of dY, reduces its dB tiles as above, and
-    stores its fp32 partial dY B into `part`; `lowrank_grad_pass_finish_kernel` sums the
-    partials and does the rest (gS, dS).
+    Split over N (num_splits > 1, a grid of row blocks x splits, for few row blocks): program
+    (m, n) walks the columns [n n_per_split, (n + 1) n_per_split) of dY, reduces its dB tiles as
+    above, and stores its fp32 partial dY B into `part`; `lowrank_grad_pass_finish_kernel` sums
+    the partials and does the rest (gS, dS). Unsplit, n_per_split = N; a runtime branch, as in
+    the shrink.
     """
     pid = tl.program_id(0)
     offs_m = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -372,12 +371,8 @@ def lowrank_grad_pass_kernel(
         h2 = tl.load(h2_ptr + offs_m[:, None] * stride_h2m + offs_r[None, :], mask=mask_mr, other=0.0)
         # Fold s into h2 once instead of into every dB tile.
         h2 = (h2.to(tl.float32) * scale).to(h2_ptr.dtype.element_ty)
-    if SPLIT_N:
-        n_start = tl.program_id(1) * n_per_split
-        n_end = tl.minimum(N, n_start + n_per_split)
-    else:
-        n_start = 0
-        n_end = N
+    n_start = tl.program_id(1) * n_per_split
+    n_end = tl.minimum(N, n_start + n_per_split)
     num_tiles = tl.cdiv(n_end - n_start, BLOCK_N)
     first_tile = pid % tl.maximum(num_tiles, 1)  # (no tiles when N = 0: the loop never runs)
 
@@ -400,7 +395,7 @@ def lowrank_grad_pass_kernel(
             tl.atomic_add(db_ptr + (n0 + offs_n)[:, None] * BLOCK_R + offs_r[None, :], db,
                           mask=mask_n[:, None], sem="relaxed")
 
-    if SPLIT_N:
+    if num_splits > 1:
         store_partial(part_ptr, g, tl.program_id(1), offs_m, mask_m, M, BLOCK_R)
     else:
         _grad_pass_tail(g, offs_m, mask_m, h1_ptr, s_ptr, gs_ptr, ds_ptr, R, scale, stride_h1m,
@@ -448,7 +443,7 @@ def lowrank_grad_pass_finish_kernel(
     HAS_S: tl.constexpr, COMPUTE_DS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
     R_CHUNK: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """The end of a SPLIT_N grad pass for one block of BLOCK_M rows: g = the sum of the
+    """The end of a split grad pass for one block of BLOCK_M rows: g = the sum of the
     partials (in split order), then gS and dS as in `lowrank_grad_pass_kernel`."""
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M

@@ -27,13 +27,14 @@ import triton.language as tl
 from .common import mma, store_partial, sum_partials
 
 
-@triton.jit(do_not_specialize=["M", "R", "E", "top_k", "stride_hm", "stride_hgm", "stride_pm"])
+@triton.jit(do_not_specialize=["M", "R", "E", "top_k", "num_splits", "stride_hm", "stride_hgm",
+                               "stride_pm"])
 def routed_shrink_kernel(
     x_ptr, a_ptr, wg_ptr, h_ptr, hg_ptr, probs_ptr, gates_ptr, part_h_ptr, part_logits_ptr,
-    M, K, R, E, top_k, k_per_split,
+    M, K, R, E, top_k, num_splits, k_per_split,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_we, stride_wk, stride_hm, stride_hgm,
     stride_pm,
-    HAS_TOP_K: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
@@ -41,9 +42,10 @@ def routed_shrink_kernel(
     of x, then p = softmax(logits) (stored, fp32), the gates g (stored with top_k, fp32) and
     hg = [g_0 h | ... | g_{E-1} h] (stored in x's dtype).
 
-    SPLIT_K (for few row blocks, as the low-rank shrink: see `kernels.lowrank`, "Few tokens"):
-    program (m, k) reads columns [k k_per_split, (k + 1) k_per_split) of x and stores its fp32
-    partial h and logits; `routed_shrink_finish_kernel` sums them and routes.
+    Split over K (num_splits > 1, for few row blocks, as the low-rank shrink: see
+    `kernels.lowrank`, "Few tokens"): program (m, k) reads columns [k k_per_split,
+    (k + 1) k_per_split) of x and stores its fp32 partial h and logits;
+    `routed_shrink_finish_kernel` sums them and routes. Unsplit, k_per_split = K.
     """
     pid = tl.program_id(0)
     offs_m = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -53,15 +55,12 @@ def routed_shrink_kernel(
     mask_m = offs_m < M
     mask_r = offs_r < R
     mask_e = offs_e < E
-    if SPLIT_K:
-        # As in the low-rank shrink: a whole number of tiles from k_start, walked from 0.
-        k_start = tl.program_id(1) * k_per_split
-        k_len = tl.minimum(K - k_start, k_per_split)
-        x_ptr += k_start.to(tl.int64) * stride_xk
-        a_ptr += k_start.to(tl.int64) * stride_ak
-        wg_ptr += k_start.to(tl.int64) * stride_wk
-    else:
-        k_len = K
+    # As in the low-rank shrink: a whole number of tiles from k_start, walked from 0.
+    k_start = tl.program_id(1) * k_per_split
+    k_len = tl.minimum(K - k_start, k_per_split)
+    x_ptr += k_start.to(tl.int64) * stride_xk
+    a_ptr += k_start.to(tl.int64) * stride_ak
+    wg_ptr += k_start.to(tl.int64) * stride_wk
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
     # A^T and Wg^T tiles: element (k, j) = A[j, k], Wg[j, k].
     at_ptrs = a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar
@@ -78,7 +77,7 @@ def routed_shrink_kernel(
         x_ptrs += BLOCK_K * stride_xk
         at_ptrs += BLOCK_K * stride_ak
         wgt_ptrs += BLOCK_K * stride_wk
-    if SPLIT_K:
+    if num_splits > 1:
         store_partial(part_h_ptr, acc_h, tl.program_id(1), offs_m, mask_m, M, BLOCK_R)
         store_partial(part_logits_ptr, acc_logits, tl.program_id(1), offs_m, mask_m, M, BLOCK_E)
     else:
@@ -95,7 +94,7 @@ def routed_shrink_finish_kernel(
     HAS_TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_E: tl.constexpr,
 ):
-    """The end of a SPLIT_K routed shrink for one block of BLOCK_M tokens: h and the logits
+    """The end of a split routed shrink for one block of BLOCK_M tokens: h and the logits
     are the sums of the partials (in split order), then the routing as unsplit."""
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M

@@ -86,14 +86,22 @@ INTERPRETER_PROGRAMS = 3
 # - Full fp32 grad pass: 16 x 16 on 8 warps spills nowhere on 3.6-3.8 but 12 bytes at 128 on
 #   3.9; 16 x 32 on 8 warps spills at 32 and 64 on 3.6-3.8 but not at 128; 16 x 16 on 4 warps
 #   spilled at 64 on 3.8 and at 128 on 3.9.
-# - 4 warps spilled the 16-bit grad pass at rank 128 with S (364 bytes, 3.9).
-# BLOCK_K = 32 keeps the fp32 shrink's pipeline inside an A100's shared memory (BLOCK_K = 128
-# needed 196,608 bytes at rank 128). Re-run the report (with each Triton) after changing any.
+# - 4 warps spilled the 16-bit grad pass at rank 128 with S (364 bytes, 3.9), and the 16-bit
+#   shrink at rank 128 with S once it held both ends, the unsplit one and the split one's
+#   partial store (128 bytes, 3.9; 8 warps: 147 registers). Below 128, 8 warps split each
+#   16-wide wgmma between two warpgroups (64x8x16 HGMMAs), which ptxas serialized (C7514) in
+#   the routed shrink at rank bucket 16.
+# BLOCK_K = 32 keeps the TF32 shrink's pipeline inside an A100's shared memory (BLOCK_K = 128
+# needed 196,608 bytes at rank 128). The full-fp32 shrink takes BLOCK_K = 16: at 32, once it
+# held both the unsplit end and the split one's partial store, rank bucket 64 with S spilled 24
+# bytes (3.9; 16: 80 registers, none; checked on 3.9 only). Re-run the report (with each
+# Triton) after changing any.
 SHRINK_CONFIGS = {
-    "16bit": ((128, {"BLOCK_M": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}),),
+    "16bit": ((64, {"BLOCK_M": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}),
+              (128, {"BLOCK_M": 64, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3})),
     "tf32": ((64, {"BLOCK_M": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}),
              (128, {"BLOCK_M": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3})),
-    "ieee": ((128, {"BLOCK_M": 32, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3}),),
+    "ieee": ((128, {"BLOCK_M": 32, "BLOCK_K": 16, "num_warps": 8, "num_stages": 3}),),
 }
 WIDE_RANK_BLOCK = 256
 GRAD_PASS_CONFIGS = {
@@ -163,14 +171,19 @@ def tma_layout(a: Tensor, b: Tensor, out: Tensor, numerics: str, kernel) -> Opti
     """B_TRANSPOSED for the tensor-descriptor path (b described through its row-major
     transpose), or None when that path cannot serve: before sm_90, full fp32 (see
     TMA_GEMM_CONFIGS), or an operand no descriptor can address. Under the interpreter the
-    device is taken to be an sm_90."""
+    device is taken to be an sm_90.
+
+    TF32 takes this path only with b described through its transpose (the forward's W^T): a
+    TF32 wgmma reads its B operand K-major only, and with a row-major K x N b (the dx GEMM's
+    W) every TF32 configuration compiled to a K-loop that waits for each MMA group (sm_90
+    kernel report, triton 3.9: "per group"), where the pointer kernel's stays pipelined."""
     if numerics not in TMA_GEMM_CONFIGS:
         return None
     if not interpreting(kernel) and not _programs_and_tma(a.device)[1]:
         return None
     if not (_describable(a) and _describable(out)):
         return None
-    if _describable(b):
+    if _describable(b) and numerics != "tf32":
         return False
     if _describable(b.t()):
         return True
@@ -279,10 +292,10 @@ def shrink(x: Tensor, lora_A: Tensor, lora_S: Optional[Tensor]) -> tuple[Tensor,
         part = partial_sums(splits, M, block_r, h1)
         shapes = dict(HAS_S=lora_S is not None, BLOCK_R=block_r, R_CHUNK=RANK_CHUNK, **flags)
         launch(kernel, (row_blocks, splits),
-               (x, lora_A, S, h1, h2_arg, part, M, Kdim, R, k_per_split,
+               (x, lora_A, S, h1, h2_arg, part, M, Kdim, R, splits, k_per_split,
                 x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
                 S.stride(0), S.stride(1), h1.stride(0), R),
-               config, SPLIT_K=splits > 1, **shapes)
+               config, **shapes)
         if splits > 1:
             launch(K.lowrank_shrink_finish_kernel, (row_blocks,),
                    (part, S, h1, h2_arg, M, R, splits, S.stride(0), S.stride(1), h1.stride(0), R),
@@ -332,10 +345,10 @@ def grad_pass(grad_y: Tensor, lora_B: Tensor, h1: Optional[Tensor], h2: Optional
                       R_CHUNK=RANK_CHUNK, **flags)
         launch(kernel, (row_blocks, splits),
                (grad_y, lora_B, h1_arg, h2_arg, S, gS, dB if dB is not None else gS, ds_arg,
-                part, M, N, R, n_per_split, scaling, grad_y.stride(0), grad_y.stride(1),
-                lora_B.stride(0), lora_B.stride(1), h1_arg.stride(0), h2_arg.stride(0),
-                S.stride(0), S.stride(1), R),
-               config, COMPUTE_DB=need_B, SPLIT_N=splits > 1, **shapes)
+                part, M, N, R, splits, n_per_split, scaling, grad_y.stride(0),
+                grad_y.stride(1), lora_B.stride(0), lora_B.stride(1), h1_arg.stride(0),
+                h2_arg.stride(0), S.stride(0), S.stride(1), R),
+               config, COMPUTE_DB=need_B, **shapes)
         if splits > 1:
             launch(K.lowrank_grad_pass_finish_kernel, (row_blocks,),
                    (part, h1_arg, S, gS, ds_arg, M, R, splits, scaling, h1_arg.stride(0),
@@ -400,7 +413,8 @@ def kernel_configurations() -> list[KernelConfig]:
                     UNIT_STRIDES[f"gemm {path}"], HAS_BIAS=has_bias)
         for i, config in enumerate(TMA_GEMM_CONFIGS.get(numerics, ())):
             bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
-            for path, has_bias in gemm_paths:
+            # TF32's dx GEMM takes the pointer path (see tma_layout).
+            for path, has_bias in gemm_paths[:2] if numerics == "tf32" else gemm_paths:
                 # The forward's b = W^T is described through W's row-major storage.
                 transposed = path == "fwd"
                 configs.append(kernel_config(
@@ -416,22 +430,18 @@ def kernel_configurations() -> list[KernelConfig]:
                 shapes = dict(HAS_S=has_s, BLOCK_R=block_r)
                 if block_r < WIDE_RANK_BLOCK:
                     shrink_config = bucket_config(SHRINK_CONFIGS, numerics, block_r)
-                    for split in (False, True):
-                        add(K.lowrank_shrink_kernel, f"R{block_r} S={has_s} split={split}",
-                            shrink_config, True, UNIT_STRIDES["shrink"], fp32_ptrs=("part_ptr",),
-                            loop="stream", SPLIT_K=split, **shapes)
+                    add(K.lowrank_shrink_kernel, f"R{block_r} S={has_s}", shrink_config, True,
+                        UNIT_STRIDES["shrink"], fp32_ptrs=("part_ptr",), loop="stream", **shapes)
                     add(K.lowrank_shrink_finish_kernel, f"R{block_r} S={has_s}",
                         finish_config(shrink_config), True, UNIT_STRIDES["finish"],
                         fp32_ptrs=("part_ptr",), loop="partials", **shapes)
                 for compute_ds in ((True, False) if has_s else (False,)):
                     for compute_db in (True, False):
-                        for split in (False, True):
-                            add(K.lowrank_grad_pass_kernel,
-                                f"R{block_r} S={has_s} dB={compute_db} dS={compute_ds} split={split}",
-                                grad_config, True, UNIT_STRIDES["grad_pass"],
-                                fp32_ptrs=("db_ptr", "ds_ptr", "part_ptr"), loop="stream",
-                                COMPUTE_DB=compute_db, COMPUTE_DS=compute_ds, SPLIT_N=split,
-                                **shapes)
+                        add(K.lowrank_grad_pass_kernel,
+                            f"R{block_r} S={has_s} dB={compute_db} dS={compute_ds}", grad_config,
+                            True, UNIT_STRIDES["grad_pass"],
+                            fp32_ptrs=("db_ptr", "ds_ptr", "part_ptr"), loop="stream",
+                            COMPUTE_DB=compute_db, COMPUTE_DS=compute_ds, **shapes)
                     add(K.lowrank_grad_pass_finish_kernel, f"R{block_r} S={has_s} dS={compute_ds}",
                         finish_config(grad_config), True, UNIT_STRIDES["finish"],
                         fp32_ptrs=("ds_ptr", "part_ptr"), loop="partials", COMPUTE_DS=compute_ds,

@@ -27,17 +27,11 @@ from .common import (VARIANTS, KernelConfig, device_guard, device_reasons, dtype
 MAX_HEADS = 16
 MAX_ROUTED_RANK = lowrank.WIDE_RANK_BLOCK  # E r: the widest rank bucket of the grad pass
 
-# The shrink: the low-rank shrink's tiles (`lowrank.SHRINK_CONFIGS`, by numerics class and rank
-# bucket), but 8 warps for 16-bit at rank bucket 128, whose epilogue (softmax, top-k, the
-# per-head stores of g_e h) spilled 176-196 bytes there with 4 warps. Below it 4 warps: 8
-# warps split each 16-wide wgmma between two warpgroups (64x8x16 HGMMAs), and at rank bucket
-# 16 ptxas serialized them (C7514) (sm_90 kernel report, triton 3.9; clean on 3.6-3.9).
+# The shrink runs on the low-rank shrink's tiles (`lowrank.SHRINK_CONFIGS`, by numerics class
+# and rank bucket): its 8 warps at 16-bit rank bucket 128 also keep this epilogue (softmax,
+# top-k, the per-head stores of g_e h) from spilling, as 4 did (176-196 bytes).
 # The gate gradient kernel is elementwise (no `tl.dot`): one configuration for every dtype.
-SHRINK_CONFIGS = {
-    **lowrank.SHRINK_CONFIGS,
-    "16bit": ((64, {"BLOCK_M": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}),
-              (128, {"BLOCK_M": 64, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3})),
-}
+SHRINK_CONFIGS = lowrank.SHRINK_CONFIGS
 GATE_GRAD_CONFIG = {"BLOCK_M": 16, "num_warps": 4, "num_stages": 1}
 INTERPRETER_GATE_GRAD_CONFIG = {"BLOCK_M": 32}
 
@@ -84,10 +78,10 @@ def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, l
         shapes = dict(HAS_TOP_K=top_k is not None, BLOCK_R=block_r, BLOCK_E=block_e)
         launch(kernel, (row_blocks, splits),
                (x, lora_A, router_weight, h, hg, probs, gates_arg, part_h, part_logits,
-                M, Kdim, R, E, top_k or 0, k_per_split, x.stride(0), x.stride(1),
+                M, Kdim, R, E, top_k or 0, splits, k_per_split, x.stride(0), x.stride(1),
                 lora_A.stride(0), lora_A.stride(1), router_weight.stride(0),
                 router_weight.stride(1), R, E * R, E),
-               config, SPLIT_K=splits > 1, **shapes, **flags)
+               config, **shapes, **flags)
         if splits > 1:
             launch(K.routed_shrink_finish_kernel, (row_blocks,),
                    (part_h, part_logits, h, hg, probs, gates_arg, M, R, E, top_k or 0, splits,
@@ -155,12 +149,11 @@ def kernel_configurations() -> list[KernelConfig]:
             for has_top_k in (False, True):
                 flags = dict(HAS_TOP_K=has_top_k, BLOCK_R=block_r, BLOCK_E=head_block(MAX_HEADS))
                 shrink_config = lowrank.bucket_config(SHRINK_CONFIGS, numerics, block_r)
-                for split in (False, True):
-                    configs.append(kernel_config(
-                        K.routed_shrink_kernel, f"{d} R{block_r} E16 top_k={has_top_k} split={split}",
-                        shrink_config, True, dtype, precision, UNIT_STRIDES["shrink"],
-                        fp32_ptrs=("probs_ptr", "gates_ptr", "part_h_ptr", "part_logits_ptr"),
-                        loop="stream", SPLIT_K=split, **flags))
+                configs.append(kernel_config(
+                    K.routed_shrink_kernel, f"{d} R{block_r} E16 top_k={has_top_k}", shrink_config,
+                    True, dtype, precision, UNIT_STRIDES["shrink"],
+                    fp32_ptrs=("probs_ptr", "gates_ptr", "part_h_ptr", "part_logits_ptr"),
+                    loop="stream", **flags))
                 # No dots below (the finishing kernel routes, the gate gradients are
                 # elementwise): the fp32 matmul precision does not apply, one fp32 variant
                 # suffices.
