@@ -1,4 +1,4 @@
-"""Host overhead per call (issue 13, first part): what each op and module costs the Python
+"""Host overhead per call: what each op and module costs the Python
 thread at shapes so small that the arithmetic is negligible, as four ops, one per op family:
 
 - `overhead_lora`: `adapterops.lowrank_linear` in LoRA mode (x, A, B trainable) and
@@ -88,7 +88,7 @@ tflops and gbps use the FLOP and byte models of lowrank.py, routed.py and hdpiss
 bias there, none here; `linear` gets the floor's): at these shapes they show only how far from
 any hardware bound the calls are. saved_mb is the harness's, as for every op.
 
-Not yet here (a later step of issue 13): CUDA graphs, capturing fwd and fwdbwd once and
+Not yet here: CUDA graphs, capturing fwd and fwdbwd once and
 timing the replays, on the triton and cuda backends. The CUDA rows themselves (ours_triton,
 ours_cuda and the rest on a GPU) are written but not yet measured: no GPU was lent when this
 file was written; on one, `python -m benchmarks --device cuda --ops overhead_lora,...`.

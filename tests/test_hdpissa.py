@@ -329,7 +329,7 @@ def test_update_bad_input(monkeypatch):
         lowrank_update_(W, P.double(), Q, 1.0)
     with pytest.raises(ValueError, match=r"copy has shape \(6, 7\)"):
         lowrank_update_(W, P, Q, 1.0, copy=torch.zeros(6, 7, dtype=torch.bfloat16))
-    # A 0-d tensor is a real scalar and is accepted (issue 14); a 1-element 1-D one is not.
+    # A 0-d tensor is a real scalar and is accepted; a 1-element 1-D one is not.
     with pytest.raises(TypeError, match="scale must be a Python float"):
         lowrank_update_(W, P, Q, torch.tensor([1.0]))
 

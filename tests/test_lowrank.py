@@ -560,7 +560,7 @@ BAD_INPUTS = [
     ("weight-not-tensor", lambda d: {"weight": [[0.0] * 10] * 8}, TypeError,
      r"weight must be a torch.Tensor, got list"),
     ("scaling-str", lambda d: {"scaling": "0.5"}, TypeError, r"scaling must be a Python float, got str"),
-    # A 0-d tensor is a real scalar and is taken (issue 14); a 1-D one is not.
+    # A 0-d tensor is a real scalar and is taken; a 1-D one is not.
     ("scaling-tensor", lambda d: {"scaling": torch.tensor([0.5])}, TypeError,
      r"scaling must be a Python float, got a tensor of shape \(1,\)"),
     ("scaling-huge", lambda d: {"scaling": 1e300}, ValueError, r"scaling must be within float32's range"),
