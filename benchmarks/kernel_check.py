@@ -36,7 +36,6 @@ on any problem.
 """
 import argparse
 import contextlib
-import csv
 import dataclasses
 import importlib
 import os
@@ -44,13 +43,11 @@ import pkgutil
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
-import adapterops
-
-from .smoke import SCALING, compare, random_tensor, results
+from .smoke import BUILDERS, compare, lowrank_inputs, results, write_csv
 
 # The Triton kernels, by their names in adapterops.kernels (and in a GPU's profile).
 SHRINK = "lowrank_shrink_kernel"
@@ -68,7 +65,7 @@ UPDATE = "lowrank_update_kernel"
 @dataclasses.dataclass(frozen=True)
 class Check:
     name: str
-    op: str                    # "lowrank", "routed", "hdpissa" or "update" (see BUILDERS)
+    op: str                    # "lowrank", "routed", "hdpissa" or "update" (smoke.BUILDERS)
     dtype: torch.dtype
     sizes: dict                # device type -> {M, K (in), N (out), r, E (heads), P (inner)}
     forward: tuple             # the Triton kernels the forward launches (the update: the call)
@@ -134,76 +131,6 @@ CHECKS = (
           dict(copy=BF16), "highest"),
     Check("update_nocopy_high", "update", FP32, sizes(NOSPLIT, P=40), (UPDATE,), (), {}, "high"),
 )
-
-
-def _lowrank(s: dict, dtype, device, lamda: bool = False, transposed_x: bool = False):
-    M, K, N, r = s["M"], s["K"], s["N"], s["r"]
-    t = dict(dtype=dtype, device=device)
-    x = random_tensor(K, M, fan_in=1, **t).t() if transposed_x else random_tensor(M, K, fan_in=1, **t)
-    inputs = {"x": x.requires_grad_(True), "weight": random_tensor(N, K, fan_in=K, **t),
-              "bias": random_tensor(N, fan_in=1, **t),
-              "lora_A": random_tensor(r, K, fan_in=K, grad=not lamda, **t),
-              "lora_B": random_tensor(N, r, fan_in=r, grad=True, **t)}
-    if lamda:
-        inputs["lora_S"] = random_tensor(r, r, fan_in=r, grad=True, **t)
-
-    def run(v, backend):
-        return {"y": adapterops.lowrank_linear(v["x"], v["weight"], v["bias"], v["lora_A"],
-                                               v["lora_B"], SCALING, v.get("lora_S"),
-                                               backend=backend)}
-    return inputs, run
-
-
-def _routed(s: dict, dtype, device, top_k: Optional[int] = None):
-    M, K, N, r, E = s["M"], s["K"], s["N"], s["r"], s["E"]
-    t = dict(dtype=dtype, device=device)
-    inputs = {"x": random_tensor(M, K, fan_in=1, grad=True, **t),
-              "weight": random_tensor(N, K, fan_in=K, **t), "bias": random_tensor(N, fan_in=1, **t),
-              "lora_A": random_tensor(r, K, fan_in=K, grad=True, **t),
-              "lora_B": random_tensor(E, N, r, fan_in=r, grad=True, **t),
-              "router_weight": random_tensor(E, K, fan_in=K, grad=True, **t)}
-
-    def run(v, backend):
-        y, probs = adapterops.routed_lowrank_linear(
-            v["x"], v["weight"], v["bias"], v["lora_A"], v["lora_B"], v["router_weight"],
-            SCALING, top_k=top_k, return_router_probs=True, backend=backend)
-        return {"y": y, "probs": probs}
-    return inputs, run
-
-
-def _hdpissa(s: dict, dtype, device):
-    M, K, N, r = s["M"], s["K"], s["N"], s["r"]
-    t = dict(dtype=dtype, device=device)
-    inputs = {"x": random_tensor(M, K, fan_in=1, grad=True, **t),
-              "weight": random_tensor(N, K, fan_in=K, **t), "bias": random_tensor(N, fan_in=1, **t),
-              "lora_A": random_tensor(r, K, fan_in=K, grad=True, **t),
-              "lora_B": random_tensor(N, r, fan_in=r, grad=True, **t)}
-
-    def run(v, backend):
-        return {"y": adapterops.hdpissa_linear(v["x"], v["weight"], v["bias"], v["lora_A"],
-                                               v["lora_B"], SCALING, backend=backend)}
-    return inputs, run
-
-
-def _update(s: dict, dtype, device, copy: Optional[torch.dtype] = None):
-    K, N, P = s["K"], s["N"], s["P"]
-    t = dict(dtype=dtype, device=device)
-    inputs = {"weight": random_tensor(N, K, fan_in=K, **t), "P": random_tensor(N, P, fan_in=P, **t),
-              "Q": random_tensor(P, K, fan_in=K, **t)}
-
-    def run(v, backend):
-        weight = v["weight"].clone()
-        out = {"weight": weight}
-        if copy is not None:
-            out["copy"] = torch.empty_like(weight, dtype=copy)
-        adapterops.lowrank_update_(weight, v["P"], v["Q"], 1e-2, copy=out.get("copy"),
-                                   backend=backend)
-        return out
-    return inputs, run
-
-
-BUILDERS: dict[str, Callable] = {"lowrank": _lowrank, "routed": _routed, "hdpissa": _hdpissa,
-                                 "update": _update}
 
 
 def _is_kernel(obj) -> bool:
@@ -366,11 +293,7 @@ FAILED = ("FAIL", "error")
 
 
 def write(rows: list[dict], out_dir: Path, device_name: str) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "kernel_check.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows({k: row.get(k, "") for k in COLUMNS} for row in rows)
+    write_csv(rows, out_dir / "kernel_check.csv", COLUMNS)
     failed = sum(row["status"] in FAILED for row in rows)
     lines = ["# Kernel check", "", f"{device_name}, torch {torch.__version__}; bound = 2 x "
              "torch's error in the dtype + 1 ulp at the reference's scale; kernels: the Triton "
@@ -399,7 +322,7 @@ def preflight(device: torch.device) -> list[str]:
         return problems
     try:
         torch.manual_seed(0)
-        inputs, run = _lowrank(dict(M=16, K=32, N=32, r=16), BF16, device)
+        inputs, run = lowrank_inputs(dict(M=16, K=32, N=32, r=16), BF16, device)
         with torch.no_grad():
             reference = run({k: v.double() for k, v in inputs.items()}, "torch")["y"]
             baseline = run(inputs, "torch")["y"]

@@ -46,91 +46,111 @@ def random_tensor(*shape, fan_in, dtype, device, grad=False):
 
 
 def _sizes(device_type: str) -> dict:
+    """The smoke's sizes: M rows, K (in), N (out), rank r, E heads and the update's inner size
+    P = 2 x ranks x r (8 ranks on a GPU, 2 on CPU); the routed cases set their own r (CASES)."""
     if device_type == "cuda":
-        return {"M": 8192, "K": 4096, "N": 4096, "r": 16, "hydra_r": 8, "E": 4, "world": 8}
-    return {"M": 16, "K": 64, "N": 32, "r": 16, "hydra_r": 8, "E": 4, "world": 2}
+        return {"M": 8192, "K": 4096, "N": 4096, "r": 16, "E": 4, "P": 2 * 8 * 16}
+    return {"M": 16, "K": 64, "N": 32, "r": 16, "E": 4, "P": 2 * 2 * 16}
 
 
-def _lowrank_case(lamda: bool):
-    def make(size, device):
-        M, K, N, r = size["M"], size["K"], size["N"], size["r"]
-        bf16 = dict(dtype=torch.bfloat16, device=device)
-        inputs = {"x": random_tensor(M, K, fan_in=1, grad=True, **bf16),
-                  "weight": random_tensor(N, K, fan_in=K, **bf16),
-                  "bias": random_tensor(N, fan_in=1, **bf16),
-                  "lora_A": random_tensor(r, K, fan_in=K, grad=not lamda, **bf16),
-                  "lora_B": random_tensor(N, r, fan_in=r, grad=True, **bf16)}
-        if lamda:
-            inputs["lora_S"] = random_tensor(r, r, fan_in=r, grad=True, **bf16)
+# The input builders, shared with benchmarks/kernel_check.py: builder(sizes, dtype, device,
+# **options) -> (inputs, run(inputs, backend) -> {output name: tensor}), the inputs leaves of
+# `dtype` scaled by their fan-in, `sizes` holding M, K (in), N (out), r, E (heads), P (inner).
+def lowrank_inputs(s: dict, dtype, device, lamda: bool = False, transposed_x: bool = False):
+    """`lowrank_linear`: LaMDA (`lamda`: A frozen, S trained) or LoRA; x transposed (column
+    stride M) when `transposed_x`."""
+    M, K, N, r = s["M"], s["K"], s["N"], s["r"]
+    t = dict(dtype=dtype, device=device)
+    x = random_tensor(K, M, fan_in=1, **t).t() if transposed_x else random_tensor(M, K, fan_in=1, **t)
+    inputs = {"x": x.requires_grad_(True), "weight": random_tensor(N, K, fan_in=K, **t),
+              "bias": random_tensor(N, fan_in=1, **t),
+              "lora_A": random_tensor(r, K, fan_in=K, grad=not lamda, **t),
+              "lora_B": random_tensor(N, r, fan_in=r, grad=True, **t)}
+    if lamda:
+        inputs["lora_S"] = random_tensor(r, r, fan_in=r, grad=True, **t)
 
-        def run(t, backend):
-            return {"y": adapterops.lowrank_linear(t["x"], t["weight"], t["bias"], t["lora_A"],
-                                                   t["lora_B"], SCALING, t.get("lora_S"),
-                                                   backend=backend)}
-        return inputs, run
-    return make
-
-
-def _routed_case(top_k: Optional[int]):
-    def make(size, device):
-        M, K, N, r, E = size["M"], size["K"], size["N"], size["hydra_r"], size["E"]
-        bf16 = dict(dtype=torch.bfloat16, device=device)
-        inputs = {"x": random_tensor(M, K, fan_in=1, grad=True, **bf16),
-                  "weight": random_tensor(N, K, fan_in=K, **bf16),
-                  "bias": random_tensor(N, fan_in=1, **bf16),
-                  "lora_A": random_tensor(r, K, fan_in=K, grad=True, **bf16),
-                  "lora_B": random_tensor(E, N, r, fan_in=r, grad=True, **bf16),
-                  "router_weight": random_tensor(E, K, fan_in=K, grad=True, **bf16)}
-
-        def run(t, backend):
-            y, probs = adapterops.routed_lowrank_linear(
-                t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], t["router_weight"],
-                SCALING, top_k=top_k, return_router_probs=True, backend=backend)
-            return {"y": y, "probs": probs}
-        return inputs, run
-    return make
-
-
-def _hdpissa_case(size, device):
-    M, K, N, r = size["M"], size["K"], size["N"], size["r"]
-    bf16 = dict(dtype=torch.bfloat16, device=device)
-    inputs = {"x": random_tensor(M, K, fan_in=1, grad=True, **bf16),
-              "weight": random_tensor(N, K, fan_in=K, **bf16),
-              "bias": random_tensor(N, fan_in=1, **bf16),
-              "lora_A": random_tensor(r, K, fan_in=K, grad=True, **bf16),
-              "lora_B": random_tensor(N, r, fan_in=r, grad=True, **bf16)}
-
-    def run(t, backend):
-        return {"y": adapterops.hdpissa_linear(t["x"], t["weight"], t["bias"], t["lora_A"],
-                                               t["lora_B"], SCALING, backend=backend)}
+    def run(v, backend):
+        return {"y": adapterops.lowrank_linear(v["x"], v["weight"], v["bias"], v["lora_A"],
+                                               v["lora_B"], SCALING, v.get("lora_S"),
+                                               backend=backend)}
     return inputs, run
 
 
-def _update_case(size, device):
-    K, N, inner = size["K"], size["N"], 2 * size["world"] * size["r"]
-    fp32 = dict(dtype=torch.float32, device=device)
-    inputs = {"weight": random_tensor(N, K, fan_in=K, **fp32),
-              "P": random_tensor(N, inner, fan_in=inner, **fp32),
-              "Q": random_tensor(inner, K, fan_in=K, **fp32)}
+def routed_inputs(s: dict, dtype, device, top_k: Optional[int] = None):
+    """`routed_lowrank_linear` (HydraLoRA), dense (`top_k` None) or top-k, with its router
+    probabilities."""
+    M, K, N, r, E = s["M"], s["K"], s["N"], s["r"], s["E"]
+    t = dict(dtype=dtype, device=device)
+    inputs = {"x": random_tensor(M, K, fan_in=1, grad=True, **t),
+              "weight": random_tensor(N, K, fan_in=K, **t), "bias": random_tensor(N, fan_in=1, **t),
+              "lora_A": random_tensor(r, K, fan_in=K, grad=True, **t),
+              "lora_B": random_tensor(E, N, r, fan_in=r, grad=True, **t),
+              "router_weight": random_tensor(E, K, fan_in=K, grad=True, **t)}
 
-    def run(t, backend):
-        weight = t["weight"].clone()
-        copy = torch.empty_like(weight, dtype=torch.bfloat16)
-        adapterops.lowrank_update_(weight, t["P"], t["Q"], 1e-2, copy=copy, backend=backend)
-        return {"weight": weight, "copy": copy}
+    def run(v, backend):
+        y, probs = adapterops.routed_lowrank_linear(
+            v["x"], v["weight"], v["bias"], v["lora_A"], v["lora_B"], v["router_weight"],
+            SCALING, top_k=top_k, return_router_probs=True, backend=backend)
+        return {"y": y, "probs": probs}
     return inputs, run
+
+
+def hdpissa_inputs(s: dict, dtype, device):
+    """`hdpissa_linear`."""
+    M, K, N, r = s["M"], s["K"], s["N"], s["r"]
+    t = dict(dtype=dtype, device=device)
+    inputs = {"x": random_tensor(M, K, fan_in=1, grad=True, **t),
+              "weight": random_tensor(N, K, fan_in=K, **t), "bias": random_tensor(N, fan_in=1, **t),
+              "lora_A": random_tensor(r, K, fan_in=K, grad=True, **t),
+              "lora_B": random_tensor(N, r, fan_in=r, grad=True, **t)}
+
+    def run(v, backend):
+        return {"y": adapterops.hdpissa_linear(v["x"], v["weight"], v["bias"], v["lora_A"],
+                                               v["lora_B"], SCALING, backend=backend)}
+    return inputs, run
+
+
+def update_inputs(s: dict, dtype, device, copy: Optional[torch.dtype] = None):
+    """`lowrank_update_` on a clone of W (N x K) by P (N x inner) Q (inner x K), with a rounded
+    copy of dtype `copy` (None: without)."""
+    K, N, P = s["K"], s["N"], s["P"]
+    t = dict(dtype=dtype, device=device)
+    inputs = {"weight": random_tensor(N, K, fan_in=K, **t), "P": random_tensor(N, P, fan_in=P, **t),
+              "Q": random_tensor(P, K, fan_in=K, **t)}
+
+    def run(v, backend):
+        weight = v["weight"].clone()
+        out = {"weight": weight}
+        if copy is not None:
+            out["copy"] = torch.empty_like(weight, dtype=copy)
+        adapterops.lowrank_update_(weight, v["P"], v["Q"], 1e-2, copy=out.get("copy"),
+                                   backend=backend)
+        return out
+    return inputs, run
+
+
+BUILDERS: dict[str, Callable] = {"lowrank": lowrank_inputs, "routed": routed_inputs,
+                                 "hdpissa": hdpissa_inputs, "update": update_inputs}
+
+
+def _case(op: str, dtype: torch.dtype = torch.bfloat16, sizes: Optional[dict] = None, **options):
+    """A smoke case's make(size, device): BUILDERS[op] at the smoke's sizes (those in `sizes`
+    replaced), in `dtype`, with the builder's `options`."""
+    def make(size, device):
+        return BUILDERS[op](dict(size, **(sizes or {})), dtype, device, **options)
+    return make
 
 
 # name -> (make(size, device) -> (inputs, run(inputs, backend) -> {output name: tensor}),
 #          the fp32 matmul precision it runs at (None: torch's setting))
 CASES: dict[str, tuple[Callable, Optional[str]]] = {
-    "lamda": (_lowrank_case(lamda=True), None),
-    "lora": (_lowrank_case(lamda=False), None),
-    "hydra": (_routed_case(top_k=None), None),
-    "hydra_top2": (_routed_case(top_k=2), None),
-    "hdpissa": (_hdpissa_case, None),
-    "update_highest": (_update_case, "highest"),
-    "update_high": (_update_case, "high"),
+    "lamda": (_case("lowrank", lamda=True), None),
+    "lora": (_case("lowrank"), None),
+    "hydra": (_case("routed", sizes=dict(r=8)), None),
+    "hydra_top2": (_case("routed", sizes=dict(r=8), top_k=2), None),
+    "hdpissa": (_case("hdpissa"), None),
+    "update_highest": (_case("update", torch.float32, copy=torch.bfloat16), "highest"),
+    "update_high": (_case("update", torch.float32, copy=torch.bfloat16), "high"),
 }
 
 
@@ -239,12 +259,18 @@ def verdict(rows: list[dict]) -> str:
     return f"{head}: " + "; ".join(parts)
 
 
-def write(rows: list[dict], out_dir: Path, device_name: str) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "smoke.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+def write_csv(rows: list[dict], path: Path, columns: tuple) -> None:
+    """`rows` as a CSV file at `path` (its folder made), a column per name in `columns` (a row
+    without one: empty); shared with benchmarks/kernel_check.py."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
-        writer.writerows({k: row.get(k, "") for k in COLUMNS} for row in rows)
+        writer.writerows({k: row.get(k, "") for k in columns} for row in rows)
+
+
+def write(rows: list[dict], out_dir: Path, device_name: str) -> None:
+    write_csv(rows, out_dir / "smoke.csv", COLUMNS)
     lines = ["# Correctness smoke", "", f"{device_name}, torch {torch.__version__}; "
              "bound = 2 x torch's error in the dtype + 1 ulp at the reference's scale", "",
              verdict(rows), "",
