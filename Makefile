@@ -11,7 +11,8 @@ TRITON_SPEC ?= triton>=3.6
 # on the development machines' disk, in its own environment (about 5.5 GB).
 CUDA_VENV ?= .venv-cuda
 CUDA_TORCH_SPEC ?= torch==2.14.1
-PYTEST_ARGS ?=
+# The slowest tests, so that the suite's time budget (20 minutes on the 2-core CI machine) is watched.
+PYTEST_ARGS ?= --durations=30
 BENCH_ARGS ?= --quick
 
 ifeq ($(origin PYTHON), command line)
