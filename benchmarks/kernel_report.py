@@ -18,6 +18,8 @@ element by element with a 64-bit address each (32768 bytes, 255 registers and 21
 spills).
 
 One row per (configuration, sizes, arch):
+- loop: what the kernel's main loop is (`KernelConfig.loop`: gemm, stream, partials), which
+  decides the wgmma rules below;
 - registers, spills (bytes of spill stores + loads), shared memory bytes;
 - mma: `wgmma` / `mma` / `none`, the PTX's matrix instruction;
 - hgmma: how many HGMMA instructions the SASS has (sm_90's wgmma; 0 elsewhere);
@@ -84,7 +86,7 @@ ARCHS = {  # name -> (compute capability, most shared memory one block can use, 
     "sm_80": (80, 166912),
 }
 SIZES = ("aligned", "odd")
-COLUMNS = ("kernel", "label", "dtype", "sizes", "arch", "default", "num_warps", "num_stages",
+COLUMNS = ("kernel", "label", "dtype", "sizes", "arch", "default", "loop", "num_warps", "num_stages",
            "registers", "spills", "shared", "mma", "hgmma", "wgmma_serialized", "wgmma_waits",
            "advisories", "tma", "reductions", "seconds", "error")
 FENCED = "fenced ATOMG"
@@ -378,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     import triton
     print(f"triton {triton.__version__}: {len(jobs)} compiles with {args.jobs} jobs", flush=True)
     widths = {c: len(c) for c in COLUMNS}
-    widths.update(kernel=max(len(configs[i].kernel) for i, _, _ in jobs),
+    widths.update(loop=len("partials"), kernel=max(len(configs[i].kernel) for i, _, _ in jobs),
                   label=max(len(configs[i].label) for i, _, _ in jobs),
                   dtype=len("bfloat16"), sizes=len("aligned"), mma=len("wgmma"), shared=6,
                   reductions=len(FENCED))

@@ -68,7 +68,14 @@ def test_every_configuration_compiles(report):
 
 
 # Kernels whose work is elementwise (no `tl.dot`): they have no matrix instruction to check.
-NO_DOT_KERNELS = {"routed_gate_grad_kernel"}
+# The low-rank finishing kernels have one only with S (h1 S^T, g S).
+NO_DOT_KERNELS = {"routed_gate_grad_kernel", "routed_shrink_finish_kernel"}
+FINISH_KERNELS = {"lowrank_shrink_finish_kernel", "lowrank_grad_pass_finish_kernel"}
+
+
+def _no_dot(row) -> bool:
+    return row["kernel"] in NO_DOT_KERNELS or (row["kernel"] in FINISH_KERNELS
+                                               and " S=False" in row["label"])
 
 
 def test_16bit_kernels_use_wgmma(report):
@@ -76,11 +83,12 @@ def test_16bit_kernels_use_wgmma(report):
     sixteen = [r for r in rows if r["dtype"] in ("float16", "bfloat16")]
     assert {r["kernel"] for r in sixteen} == {"gemm_lowrank_kernel", "gemm_lowrank_tma_kernel",
                                               "lowrank_shrink_kernel", "lowrank_grad_pass_kernel",
-                                              "routed_shrink_kernel", "routed_gate_grad_kernel"}, \
+                                              "routed_shrink_kernel", "routed_gate_grad_kernel",
+                                              *NO_DOT_KERNELS, *FINISH_KERNELS}, \
         "a 16-bit kernel is missing"
-    no_dot = [r for r in sixteen if r["kernel"] in NO_DOT_KERNELS]
+    no_dot = [r for r in sixteen if _no_dot(r)]
     assert no_dot and all(r["mma"] == "none" for r in no_dot), _names(no_dot)
-    without = [r for r in sixteen if r["mma"] != "wgmma" and r["kernel"] not in NO_DOT_KERNELS]
+    without = [r for r in sixteen if r["mma"] != "wgmma" and not _no_dot(r)]
     assert not without, (f"{len(without)} of {len(sixteen)} 16-bit configurations do not use wgmma:\n"
                          + _names(without))
 
@@ -96,11 +104,16 @@ def test_no_default_configuration_spills(report):
 def test_no_default_configuration_is_slow_by_its_compiled_code(report):
     _, rows = report
     defaults = [r for r in rows if r["default"] == "True" and not r["error"]]
+    # A finishing kernel's MMAs are its r x r tail (loop "partials"): the wgmma rules judge
+    # main loops of MMAs only, and a GEMM's must be pipelined.
     slow = [r for r in defaults
-            if r["wgmma_serialized"] != "no" or r["advisories"] != "none"
-            or r["reductions"] == kernel_report.FENCED]
+            if (r["wgmma_serialized"] != "no" and r["loop"] != "partials")
+            or (r["loop"] == "gemm" and r["wgmma_waits"] not in ("pipelined", "none"))
+            or r["advisories"] != "none" or r["reductions"] == kernel_report.FENCED]
     assert not slow, (f"{len(slow)} of {len(defaults)} default configurations serialize wgmma, "
-                      "get ptxas advisories or fence their reductions:\n" + _names(slow))
+                      "wait for a GEMM's MMAs, get ptxas advisories or fence their "
+                      "reductions:\n" + _names(slow))
+    assert {r["loop"] for r in defaults} == {"gemm", "stream", "partials"}
     # The grad pass's reductions are there, and relaxed.
     grad_pass = [r for r in defaults if r["kernel"] == "lowrank_grad_pass_kernel"
                  and "dB=True" in r["label"]]
