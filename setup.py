@@ -90,9 +90,9 @@ setup(
     long_description=open("README.md").read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["adapterops", "adapterops.ops", "adapterops.backends", "adapterops.backends.triton",
-              "adapterops.backends.cuda", "adapterops.modules", "adapterops.kernels",
-              "adapterops.csrc"],
+    packages=["adapterops", "adapterops.ops", "adapterops.backends", "adapterops.backends.reference",
+              "adapterops.backends.triton", "adapterops.backends.cuda", "adapterops.modules",
+              "adapterops.kernels", "adapterops.csrc"],
     # csrc/ ships as data (no Python in it): the just-in-time build compiles it from there.
     package_dir={"adapterops.csrc": "csrc"},
     package_data={"adapterops.csrc": ["*.cpp", "*.cu", "*.h"], "adapterops": ["methods.md"]},

@@ -8,6 +8,7 @@ import torch
 
 from . import __version__
 from .backends import BACKENDS
+from .backends.base import FAMILIES
 from .backends.cuda import extension as cuda_extension
 
 
@@ -48,8 +49,7 @@ def report() -> str:
     else:
         lines.append("no CUDA device")
     lines.append(f"CUDA C++ extension adapterops._C: {cuda_extension.describe()}")
-    lines.append("backends, in priority order (ops: lowrank, routed, hdpissa; triton's update needs "
-                 "an fp32 weight):")
+    lines.append("backends, in priority order, with each op family's limits and verdicts:")
     for name, backend in BACKENDS.items():
         if name == "cuda" and cuda_extension.load_if_built() is None:
             lines.append("  cuda: not loaded (see adapterops._C above; info builds nothing)")
@@ -59,7 +59,8 @@ def report() -> str:
             lines.append(f"  {name}: unavailable: {reason}")
             continue
         lines.append(f"  {name}: available")
-        for op in ("lowrank", "routed", "hdpissa", "update"):
+        for op in FAMILIES:
+            lines.append(f"    {op}: {backend.family(op).LIMITS}")
             for device in devices:
                 for dtype in (torch.float32, torch.bfloat16):
                     why_not = backend.reasons(op, **_probe_inputs(device, dtype))

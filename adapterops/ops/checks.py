@@ -1,6 +1,5 @@
 """What the ops share at the Python boundary: argument checks (they run before any kernel and
-name the argument and the sizes in the error), the autocast cast, the base layer's own
-gradients, and the eager door onto an op's forward and backward."""
+name the argument and the sizes in the error) and the autocast cast."""
 import math
 import numbers
 import operator
@@ -85,12 +84,15 @@ def check_base_and_A(x, weight, bias, lora_A, **adapter) -> tuple[int, int, int]
     return out_features, in_features, rank
 
 
-def all_plain(dtype: torch.dtype, device: torch.device, *tensors) -> bool:
-    """Whether every one of `tensors` (None skipped) is a Tensor of `dtype` on `device`: the
-    cheap first pass of the ops' checks (the detailed checks then only run to word an error)."""
+def all_plain(x, *tensors) -> bool:
+    """Whether x is a floating-point Tensor of at least one dimension and every one of
+    `tensors` (None skipped) a Tensor of x's dtype on x's device: the cheap first pass of the
+    ops' checks (the detailed checks then only run to word an error)."""
+    if not (isinstance(x, Tensor) and x.is_floating_point() and x.dim() >= 1):
+        return False
+    dtype, device = x.dtype, x.device
     for t in tensors:
-        if t is not None and not (isinstance(t, Tensor) and t.dtype == dtype
-                                  and t.device == device):
+        if t is not None and not (isinstance(t, Tensor) and t.dtype == dtype and t.device == device):
             return False
     return True
 
@@ -158,49 +160,3 @@ def check_scaling(scaling, name: str = "scaling") -> float:
         raise ValueError(f"{name} must be within float32's range (|{name}| <= {_FLOAT32_MAX:.4g}), "
                          f"got {as_float:g}")
     return as_float
-
-
-def base_layer_grads(grad_y: Tensor, x: Optional[Tensor], need_weight: bool, need_bias: bool):
-    """(dW, dbias) of the frozen base layer y = x W^T + bias, for a user who trains it too:
-    dW = dY^T x and dbias = Σ_tokens dY (plain GEMM and sum), None where not asked for."""
-    return (grad_y.t().mm(x) if need_weight else None, grad_y.sum(0) if need_bias else None)
-
-
-def eager_door(name: str, forward, setup_context, backward, only_first: bool):
-    """The eager door onto an op: a function of the op's inputs that runs them through a
-    `torch.autograd.Function` (named `name`, kept as the function's `.function`): `forward`,
-    then the same `setup_context` and `backward` its custom op registers (so both doors
-    compute the same). With `only_first`, only the first output (y) leaves; the others stay
-    in ctx, as every output costs autograd bookkeeping per call. (A forward taking ctx: the
-    separate setup_context form binds the arguments with `inspect` on every call, about 30 us.)
-
-    The door calls the Function's C-level apply itself: the Python `Function.apply` in front
-    of it costs about 5 us per call, for work only two cases need, both kept here. Under a
-    functorch transform (vmap, grad, ...) it defers to `Function.apply`, which raises there,
-    as these Functions define no vmap or jvp rule. Outside one, a tensor may still be a dead
-    functorch wrapper (one that escaped a finished transform): it is unwrapped, as
-    `Function.apply` does: through the wrapper itself, no gradient would reach the tensor it
-    wraps."""
-    def forward_with_context(ctx, *inputs):
-        output = forward(*inputs)
-        setup_context(ctx, inputs, output)
-        return output[0] if only_first else output
-
-    function = type(name, (torch.autograd.Function,),
-                    {"forward": staticmethod(forward_with_context),
-                     "backward": staticmethod(backward), "__doc__": eager_door.__doc__})
-    # The C-level apply, bound to `function` (what `Function.apply` itself ends in).
-    c_apply = super(torch.autograd.Function, function).apply
-    transforms_active = torch._C._are_functorch_transforms_active
-    unwrap_if_dead = torch._C._functorch.unwrap_if_dead
-
-    def apply(*inputs):
-        if transforms_active():
-            return function.apply(*inputs)
-        # functorch wraps into a plain Tensor (a Parameter's wrapper too), so only those can
-        # be dead wrappers; `type(t) is Tensor` skips the parameters at a sixth of the cost
-        # of isinstance.
-        return c_apply(*[unwrap_if_dead(t) if type(t) is Tensor else t for t in inputs])
-
-    apply.function = function
-    return apply

@@ -20,38 +20,34 @@ Backends: `triton` (CUDA sm_80+, or CPU under TRITON_INTERPRET=1; fp32, fp16, bf
 (everything else); see `adapterops.dispatch`. Under `torch.autocast` the op runs in
 the autocast dtype.
 
-Two doors onto the same forward and backward functions (`_forward`, `_gradients`): eagerly,
-`_eager_lowrank`, a `torch.autograd.Function` (`_EagerLowRank`: a few microseconds of host time
-per call); under `torch.compile`, the `torch.library` custom ops
-`adapterops::lowrank_linear_fwd` and `adapterops::lowrank_linear_bwd`, which
-`torch.compile(fullgraph=True)` traces through (their dispatcher costs tens of microseconds per
-eager call). Double backward is not supported.
+The op is declared once (`adapterops.ops.declare`): the custom ops
+`adapterops::lowrank_linear_fwd` and `adapterops::lowrank_linear_bwd` for `torch.compile`, and
+an eager autograd Function onto the same `_forward` and `_gradients`.
 """
 import math
 from typing import Optional
 
-import torch
 from torch import Tensor
 
 from .. import dispatch
-from .checks import (all_plain, autocast_on, base_layer_grads, cast_for_autocast, check_base_and_A,
-                     check_dim, check_scaling, check_tensor, eager_door, plain_scaling)
+from .checks import (all_plain, autocast_on, cast_for_autocast, check_base_and_A, check_dim,
+                     check_scaling, check_tensor, plain_scaling)
+from .declare import DeclaredOp
 
 
-def _serving_backend(backend, x, weight, lora_A):
+def _backend(backend, x, lora_A):
     # What the backends' reasons depend on: device, dtype, rank.
     signature = (x.device, x.dtype, lora_A.shape[0])
     return (dispatch.cached("lowrank", backend, signature)
-            or dispatch.select("lowrank", backend, signature=signature, x=x, weight=weight,
-                               lora_A=lora_A))
+            or dispatch.select("lowrank", backend, signature=signature, x=x, lora_A=lora_A))
 
 
 def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
              lora_S: Optional[Tensor], scaling: float,
              backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor]:
     """(y, h1, h2) for 2-D x; h2 is empty when there is no S."""
-    chosen = _serving_backend(backend, x, weight, lora_A)
-    return chosen.lowrank_forward(x, weight, bias, lora_A, lora_B, lora_S, scaling)
+    return _backend(backend, x, lora_A).lowrank_forward(x, weight, bias, lora_A, lora_B, lora_S,
+                                                        scaling)
 
 
 def _gradients(grad_y: Tensor, x: Optional[Tensor], h1: Optional[Tensor], h2: Optional[Tensor],
@@ -63,91 +59,32 @@ def _gradients(grad_y: Tensor, x: Optional[Tensor], h1: Optional[Tensor], h2: Op
                                    (need_B, "h2", h2, "dB")):
         if need and saved is None:
             raise ValueError(f"lowrank_linear_bwd: {why} was asked for but {name} is None")
-    chosen = _serving_backend(backend, grad_y, weight, lora_A)
-    return chosen.lowrank_backward(grad_y, x, h1, h2, weight, lora_A, lora_B, lora_S, scaling,
-                                   need_x, need_A, need_B, need_S)
+    return _backend(backend, grad_y, lora_A).lowrank_backward(
+        grad_y, x, h1, h2, weight, lora_A, lora_B, lora_S, scaling, need_x, need_A, need_B, need_S)
 
 
-@torch.library.custom_op("adapterops::lowrank_linear_fwd", mutates_args=())
-def lowrank_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
-                       lora_B: Tensor, lora_S: Optional[Tensor], scaling: float,
-                       backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor]:
-    """(y, h1, h2) for 2-D x; h2 is empty when there is no S."""
-    return _forward(x, weight, bias, lora_A, lora_B, lora_S, scaling, backend)
+def _save(inputs, output, needs) -> tuple:
+    """The memory contract: x only for dA or dW; h1 only for dS; h2 (h1 without S) only for dB."""
+    x, weight, bias, lora_A, lora_B, lora_S = inputs[:6]
+    _, h1, h2 = output
+    _, need_W, _, need_A, need_B, need_S = needs[:6]
+    return (x if (need_A or need_W) else None, h1 if need_S else None,
+            (h2 if lora_S is not None else h1) if need_B else None, weight, lora_A, lora_B, lora_S)
 
 
-@lowrank_linear_fwd.register_fake
-def _(x, weight, bias, lora_A, lora_B, lora_S, scaling, backend):
+def _fake(x, weight, bias, lora_A, lora_B, lora_S, scaling, backend):
     M, r = x.shape[0], lora_A.shape[0]
     return (x.new_empty((M, weight.shape[0])), x.new_empty((M, r)),
             x.new_empty((M, r)) if lora_S is not None else x.new_empty(0))
 
 
-@torch.library.custom_op("adapterops::lowrank_linear_bwd", mutates_args=())
-def lowrank_linear_bwd(grad_y: Tensor, x: Optional[Tensor], h1: Optional[Tensor],
-                       h2: Optional[Tensor], weight: Tensor, lora_A: Tensor, lora_B: Tensor,
-                       lora_S: Optional[Tensor], scaling: float, need_x: bool, need_A: bool,
-                       need_B: bool, need_S: bool, backend: Optional[str]
-                       ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dA, dB, dS); a gradient that was not asked for comes back as an empty tensor."""
-    grads = _gradients(grad_y, x, h1, h2, weight, lora_A, lora_B, lora_S, scaling, need_x,
-                       need_A, need_B, need_S, backend)
-    return tuple(g if g is not None else grad_y.new_empty(0) for g in grads)
-
-
-@lowrank_linear_bwd.register_fake
-def _(grad_y, x, h1, h2, weight, lora_A, lora_B, lora_S, scaling, need_x, need_A, need_B,
-      need_S, backend):
-    M, K, r = grad_y.shape[0], weight.shape[1], lora_A.shape[0]
-    shapes = ((M, K), (r, K), tuple(lora_B.shape), (r, r))
-    return tuple(grad_y.new_empty(shape if need else 0)
-                 for shape, need in zip(shapes, (need_x, need_A, need_B, need_S)))
-
-
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, lora_S, scaling, backend = inputs
-    _, h1, h2 = output
-    need_x, need_W, need_bias, need_A, need_B, need_S = ctx.needs_input_grad[:6]
-    if lora_S is None:
-        h2 = h1
-    ctx.flags = (need_x, need_W, need_bias, need_A, need_B, need_S)
-    ctx.scaling, ctx.backend = scaling, backend
-    # The memory contract: x only for dA or dW; h1 only for dS; h2 only for dB.
-    ctx.save_for_backward(x if (need_A or need_W) else None,
-                          h1 if need_S else None,
-                          h2 if need_B else None,
-                          weight, lora_A, lora_B, lora_S)
-
-
-def _backward_through(gradients):
-    """The autograd backward of either door; `gradients` is `_gradients` or the custom op."""
-    def backward(ctx, grad_y, _grad_h1=None, _grad_h2=None):
-        need_x, need_W, need_bias, need_A, need_B, need_S = ctx.flags
-        x, h1, h2, weight, lora_A, lora_B, lora_S = ctx.saved_tensors
-        dx = dA = dB = dS = None
-        if need_x or need_A or need_B or need_S:
-            grads = gradients(grad_y, x, h1, h2, weight, lora_A, lora_B, lora_S, ctx.scaling,
-                              need_x, need_A, need_B, need_S, ctx.backend)
-            dx, dA, dB, dS = (g if need else None
-                              for g, need in zip(grads, (need_x, need_A, need_B, need_S)))
-        dW, dbias = base_layer_grads(grad_y, x, need_W, need_bias)
-        return dx, dW, dbias, dA, dB, dS, None, None
-    return backward
-
-
-lowrank_linear_fwd.register_autograd(_backward_through(lowrank_linear_bwd),
-                                     setup_context=_setup_context)
-
-
-# The eager door: the same forward, context and backward as the custom op's.
-_eager_lowrank = eager_door("_EagerLowRank", _forward, _setup_context,
-                            _backward_through(_gradients), only_first=True)
+_lowrank_op = DeclaredOp("lowrank_linear", forward=_forward, gradients=_gradients, save=_save,
+                         fake=_fake, trained=("x", "lora_A", "lora_B", "lora_S"))
 
 
 def _plain_args(x, weight, bias, lora_A, lora_B, scaling, lora_S) -> bool:
     """The common case in one pass: arguments `check_lowrank_args` accepts."""
-    if not (isinstance(x, Tensor) and x.is_floating_point() and x.dim() >= 1
-            and all_plain(x.dtype, x.device, weight, bias, lora_A, lora_B, lora_S)
+    if not (all_plain(x, weight, bias, lora_A, lora_B, lora_S)
             and weight.dim() == lora_A.dim() == lora_B.dim() == 2 and plain_scaling(scaling)):
         return False
     (out_features, in_features), (rank, a_in), (b_out, b_rank) = (weight.shape, lora_A.shape,
@@ -189,9 +126,6 @@ def lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Te
     # An explicit token count: reshape(-1, 0) is ambiguous when in_features is 0. (A bad
     # backend name raises in dispatch, before any kernel.)
     x2 = x if x.dim() == 2 else x.reshape(math.prod(leading), x.shape[-1])
-    if torch.compiler.is_compiling():
-        y = lowrank_linear_fwd(x2, weight, bias, lora_A, lora_B, lora_S, scaling, backend)[0]
-    else:
-        y = _eager_lowrank(x2, weight, bias, lora_A, lora_B, lora_S, scaling, backend)
+    y = _lowrank_op(x2, weight, bias, lora_A, lora_B, lora_S, scaling, backend)
     # 2-D x: y itself, not a view of it (FSDP2 warns on, and skips hooks for, view outputs).
     return y if x.dim() == 2 else y.reshape(*leading, weight.shape[0])

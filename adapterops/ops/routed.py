@@ -32,11 +32,11 @@ r and E; its logits are rounded to x's dtype, as the torch backend's are) and `t
 (everything else); see `adapterops.dispatch`. Under
 `torch.autocast` the op runs in the autocast dtype.
 
-Two doors onto the same forward and backward functions (`_forward`, `_gradients`), as in
-`adapterops.ops.lowrank`: eagerly `_eager_routed`, a `torch.autograd.Function` (`_EagerRouted`);
-under `torch.compile` the `torch.library` custom ops `adapterops::routed_lowrank_linear_fwd` and
-`adapterops::routed_lowrank_linear_bwd`, which `torch.compile(fullgraph=True)` traces through.
-Double backward is not supported.
+The op is declared once (`adapterops.ops.declare`): the custom ops
+`adapterops::routed_lowrank_linear_fwd` and `adapterops::routed_lowrank_linear_bwd` for
+`torch.compile`, and an eager autograd Function onto the same `_forward` and `_gradients`.
+The router math (`router_probs`, `top_k_gates`, `heads_side_by_side`) is the torch backend's,
+the oracle's, exported here for the layers above.
 """
 import math
 from typing import Optional
@@ -45,28 +45,37 @@ import torch
 from torch import Tensor
 
 from .. import dispatch
-from .checks import (autocast_on, base_layer_grads, cast_for_autocast, check_base_and_A, check_dim,
-                     check_scaling, check_tensor, check_top_k, eager_door)
+from ..backends.reference.routed import heads_side_by_side, router_probs, top_k_gates
+from .checks import (all_plain, autocast_on, cast_for_autocast, check_base_and_A, check_dim,
+                     check_scaling, check_tensor, check_top_k, plain_scaling)
+from .declare import DeclaredOp
+
+# The router math (defined once, by the oracle), for the layers above: the module reaches it
+# through its op, never the backends.
+__all__ = ["routed_lowrank_linear", "check_routed_args", "heads_side_by_side", "router_probs",
+           "top_k_gates"]
 
 
-def _serving_backend(backend, x, weight, lora_A, lora_B):
+def _backend(backend, x, lora_B):
     # What the backends' reasons depend on: device, dtype, heads and rank.
     signature = (x.device, x.dtype, lora_B.shape)
     return (dispatch.cached("routed", backend, signature)
-            or dispatch.select("routed", backend, signature=signature, x=x, weight=weight,
-                               lora_A=lora_A, lora_B=lora_B))
+            or dispatch.select("routed", backend, signature=signature, x=x, lora_B=lora_B))
 
 
 def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
              router_weight: Tensor, scaling: float, top_k: Optional[int],
              backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(y, h, hg, probs, gates) for 2-D x; gates is empty for dense routing (gates = probs)."""
-    chosen = _serving_backend(backend, x, weight, lora_A, lora_B)
-    return chosen.routed_forward(x, weight, bias, lora_A, lora_B, router_weight, scaling, top_k)
+    return _backend(backend, x, lora_B).routed_forward(x, weight, bias, lora_A, lora_B,
+                                                       router_weight, scaling, top_k)
 
 
-def _gradients(grad_y, grad_probs, x, h, hg, probs, gates, weight, lora_A, lora_B, router_weight,
-               scaling, need_x, need_A, need_B, need_router, backend) -> tuple:
+def _gradients(grad_y: Tensor, grad_probs: Tensor, x: Optional[Tensor], h: Optional[Tensor],
+               hg: Optional[Tensor], probs: Optional[Tensor], gates: Optional[Tensor],
+               weight: Tensor, lora_A: Tensor, lora_B: Tensor, router_weight: Tensor,
+               scaling: float, need_x: bool, need_A: bool, need_B: bool, need_router: bool,
+               backend: Optional[str]) -> tuple:
     """(dx, dA, dB, dWg), None where not asked for; gates is None for dense routing."""
     need_gate_grads = need_x or need_A or need_router
     for need, name, saved, why in ((need_A or need_router, "x", x, "dA or dWg"),
@@ -75,27 +84,29 @@ def _gradients(grad_y, grad_probs, x, h, hg, probs, gates, weight, lora_A, lora_
                                    (need_B, "hg", hg, "dB")):
         if need and saved is None:
             raise ValueError(f"routed_lowrank_linear_bwd: {why} was asked for but {name} is None")
-    chosen = _serving_backend(backend, grad_y, weight, lora_A, lora_B)
-    return chosen.routed_backward(grad_y, grad_probs, x, h, hg, probs, gates, weight, lora_A,
-                                  lora_B, router_weight, scaling, need_x, need_A, need_B,
-                                  need_router)
+    return _backend(backend, grad_y, lora_B).routed_backward(
+        grad_y, grad_probs, x, h, hg, probs, gates, weight, lora_A, lora_B, router_weight, scaling,
+        need_x, need_A, need_B, need_router)
+
+
+def _save(inputs, output, needs) -> tuple:
+    """The memory contract: x only for dA, dWg or dW; hg only for dB; h, p (and the gates with
+    top-k) for the gate gradients that dx, dA and dWg need."""
+    x, weight, bias, lora_A, lora_B, router_weight, scaling, top_k, backend = inputs
+    _, h, hg, probs, gates = output
+    need_x, need_W, _, need_A, need_B, need_router = needs[:6]
+    need_gate_grads = need_x or need_A or need_router
+    return (x if (need_A or need_router or need_W) else None, h if need_gate_grads else None,
+            hg if need_B else None, probs if need_gate_grads else None,
+            gates if (need_gate_grads and top_k is not None) else None,
+            weight, lora_A, lora_B, router_weight)
 
 
 def _probs_dtype(x: Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-@torch.library.custom_op("adapterops::routed_lowrank_linear_fwd", mutates_args=())
-def routed_lowrank_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
-                              lora_B: Tensor, router_weight: Tensor, scaling: float,
-                              top_k: Optional[int], backend: Optional[str]
-                              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(y, h, hg, probs, gates) for 2-D x (see `_forward`)."""
-    return _forward(x, weight, bias, lora_A, lora_B, router_weight, scaling, top_k, backend)
-
-
-@routed_lowrank_linear_fwd.register_fake
-def _(x, weight, bias, lora_A, lora_B, router_weight, scaling, top_k, backend):
+def _fake(x, weight, bias, lora_A, lora_B, router_weight, scaling, top_k, backend):
     M = x.shape[0]
     E, N, r = lora_B.shape
     probs_dtype = _probs_dtype(x)
@@ -104,79 +115,31 @@ def _(x, weight, bias, lora_A, lora_B, router_weight, scaling, top_k, backend):
             x.new_empty((M, E) if top_k is not None else 0, dtype=probs_dtype))
 
 
-@torch.library.custom_op("adapterops::routed_lowrank_linear_bwd", mutates_args=())
-def routed_lowrank_linear_bwd(grad_y: Tensor, grad_probs: Tensor, x: Optional[Tensor],
-                              h: Optional[Tensor], hg: Optional[Tensor], probs: Optional[Tensor],
-                              gates: Optional[Tensor], weight: Tensor, lora_A: Tensor,
-                              lora_B: Tensor, router_weight: Tensor, scaling: float,
-                              need_x: bool, need_A: bool, need_B: bool, need_router: bool,
-                              backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dA, dB, dWg); a gradient that was not asked for comes back as an empty tensor.
-    gates is None for dense routing."""
-    grads = _gradients(grad_y, grad_probs, x, h, hg, probs, gates, weight, lora_A, lora_B,
-                       router_weight, scaling, need_x, need_A, need_B, need_router, backend)
-    return tuple(g if g is not None else grad_y.new_empty(0) for g in grads)
+# y and the probabilities are differentiable outputs; h, hg and the gates are internals.
+_routed_op = DeclaredOp("routed_lowrank_linear", forward=_forward, gradients=_gradients,
+                        save=_save, fake=_fake, trained=("x", "lora_A", "lora_B", "router_weight"),
+                        differentiable_outputs=(0, 3))
 
 
-@routed_lowrank_linear_bwd.register_fake
-def _(grad_y, grad_probs, x, h, hg, probs, gates, weight, lora_A, lora_B, router_weight, scaling,
-      need_x, need_A, need_B, need_router, backend):
-    shapes = ((grad_y.shape[0], weight.shape[1]), tuple(lora_A.shape), tuple(lora_B.shape),
-              tuple(router_weight.shape))
-    return tuple(grad_y.new_empty(shape if need else 0)
-                 for shape, need in zip(shapes, (need_x, need_A, need_B, need_router)))
-
-
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, router_weight, scaling, top_k, backend = inputs
-    _, h, hg, probs, gates = output
-    need_x, need_W, need_bias, need_A, need_B, need_router = ctx.needs_input_grad[:6]
-    need_gate_grads = need_x or need_A or need_router
-    # h, hg and the gates are the op's internals: autograd then hands backward no (zero) grads
-    # for them. y and the probabilities are differentiable outputs.
-    ctx.mark_non_differentiable(h, hg, gates)
-    ctx.flags = (need_x, need_W, need_bias, need_A, need_B, need_router)
-    ctx.scaling, ctx.backend = scaling, backend
-    # The memory contract: x only for dA, dWg or dW; hg only for dB; h, p (and the gates with
-    # top-k) for the gate gradients that dx, dA and dWg need.
-    ctx.save_for_backward(x if (need_A or need_router or need_W) else None,
-                          h if need_gate_grads else None,
-                          hg if need_B else None,
-                          probs if need_gate_grads else None,
-                          gates if (need_gate_grads and top_k is not None) else None,
-                          weight, lora_A, lora_B, router_weight)
-
-
-def _backward_through(gradients):
-    """The autograd backward of either door; `gradients` is `_gradients` or the custom op."""
-    def backward(ctx, grad_y, _grad_h, _grad_hg, grad_probs, _grad_gates):
-        need_x, need_W, need_bias, need_A, need_B, need_router = ctx.flags
-        x, h, hg, probs, gates, weight, lora_A, lora_B, router_weight = ctx.saved_tensors
-        dx = dA = dB = dWg = None
-        if need_x or need_A or need_B or need_router:
-            grads = gradients(grad_y, grad_probs, x, h, hg, probs, gates, weight, lora_A, lora_B,
-                              router_weight, ctx.scaling, need_x, need_A, need_B, need_router,
-                              ctx.backend)
-            dx, dA, dB, dWg = (g if need else None for g, need in
-                               zip(grads, (need_x, need_A, need_B, need_router)))
-        dW, dbias = base_layer_grads(grad_y, x, need_W, need_bias)
-        return dx, dW, dbias, dA, dB, dWg, None, None, None
-    return backward
-
-
-routed_lowrank_linear_fwd.register_autograd(_backward_through(routed_lowrank_linear_bwd),
-                                            setup_context=_setup_context)
-
-
-# The eager door: the same forward, context and backward as the custom op's.
-_eager_routed = eager_door("_EagerRouted", _forward, _setup_context,
-                           _backward_through(_gradients), only_first=False)
+def _plain_args(x, weight, bias, lora_A, lora_B, router_weight, scaling, top_k) -> bool:
+    """The common case in one pass: arguments `check_routed_args` accepts as they are."""
+    if not (all_plain(x, weight, bias, lora_A, lora_B, router_weight) and lora_B.dim() == 3
+            and weight.dim() == lora_A.dim() == router_weight.dim() == 2 and plain_scaling(scaling)):
+        return False
+    (out_features, in_features), (rank, a_in), (heads, b_out, b_rank), (g_heads, g_in) = (
+        weight.shape, lora_A.shape, lora_B.shape, router_weight.shape)
+    return (x.shape[-1] == in_features == a_in == g_in and b_out == out_features
+            and b_rank == rank >= 1 and g_heads == heads >= 1
+            and (bias is None or bias.shape == (out_features,))
+            and (top_k is None or (type(top_k) is int and 1 <= top_k <= heads)))
 
 
 def check_routed_args(x, weight, bias, lora_A, lora_B, router_weight, scaling,
                       top_k) -> tuple[float, Optional[int]]:
     """Validates every argument of `routed_lowrank_linear`; returns (scaling as a float, top_k
     as an int or None)."""
+    if _plain_args(x, weight, bias, lora_A, lora_B, router_weight, scaling, top_k):
+        return float(scaling), top_k
     check_tensor("lora_B", lora_B, ndim=3)
     check_tensor("router_weight", router_weight, ndim=2)
     out_features, in_features, rank = check_base_and_A(x, weight, bias, lora_A, lora_B=lora_B,
@@ -214,12 +177,10 @@ def routed_lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lor
     if not isinstance(return_router_probs, bool):
         raise TypeError(f"return_router_probs must be a bool, got {type(return_router_probs).__name__}")
     leading = x.shape[:-1]
-    forward = routed_lowrank_linear_fwd if torch.compiler.is_compiling() else _eager_routed
     # An explicit token count: reshape(-1, 0) is ambiguous when in_features is 0. (A bad
     # backend name raises in dispatch, before any kernel.)
     x2 = x if x.dim() == 2 else x.reshape(math.prod(leading), x.shape[-1])
-    y, _, _, probs, _ = forward(x2, weight, bias, lora_A, lora_B, router_weight, scaling, top_k,
-                                backend)
+    y, probs = _routed_op(x2, weight, bias, lora_A, lora_B, router_weight, scaling, top_k, backend)
     if x.dim() != 2:  # 2-D x: y itself, not a view (FSDP2 warns on, and skips hooks for, views)
         y, probs = y.reshape(*leading, weight.shape[0]), probs.reshape(*leading, lora_B.shape[0])
     return (y, probs) if return_router_probs else y

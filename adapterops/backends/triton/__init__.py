@@ -1,7 +1,9 @@
 """The `triton` backend: CUDA tensors on sm_80 or newer, or CPU tensors under the Triton
 interpreter (`TRITON_INTERPRET=1` set before adapterops first imports its kernels).
 
-Nothing here imports triton until a call needs it, so `import adapterops` stays light.
+One module per op family (`lowrank`, `routed`, `hdpissa`, `update`), each with its `LIMITS`,
+`reasons_on(device)`, its launchers and its tile configurations (data). Nothing here imports
+triton until a call needs it, so `import adapterops` stays light.
 """
 import functools
 from typing import Optional
@@ -25,53 +27,13 @@ def _triton_import_error() -> Optional[str]:
 
 class TritonBackend(Backend):
     name = "triton"
+    who = "the Triton kernels"
 
     def unavailable_reason(self) -> Optional[str]:
         return _triton_import_error()
 
-    def lowrank_reasons(self, **inputs) -> list[str]:
-        from . import lowrank
-        return lowrank.reasons(**inputs)
-
-    def lowrank_forward(self, *args):
-        from . import lowrank
-        return lowrank.forward(*args)
-
-    def lowrank_backward(self, *args):
-        from . import lowrank
-        return lowrank.backward(*args)
-
-    def routed_reasons(self, **inputs) -> list[str]:
-        from . import routed
-        return routed.reasons(**inputs)
-
-    def routed_forward(self, *args):
-        from . import routed
-        return routed.forward(*args)
-
-    def routed_backward(self, *args):
-        from . import routed
-        return routed.backward(*args)
-
-    def hdpissa_reasons(self, **inputs) -> list[str]:
-        from . import hdpissa
-        return hdpissa.reasons(**inputs)
-
-    def hdpissa_forward(self, *args):
-        from . import hdpissa
-        return hdpissa.forward(*args)
-
-    def hdpissa_backward(self, *args):
-        from . import hdpissa
-        return hdpissa.backward(*args)
-
-    def update_reasons(self, **inputs) -> list[str]:
-        from . import hdpissa
-        return hdpissa.update_reasons(**inputs)
-
-    def update_(self, *args):
-        from . import hdpissa
-        return hdpissa.update_(*args)
+    def device_reasons(self, family: str, device) -> list[str]:
+        return self.family(family).reasons_on(device)
 
 
 def kernel_configurations():
@@ -79,6 +41,6 @@ def kernel_configurations():
 
     Returns a list of `KernelConfig`s; see `adapterops.backends.triton.common`.
     """
-    from . import hdpissa, lowrank, routed
+    from . import lowrank, routed, update
     return (lowrank.kernel_configurations() + routed.kernel_configurations()
-            + hdpissa.kernel_configurations())
+            + update.kernel_configurations())

@@ -37,12 +37,6 @@ def device_reasons(device: torch.device, kernel) -> list[str]:
     return [f"the Triton kernels do not run on {device.type} tensors"]
 
 
-def dtype_reasons(dtype: torch.dtype) -> list[str]:
-    if dtype not in DTYPES:
-        return [f"the Triton kernels support {', '.join(map(str, DTYPES))}, not {dtype}"]
-    return []
-
-
 def rank_block(rank: int) -> int:
     """The rank's tile size: a power of two >= 16 (a GPU `tl.dot` needs tiles of at least 16).
 

@@ -21,11 +21,13 @@ from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ...kernels import lowrank as K
-from .common import (VARIANTS, KernelConfig, bucket, device_guard, device_reasons, dtype_reasons,
+from ..base import Limits
+from .common import (DTYPES, VARIANTS, KernelConfig, bucket, device_guard, device_reasons,
                      element_size, interpreting, kernel_config, launch, numerics_class,
                      numerics_flags, pick_config, rank_block, variant_label)
 
 MAX_RANK = 128
+LIMITS = Limits(dtypes=DTYPES, max_rank=MAX_RANK)
 RANK_CHUNK = 16  # the width of every contraction over the rank (see adapterops.kernels.lowrank)
 
 # Tiles by element size (2: fp16/bf16 on tensor cores; 4: fp32, FMAs or TF32).
@@ -129,11 +131,9 @@ INTERPRETER_CONFIGS = {
 }
 
 
-def reasons(x: Tensor, weight: Tensor, lora_A: Tensor, **_) -> list[str]:
-    out = device_reasons(x.device, K.gemm_lowrank_kernel) + dtype_reasons(x.dtype)
-    if lora_A.shape[0] > MAX_RANK:
-        out.append(f"rank {lora_A.shape[0]} exceeds the Triton kernels' maximum rank {MAX_RANK}")
-    return out
+def reasons_on(device: torch.device) -> list[str]:
+    """Why this family's kernels cannot run on `device` (empty when they can)."""
+    return device_reasons(device, K.gemm_lowrank_kernel)
 
 
 def bucket_config(table: dict, numerics: str, block_r: int) -> dict:

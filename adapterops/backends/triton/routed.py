@@ -19,13 +19,16 @@ import triton
 from torch import Tensor
 
 from ...kernels import routed as K
-from ..reference import heads_side_by_side
+from ..base import Limits
+from ..reference.routed import heads_side_by_side
 from . import lowrank
-from .common import (VARIANTS, KernelConfig, device_guard, device_reasons, dtype_reasons,
-                     interpreting, kernel_config, launch, numerics_class, rank_block, variant_label)
+from .common import (DTYPES, VARIANTS, KernelConfig, device_guard, device_reasons, interpreting,
+                     kernel_config, launch, numerics_class, rank_block, variant_label)
 
 MAX_HEADS = 16
 MAX_ROUTED_RANK = lowrank.WIDE_RANK_BLOCK  # E r: the widest rank bucket of the grad pass
+LIMITS = Limits(dtypes=DTYPES, max_rank=lowrank.MAX_RANK, max_heads=MAX_HEADS,
+                max_routed_rank=MAX_ROUTED_RANK)
 
 # The shrink runs on the low-rank shrink's tiles (`lowrank.SHRINK_CONFIGS`, by numerics class
 # and rank bucket): its 8 warps at 16-bit rank bucket 128 also keep this epilogue (softmax,
@@ -36,22 +39,14 @@ GATE_GRAD_CONFIG = {"BLOCK_M": 16, "num_warps": 4, "num_stages": 1}
 INTERPRETER_GATE_GRAD_CONFIG = {"BLOCK_M": 32}
 
 
+def reasons_on(device: torch.device) -> list[str]:
+    """Why this family's kernels cannot run on `device` (empty when they can)."""
+    return device_reasons(device, K.routed_shrink_kernel)
+
+
 def head_block(num_heads: int) -> int:
     """The heads' tile size: a power of two >= 16 (the router logits are a `tl.dot` output)."""
     return max(16, triton.next_power_of_2(num_heads))
-
-
-def reasons(x: Tensor, lora_B: Tensor, **_) -> list[str]:
-    out = device_reasons(x.device, K.routed_shrink_kernel) + dtype_reasons(x.dtype)
-    E, _, r = lora_B.shape
-    if r > lowrank.MAX_RANK:
-        out.append(f"rank {r} exceeds the Triton kernels' maximum rank {lowrank.MAX_RANK}")
-    if E > MAX_HEADS:
-        out.append(f"{E} heads exceed the Triton kernels' maximum of {MAX_HEADS}")
-    if E * r > MAX_ROUTED_RANK:
-        out.append(f"heads x rank = {E} x {r} = {E * r} exceeds the Triton kernels' maximum "
-                   f"routed rank {MAX_ROUTED_RANK}")
-    return out
 
 
 @device_guard

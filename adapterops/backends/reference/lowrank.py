@@ -1,0 +1,48 @@
+"""The low-rank linear (LoRA, PiSSA, LaMDA; methods.md §1, §2) in plain PyTorch:
+
+    h1 = x A^T,  h2 = h1 S^T (h2 = h1 without S),  y = x W^T + bias + s h2 B^T
+    g = s dY B,  dB = s dY^T h2,  dS = g^T h1,  dx = dY W + (g S) A,  dA = (g S)^T x
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..base import Limits
+
+LIMITS = Limits()
+
+
+def add_scaled_product(base: Tensor, a: Tensor, b: Tensor, scale: float) -> Tensor:
+    """base + scale * (a @ b). BLAS skips the product when alpha is 0, dropping a NaN or inf
+    of a @ b that PyTorch's composition `base + 0 * (a @ b)` propagates: scale 0 takes that
+    composition."""
+    if scale == 0:
+        return base + torch.mm(a, b).mul_(0)
+    return torch.addmm(base, a, b, alpha=scale)
+
+
+def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+            lora_S: Optional[Tensor], scaling: float):
+    """Returns (y, h1, h2); h2 is an empty tensor when there is no S (then h2 = h1)."""
+    h1 = F.linear(x, lora_A)
+    h2 = F.linear(h1, lora_S) if lora_S is not None else h1
+    y = add_scaled_product(F.linear(x, weight, bias), h2, lora_B.t(), scaling)
+    return y, h1, (h2 if lora_S is not None else x.new_empty(0))
+
+
+def backward(grad_y: Tensor, x: Optional[Tensor], h1: Optional[Tensor], h2: Optional[Tensor],
+             weight: Tensor, lora_A: Tensor, lora_B: Tensor, lora_S: Optional[Tensor],
+             scaling: float, need_x: bool, need_A: bool, need_B: bool, need_S: bool):
+    """Returns (dx, dA, dB, dS), each None when not asked for.
+
+    Needs x for dA, h2 (h1 without S) for dB and h1 for dS; the caller saves only those.
+    """
+    g = torch.mm(grad_y, lora_B).mul_(scaling)
+    dB = torch.mm(grad_y.t(), h2).mul_(scaling) if need_B else None
+    dS = torch.mm(g.t(), h1) if need_S else None
+    gS = torch.mm(g, lora_S) if lora_S is not None else g
+    dx = torch.addmm(torch.mm(grad_y, weight), gS, lora_A) if need_x else None
+    dA = torch.mm(gS.t(), x) if need_A else None
+    return dx, dA, dB, dS

@@ -1,0 +1,94 @@
+"""The routed low-rank linear (HydraLoRA, methods.md §3) in plain PyTorch, in its fused form,
+and the router math every layer above shares (re-exported by `adapterops.ops.routed`):
+
+    p = softmax(x Wg^T) (softmax in fp32 or better), g = p or its top-k,
+    h = x A^T,  hg = [g_0 h | ... | g_{E-1} h],  y = x W^T + bias + s hg Bcat^T
+    u = s dY Bcat (block e: s dY B_e),  dBcat = s dY^T hg,  dg_e = <u_e, h>,  dh = Σ_e g_e u_e,
+    dlogits = p * (dp - <p, dp>) with dp = dg (kept heads only) + dprobs,
+    dx = dY W + [dh | dlogits] [A; Wg],  [dA; dWg] = [dh | dlogits]^T x
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..base import Limits
+from .lowrank import add_scaled_product
+
+LIMITS = Limits()
+
+
+def heads_side_by_side(lora_B: Tensor) -> Tensor:
+    """Bcat = [B_0 | B_1 | ... | B_{E-1}] (out x E r, contiguous) from lora_B (E, out, r): the
+    right operand of the routed sum as one GEMM. A copy of E out r elements (the heads' layout
+    in lora_B has no 2-D strided view of this shape)."""
+    E, N, r = lora_B.shape
+    return lora_B.permute(1, 0, 2).reshape(N, E * r)
+
+
+def top_k_gates(probs: Tensor, top_k: int) -> Tensor:
+    """probs with all but the top_k largest of each row zeroed, not renormalised. Ties go to
+    the lower head index (a stable descending sort keeps equal values in index order)."""
+    kept = torch.sort(probs, dim=-1, descending=True, stable=True).indices[..., :top_k]
+    return torch.zeros_like(probs).scatter_(-1, kept, probs.gather(-1, kept))
+
+
+def router_probs(x: Tensor, router_weight: Tensor) -> Tensor:
+    """softmax(x Wg^T) per token: logits in x's dtype (as F.linear gives them, and as the
+    official HydraLoRA code computes them), the softmax in fp32, or float64 for float64 inputs.
+    (The Triton kernels keep the logits in fp32, unrounded: in fp16/bf16 the two differ by the
+    logits' rounding, which changes a top-k choice only where two logits nearly tie.)"""
+    compute_dtype = torch.promote_types(x.dtype, torch.float32)
+    return torch.softmax(F.linear(x, router_weight).to(compute_dtype), dim=-1)
+
+
+def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+            router_weight: Tensor, scaling: float, top_k: Optional[int]):
+    """Returns (y, h, hg, probs, gates); gates is an empty tensor for dense routing (then the
+    gates are probs)."""
+    M = x.shape[0]
+    E, _, r = lora_B.shape
+    h = F.linear(x, lora_A)
+    probs = router_probs(x, router_weight)
+    gates = top_k_gates(probs, top_k) if top_k is not None else probs
+    hg = (gates.unsqueeze(2) * h.unsqueeze(1).to(gates.dtype)).to(x.dtype).reshape(M, E * r)
+    y = add_scaled_product(F.linear(x, weight, bias), hg, heads_side_by_side(lora_B).t(), scaling)
+    return y, h, hg, probs, (gates if top_k is not None else probs.new_empty(0))
+
+
+def backward(grad_y: Tensor, grad_probs: Tensor, x: Optional[Tensor], h: Optional[Tensor],
+             hg: Optional[Tensor], probs: Optional[Tensor], gates: Optional[Tensor], weight: Tensor,
+             lora_A: Tensor, lora_B: Tensor, router_weight: Tensor, scaling: float, need_x: bool,
+             need_A: bool, need_B: bool, need_router: bool):
+    """Returns (dx, dA, dB, dWg), each None when not asked for. gates is None for dense routing.
+
+    Needs hg for dB; h and probs (and gates with top-k) for everything else; x for dA and dWg.
+    """
+    M = grad_y.shape[0]
+    E, N, r = lora_B.shape
+    dB = None
+    if need_B:
+        dB = torch.mm(grad_y.t(), hg).mul_(scaling).view(N, E, r).permute(1, 0, 2).contiguous()
+    dx = dA = dWg = None
+    if need_x or need_A or need_router:
+        u = torch.mm(grad_y, heads_side_by_side(lora_B)).mul_(scaling)
+        compute_dtype = probs.dtype
+        u_heads = u.view(M, E, r).to(compute_dtype)
+        g = gates if gates is not None else probs
+        # Per-token products as bmm: torch.einsum's Python wrapper costs microseconds a call.
+        dh = torch.bmm(g.unsqueeze(1), u_heads).squeeze(1)                         # (M, r)
+        dg = torch.bmm(u_heads, h.to(compute_dtype).unsqueeze(2)).squeeze(2)       # (M, E)
+        if gates is not None:
+            dg = torch.where(gates != 0, dg, 0.0)  # dropped heads: constant zero gates
+        dp = dg + grad_probs.to(compute_dtype)
+        dlogits = probs * (dp - (probs * dp).sum(-1, keepdim=True))
+        dh_dlogits = torch.cat([dh, dlogits], 1).to(grad_y.dtype)
+        if need_x:
+            dx = torch.addmm(torch.mm(grad_y, weight), dh_dlogits,
+                             torch.cat([lora_A, router_weight]))
+        if need_A:
+            dA = torch.mm(dh_dlogits[:, :r].t(), x)
+        if need_router:
+            dWg = torch.mm(dh_dlogits[:, r:].t(), x)
+    return dx, dA, dB, dWg
