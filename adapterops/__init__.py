@@ -5,7 +5,7 @@ they need on first use. The math of every method, which the docstrings cite as "
 is in the package's own `methods.md` (beside this file).
 """
 from . import distributed, hydra, lamda, pissa
-from .modules import FusedHydraLoRALinear, FusedLaMDALinear, FusedLoRALinear, HDPiSSALinear
+from .modules import AdapterLayer, FusedHydraLoRALinear, FusedLaMDALinear, FusedLoRALinear, HDPiSSALinear
 from .ops import hdpissa_linear, lowrank_linear, lowrank_update_, routed_lowrank_linear
 from . import hdpissa  # noqa: E402  (above the modules: it builds HDPiSSALinear layers)
 from .config import AdapterConfig
@@ -14,7 +14,7 @@ from .saving import load_adapters, save_adapters
 
 __version__ = "0.1.0"
 __all__ = ["lowrank_linear", "routed_lowrank_linear", "hdpissa_linear", "lowrank_update_",
-           "FusedLoRALinear", "FusedLaMDALinear", "FusedHydraLoRALinear", "HDPiSSALinear",
+           "AdapterLayer", "FusedLoRALinear", "FusedLaMDALinear", "FusedHydraLoRALinear", "HDPiSSALinear",
            "AdapterConfig", "inject", "trainable_parameters", "merge_and_unload",
            "disable_adapters", "save_adapters", "load_adapters",
            "distributed", "hdpissa", "hydra", "lamda", "pissa", "__version__"]

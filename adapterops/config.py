@@ -30,11 +30,11 @@ import re
 from typing import Optional, Union
 
 from .dispatch import check_backend_name
-from .modules import FusedHydraLoRALinear, FusedLaMDALinear, FusedLoRALinear, HDPiSSALinear
+from .modules import AdapterLayer, FusedHydraLoRALinear, FusedLaMDALinear, FusedLoRALinear, HDPiSSALinear
 from .modules.common import REQUIRED
 
-METHODS = {cls.method: cls for cls in (FusedLoRALinear, FusedLaMDALinear, FusedHydraLoRALinear,
-                                       HDPiSSALinear)}
+METHODS: dict[str, type[AdapterLayer]] = {
+    cls.method: cls for cls in (FusedLoRALinear, FusedLaMDALinear, FusedHydraLoRALinear, HDPiSSALinear)}
 ALL_LINEAR = "all-linear"  # PEFT's name for target_modules=None
 
 
@@ -92,13 +92,13 @@ class AdapterConfig:
         if missing:
             raise ValueError(f"AdapterConfig: method {self.method!r} needs {', '.join(missing)}")
 
-    def options_for(self, cls) -> dict:
+    def options_for(self, cls: type[AdapterLayer]) -> dict:
         """The options `cls.from_linear` takes, from this config or the class's defaults."""
         return {name: default if getattr(self, name) is None else getattr(self, name)
                 for name, default in cls.OPTIONS.items()}
 
     @property
-    def layer_class(self):
+    def layer_class(self) -> type[AdapterLayer]:
         return METHODS[self.method]
 
     def to_dict(self) -> dict:

@@ -25,16 +25,13 @@ from typing import Optional
 
 from torch import nn
 
-from .config import METHODS, AdapterConfig, matches
-from .modules.common import is_conv1d
-
-ADAPTER_LAYERS = tuple(METHODS.values())
+from .config import AdapterConfig, matches
+from .modules.common import AdapterLayer, is_conv1d
 
 
-def adapter_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
     """(qualified name, layer) of every adapterops adapter layer in `model`, in module order."""
-    return [(name, module) for name, module in model.named_modules()
-            if isinstance(module, ADAPTER_LAYERS)]
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, AdapterLayer)]
 
 
 def _is_base_layer(module: nn.Module) -> bool:
@@ -114,8 +111,7 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
     return model
 
 
-def install(model: nn.Module, layers: list[tuple[str, nn.Module]],
-            config: Optional[AdapterConfig]) -> None:
+def install(model: nn.Module, layers: list[tuple[str, AdapterLayer]], config: Optional[AdapterConfig]) -> None:
     """Puts the built adapter `layers` into `model` at their names, freezes every parameter
     that is not theirs, records `config` (as `model.adapterops_config`) and guards a
     transformers model's `save_pretrained` (see the module docstring)."""

@@ -1,5 +1,5 @@
-"""What the adapter modules share: their hyper-parameter checks, the frozen base layer, and
-the zero gradient of a parameter frozen without `requires_grad=False`."""
+"""What the adapter modules share: the `AdapterLayer` protocol, their hyper-parameter checks,
+the frozen base layer, and the zero gradient of a parameter frozen without `requires_grad=False`."""
 import math
 from typing import Optional
 
@@ -124,6 +124,55 @@ def check_adapter_state(layer_name: str, expected: dict[str, Tensor], state: dic
         raise ValueError(f"{layer_name}: adapter state does not match the layer: missing "
                          f"{missing or 'none'}, unexpected {unexpected or 'none'}"
                          + (f", shapes: {'; '.join(shapes)}" if shapes else ""))
+
+
+class AdapterLayer(nn.Module):
+    """What the model-level API (config, inject, saving, peft) asks of every adapter layer: the
+    attributes and hooks below, and the frozen base `weight` (out x in), `bias` (or None),
+    `in_features`, `out_features`, which save_adapters records for load_adapters to check."""
+
+    method: str = ""                 # the AdapterConfig method the class serves (config.METHODS)
+    OPTIONS: dict = {}               # the AdapterConfig fields it takes, with defaults (or REQUIRED)
+    mergeable: bool = True           # `merge` works: merge_and_unload replaces the layer
+    can_disable: bool = True         # `base_forward` works: disable_adapters may switch to it
+    base_kind: str = "linear"        # what `merge` gives back, "linear" or "conv1d" (copy_base sets it)
+    adapters_disabled: bool = False  # set by disable_adapters: forward runs `base_forward`
+
+    @classmethod
+    def from_linear(cls, linear, *args, **kwargs) -> "AdapterLayer":
+        """The layer on a copy of `linear`; load_adapters calls `from_linear(linear,
+        **layer_options(), backend=..., initialise=False)`, then `load_adapter_state`."""
+        raise NotImplementedError(f"{cls.__name__} does not implement from_linear")
+
+    @classmethod
+    def from_config(cls, linear, config, *, initialise: bool = True) -> "AdapterLayer":
+        """`from_linear` with the rank, alpha, options and backend of an `AdapterConfig` (`inject`)."""
+        return cls.from_linear(linear, config.rank, alpha=config.alpha, backend=config.backend,
+                               initialise=initialise, **config.options_for(cls))
+
+    def layer_options(self) -> dict:
+        """What `from_linear` needs to rebuild this layer (saved per layer by save_adapters)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement layer_options")
+
+    def adapter_state(self) -> dict[str, Tensor]:
+        """The tensors an adapter file holds: every state_dict entry but the frozen base."""
+        return {name: t for name, t in self.state_dict().items() if name not in ("weight", "bias")}
+
+    @torch.no_grad()
+    def load_adapter_state(self, state: dict[str, Tensor], layer_name: str = "layer") -> None:
+        """Copies `adapter_state()`'s tensors into a layer built by `from_linear(...,
+        initialise=False)`; ValueError (`check_adapter_state`) unless they match its own."""
+        check_adapter_state(layer_name, self.adapter_state(), state)
+        for name, tensor in state.items():
+            getattr(self, name).copy_(tensor)
+
+    def merge(self) -> nn.Module:
+        """A plain layer of `base_kind` computing the same function (merge_and_unload)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement merge")
+
+    def base_forward(self, x: Tensor) -> Tensor:
+        """The base layer alone: the forward while `adapters_disabled`."""
+        return nn.functional.linear(x, self.weight, self.bias)
 
 
 class _ZeroGradientFor(torch.autograd.Function):

@@ -26,8 +26,8 @@ from .. import dispatch
 from ..ops import hdpissa_linear
 from ..pissa import check_factor_args, check_rank_index, hdpissa_factors
 from ..distributed import world_and_rank
-from .common import (base_features, check_adapter_state, check_layer_args, check_linear,
-                     copy_base, frozen_base, make_base, module_tensors)
+from .common import (AdapterLayer, base_features, check_layer_args, check_linear, copy_base,
+                     frozen_base, make_base, module_tensors)
 
 
 def _reslice_after_load(module: "HDPiSSALinear", incompatible_keys) -> None:
@@ -36,7 +36,7 @@ def _reslice_after_load(module: "HDPiSSALinear", incompatible_keys) -> None:
     module.set_rank_index(module.rank_index)
 
 
-class HDPiSSALinear(nn.Module):
+class HDPiSSALinear(AdapterLayer):
     """Rank `rank_index` of `world_size`'s HD-PiSSA layer; scaling = alpha / rank.
 
     Args: in_features, out_features, rank (r), alpha, world_size (K), rank_index (k), bias,
@@ -45,11 +45,9 @@ class HDPiSSALinear(nn.Module):
     """
 
     method = "hdpissa"
-    # The AdapterConfig fields this class takes, with their defaults (world_size and rank_index
-    # None: the initialised process group's).
+    # world_size and rank_index None: the initialised process group's.
     OPTIONS = {"world_size": None, "rank_index": None, "svd": "full", "niter": 8}
-    mergeable = True    # W itself is trained: the layer is its merged form already
-    can_disable = False  # the original W is not kept
+    can_disable = False  # the original W is not kept (W itself is trained: it merges as it is)
 
     def __init__(self, in_features: int, out_features: int, rank: int, alpha: float,
                  world_size: int, rank_index: int, bias: bool = True, svd: str = "full",
@@ -75,7 +73,6 @@ class HDPiSSALinear(nn.Module):
         low_precision = self.weight.dtype in (torch.float16, torch.bfloat16)
         self.register_buffer("master_weight", torch.empty(out_features, in_features, **fp32)
                              if low_precision else None)
-        self.base_kind = "linear"
         if initialise:
             self.reset_factors()
         # lora_A and lora_B are this rank's slice of the factors. A state_dict saved on another
@@ -118,7 +115,6 @@ class HDPiSSALinear(nn.Module):
                                initialise=initialise, **options)
 
     def layer_options(self) -> dict:
-        """What `from_linear` needs to rebuild this layer (saved per layer by save_adapters)."""
         return {"rank": self.rank, "alpha": self.alpha, "world_size": self.world_size,
                 "rank_index": self.rank_index, "svd": self.svd, "niter": self.niter}
 
@@ -128,11 +124,8 @@ class HDPiSSALinear(nn.Module):
         return {name: t for name, t in self.state_dict().items()
                 if name not in ("bias", "lora_A", "lora_B")}
 
-    @torch.no_grad()
     def load_adapter_state(self, state: dict[str, Tensor], layer_name: str = "layer") -> None:
-        check_adapter_state(layer_name, self.adapter_state(), state)
-        for name, tensor in state.items():
-            getattr(self, name).copy_(tensor)
+        super().load_adapter_state(state, layer_name)
         self.set_rank_index(self.rank_index)
 
     @torch.no_grad()

@@ -23,20 +23,17 @@ from ..lamda import svd_factors
 from ..ops import lowrank_linear
 from ..ops.lowrank import check_lowrank_args
 from ..pissa import factor_dtype, pissa_factors, residual_weight
-from .common import (base_features, check_adapter_state, check_layer_args, check_linear,
-                     copy_base, frozen_base, make_base, module_tensors, zero_gradient_for)
+from .common import (AdapterLayer, base_features, check_adapter_state, check_layer_args, check_linear, copy_base,
+                     frozen_base, make_base, module_tensors, zero_gradient_for)
 
 
-class _FusedLowRankLinear(nn.Module):
-    """Shared parameters, validation, dropout, merge and the adapter protocol (see
-    `adapterops.modules.common`) of the two adapter modules."""
+class _FusedLowRankLinear(AdapterLayer):
+    """Shared parameters, validation, dropout, merge and `AdapterLayer` hooks of the two
+    adapter modules."""
 
     INITS: tuple[str, ...] = ()
     has_S = False
-    method = ""                                    # the AdapterConfig method this class serves
-    OPTIONS = {"init": "lora", "dropout": 0.0}     # the AdapterConfig fields it takes, defaults
-    mergeable = True
-    can_disable = True
+    OPTIONS = {"init": "lora", "dropout": 0.0}
 
     def __init__(self, in_features: int, out_features: int, rank: int, alpha: float,
                  bias: bool = True, init: str = "lora", dropout: float = 0.0,
@@ -58,8 +55,6 @@ class _FusedLowRankLinear(nn.Module):
         self.lora_B = nn.Parameter(torch.empty(out_features, rank, **factory))
         # Set by `lamda.BFreezeSchedule` once B is fully frozen (B keeps requires_grad).
         self.lora_B_frozen = False
-        self.base_kind = "linear"          # what `merge` gives back: "linear" or "conv1d"
-        self.adapters_disabled = False     # set by `adapterops.disable_adapters`
         self._register_initial_factors()
         if initialise:
             self.reset_adapter()
@@ -106,14 +101,7 @@ class _FusedLowRankLinear(nn.Module):
             layer.reset_adapter()
         return layer
 
-    @classmethod
-    def from_config(cls, linear, config, *, initialise: bool = True):
-        """`from_linear` with the rank, alpha, options and backend of an `AdapterConfig`."""
-        return cls.from_linear(linear, config.rank, config.alpha, backend=config.backend,
-                               initialise=initialise, **config.options_for(cls))
-
     def layer_options(self) -> dict:
-        """What `from_linear` needs to rebuild this layer (saved per layer by save_adapters)."""
         return {"rank": self.rank, "alpha": self.alpha, "init": self.init,
                 "dropout": self.dropout.p if self.dropout is not None else 0.0}
 
@@ -122,23 +110,17 @@ class _FusedLowRankLinear(nn.Module):
         the layer's output unchanged."""
         raise NotImplementedError
 
-    def adapter_state(self) -> dict[str, Tensor]:
-        """The tensors an adapter file holds: every adapter tensor (the initial factors too,
-        for inits that rewrite W), not the frozen base."""
-        return {name: t for name, t in self.state_dict().items() if name not in ("weight", "bias")}
-
     @torch.no_grad()
     def load_adapter_state(self, state: dict[str, Tensor], layer_name: str = "layer") -> None:
-        """Loads `adapter_state()`'s tensors into a layer built from the ORIGINAL base layer
-        (`from_linear(..., initialise=False)`); for an init that rewrites W it rebuilds W_res
-        from the original W and the initial factors, bit for bit as the init computed it."""
+        """Into a layer built from the ORIGINAL base layer; for an init that rewrites W it also
+        rebuilds W_res from the original W and the initial factors, bit for bit as the init did.
+        A mismatched state is named first (`check_adapter_state`), then a residual weight."""
         check_adapter_state(layer_name, self.adapter_state(), state)
         if self.rewrites_weight and self.weight_holds_residual:
             raise ValueError(f"{layer_name}: the layer already holds a residual weight (init "
                              f"{self.init!r}); load into a layer built from the original base "
                              "layer with initialise=False")
-        for name, tensor in state.items():
-            getattr(self, name).copy_(tensor)
+        super().load_adapter_state(state, layer_name)
         if self.rewrites_weight:
             self.weight.copy_(residual_weight(self.weight, self.scaling, self.lora_B0,
                                               self.lora_A0, self.lora_S0))

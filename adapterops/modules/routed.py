@@ -25,16 +25,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import dispatch
-from ..backends.reference import heads_side_by_side, router_probs, top_k_gates
 from ..hydra import balance_loss
 from ..ops import routed_lowrank_linear
 from ..ops.checks import check_top_k
-from ..ops.routed import check_routed_args
-from .common import (REQUIRED, check_adapter_state, check_layer_args, check_linear, copy_base,
-                     frozen_base, is_conv1d, module_tensors)
+from ..ops.routed import check_routed_args, heads_side_by_side, router_probs, top_k_gates
+from .common import (REQUIRED, AdapterLayer, check_layer_args, check_linear, copy_base, frozen_base,
+                     is_conv1d, module_tensors)
 
 
-class FusedHydraLoRALinear(nn.Module):
+class FusedHydraLoRALinear(AdapterLayer):
     """HydraLoRA linear: one shared A, `num_heads` B heads mixed per token by a softmax router.
 
     Args: in_features, out_features, rank (r), num_heads (E), alpha (scaling = alpha / rank),
@@ -44,10 +43,8 @@ class FusedHydraLoRALinear(nn.Module):
     """
 
     method = "hydra"
-    # The AdapterConfig fields this class takes, with their defaults.
     OPTIONS = {"num_heads": REQUIRED, "top_k": None, "dropout": 0.0, "balance_loss_weight": 0.0}
     mergeable = False   # the gates depend on the token
-    can_disable = True
 
     def __init__(self, in_features: int, out_features: int, rank: int, num_heads: int,
                  alpha: float, bias: bool = True, top_k: Optional[int] = None,
@@ -73,8 +70,6 @@ class FusedHydraLoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(rank, in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(num_heads, out_features, rank, **factory))
         self.lora_router = nn.Parameter(torch.empty(num_heads, in_features, **factory))
-        self.base_kind = "linear"
-        self.adapters_disabled = False     # set by `adapterops.disable_adapters`
         if initialise:
             self.reset_adapter()
 
@@ -98,34 +93,14 @@ class FusedHydraLoRALinear(nn.Module):
         copy_base(layer, linear)
         return layer
 
-    @classmethod
-    def from_config(cls, linear, config, *, initialise: bool = True):
-        """`from_linear` with the rank, alpha, options and backend of an `AdapterConfig`."""
-        return cls.from_linear(linear, config.rank, alpha=config.alpha, backend=config.backend,
-                               initialise=initialise, **config.options_for(cls))
-
     def layer_options(self) -> dict:
-        """What `from_linear` needs to rebuild this layer (saved per layer by save_adapters)."""
         return {"rank": self.rank, "num_heads": self.num_heads, "alpha": self.alpha,
                 "top_k": self.top_k, "dropout": self.dropout.p if self.dropout is not None else 0.0,
                 "balance_loss_weight": self.balance_loss_weight}
 
-    def adapter_state(self) -> dict[str, Tensor]:
-        """The tensors an adapter file holds: A, the heads and the router."""
-        return {name: t for name, t in self.state_dict().items() if name not in ("weight", "bias")}
-
-    @torch.no_grad()
-    def load_adapter_state(self, state: dict[str, Tensor], layer_name: str = "layer") -> None:
-        check_adapter_state(layer_name, self.adapter_state(), state)
-        for name, tensor in state.items():
-            getattr(self, name).copy_(tensor)
-
     def merge(self) -> nn.Module:
         raise ValueError("a HydraLoRA layer cannot be merged into its weight: its gates depend "
                          "on the token")
-
-    def base_forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight, self.bias)
 
     @torch.no_grad()
     def reset_adapter(self) -> None:
