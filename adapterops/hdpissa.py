@@ -84,14 +84,50 @@ def _cast_problem(layers: list[HDPiSSALinear], names: list[str]) -> Optional[str
     return None
 
 
+def _adam_delta(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, t: float, lr: float, beta1: float,
+                beta2: float, eps: float) -> Tensor:
+    """Adam's step δ of one factor (A' = A - δ) at step t (1 on the first), bias-corrected, no
+    weight decay, from g = grad in fp32; updates the fp32 moments m = `exp_avg`, v = `exp_avg_sq` in place:
+
+        m <- β1 m + (1 - β1) g,    v <- β2 v + (1 - β2) g²
+        δ = m / (sqrt(v / (1 - β2^t)) + eps) * (lr / (1 - β1^t))    (= lr m̂ / (sqrt(v̂) + eps))"""
+    g = grad.float()
+    exp_avg.mul_(beta1).add_(g, alpha=1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    denominator = (exp_avg_sq / (1 - beta2 ** t)).sqrt_().add_(eps)
+    return exp_avg / denominator * (lr / (1 - beta1 ** t))
+
+
+def _keep_gradients(kept: dict[int, list[Optional[Tensor]]], rank_index: int, params: list[Tensor]) -> None:
+    """Virtual ranks' gradient bookkeeping: keeps the factors' gradients (None where backward
+    left none) in `kept[rank_index]`, added to what an earlier block for the same rank kept."""
+    previous = kept.get(rank_index, [None] * len(params))
+    kept[rank_index] = [g if old is None else old if g is None else old + g
+                        for g, old in zip((p.grad for p in params), previous)]
+
+
+def _apply_update(layer: HDPiSSALinear, delta_A: Tensor, delta_B: Tensor) -> None:
+    """W <- W - s P Q with every rank's steps (delta_A (K, r, in), delta_B (K, out, r))."""
+    K, r = layer.world_size, layer.rank
+    A = layer.factor_A.view(K, r, -1)
+    B = layer.factor_B.view(layer.out_features, K, r).permute(1, 0, 2)
+    # P = [δB_0 | B_0 | δB_1 | B_1 | ...], Q = [A_0 - δA_0; δA_0; A_1 - δA_1; δA_1; ...]
+    P = torch.stack([delta_B, B], 1).permute(2, 0, 1, 3).reshape(layer.out_features, 2 * K * r)
+    Q = torch.stack([A - delta_A, delta_A], 1).reshape(2 * K * r, layer.in_features)
+    target, copy = layer.update_target()
+    # The factors and steps are fp32 (so is the update's precision); the product is added
+    # into the weight in its own dtype (a float64 model's W stays float64).
+    P, Q = P.to(target.dtype, memory_format=torch.contiguous_format), Q.to(target.dtype)
+    lowrank_update_(target, P, Q, -layer.scaling, copy=copy, backend=layer.backend)
+
+
 class HDPiSSAOptimizer(torch.optim.Optimizer):
     """Per-rank Adam on the HD-PiSSA factors, the exchange of the steps and the W update.
 
-    Adam: β = `betas`, `eps`, bias-corrected, no weight decay, moments in fp32; the step of a
-    factor is δ = lr m̂ / (sqrt(v̂) + eps), and A' = A - δ. `process_group` (default: the
-    world) carries the exchange in buckets of at most `bucket_mb` MiB
-    (`adapterops.distributed.aggregate_lowrank_deltas`). With `virtual_ranks=True` the process
-    simulates all K ranks (see the module docstring) and runs no collective.
+    Adam: β = `betas`, `eps`, bias-corrected, no weight decay, moments in fp32; the step of a factor is
+    δ = lr m̂ / (sqrt(v̂) + eps), and A' = A - δ. `process_group` (default: the world) carries the exchange
+    in buckets of at most `bucket_mb` MiB (`adapterops.distributed.aggregate_lowrank_deltas`). With
+    `virtual_ranks=True` the process simulates all K ranks (see the module docstring) and runs no collective.
 
     A `torch.optim.Optimizer`: `param_groups[0]["lr"]` is what LR schedulers change;
     `state_dict()` / `load_state_dict()` keep the fp32 moments of every (virtual) rank, and with
@@ -163,22 +199,13 @@ class HDPiSSAOptimizer(torch.optim.Optimizer):
             m.set_rank_index(rank_index)
         try:
             yield
-        except BaseException:
-            for p in params:  # a failed block leaves no partial gradients behind
-                p.grad = None
-            raise
+            _keep_gradients(self._virtual_grads, rank_index, params)
         finally:
+            for p in params:  # kept above, or after a failure dropped: no partial gradients
+                p.grad = None
             # Back to the rank each layer was built for (what save_adapters records).
             for m, index in zip(self._layers, configured):
                 m.set_rank_index(index)
-        previous = self._virtual_grads.get(rank_index)
-        grads = [p.grad for p in params]
-        if previous is not None:  # a second block for the same rank accumulates
-            grads = [g if old is None else old if g is None else old + g
-                     for g, old in zip(grads, previous)]
-        self._virtual_grads[rank_index] = grads
-        for p in params:
-            p.grad = None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
@@ -198,11 +225,10 @@ class HDPiSSAOptimizer(torch.optim.Optimizer):
                            f"{rank_index}; run backward inside virtual_rank(k) for every k first")
         return grads, f"HDPiSSAOptimizer.step(): no gradient for {missing[0]}; run backward first"
 
-    def _adam_steps(self, grads: list[Tensor], slot: int) -> list[Tensor]:
-        """δ of every factor for one rank from its gradients, updating its moments (slot
-        `slot` of the state)."""
+    def _adam_steps(self, grads: list[Tensor], slot: int) -> list[tuple[Tensor, Tensor]]:
+        """(δA, δB) of every layer for one rank from its gradients, updating its step counts
+        and moments (slot `slot` of the state)."""
         group = self.param_groups[0]
-        lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
         steps = []
         for p, g in zip(group["params"], grads):
             state = self.state[p]
@@ -212,14 +238,9 @@ class HDPiSSAOptimizer(torch.optim.Optimizer):
                 state["exp_avg"] = torch.zeros((slots, *p.shape), dtype=torch.float32, device=p.device)
                 state["exp_avg_sq"] = torch.zeros((slots, *p.shape), dtype=torch.float32, device=p.device)
             state["step"][slot] += 1
-            t = state["step"][slot].item()
-            g = g.float()
-            m, v = state["exp_avg"][slot], state["exp_avg_sq"][slot]
-            m.mul_(beta1).add_(g, alpha=1 - beta1)
-            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            denominator = (v / (1 - beta2 ** t)).sqrt_().add_(eps)
-            steps.append(m / denominator * (lr / (1 - beta1 ** t)))
-        return steps
+            steps.append(_adam_delta(g, state["exp_avg"][slot], state["exp_avg_sq"][slot], state["step"][slot].item(),
+                                     group["lr"], *group["betas"], group["eps"]))
+        return list(zip(steps[0::2], steps[1::2]))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -230,47 +251,26 @@ class HDPiSSAOptimizer(torch.optim.Optimizer):
                 loss = closure()
         # A cast since the optimizer was built (model.half()) would train without the fp32
         # master copy, or not at all: checked at every step (a few attribute reads per layer).
-        problem = _cast_problem(self._layers, self._layer_names)
-        if problem is not None:
-            problem = f"HDPiSSAOptimizer.step(): {problem}"
+        cast = _cast_problem(self._layers, self._layer_names)
         # Every rank's gradients are checked before any state changes, and a problem on one
         # process raises on all of them (not a hang in the exchange).
         checked = [self._gradients(k) for k in self._ranks_here()]
-        problem = problem or next((p for _, p in checked if p is not None), None)
-        if self.virtual_ranks:
-            if problem is not None:
-                raise RuntimeError(problem)
-        else:
+        problem = (f"HDPiSSAOptimizer.step(): {cast}" if cast is not None
+                   else next((p for _, p in checked if p is not None), None))
+        if not self.virtual_ranks:
             raise_together(problem, group=self._group, device=self._flag_device)
+        elif problem is not None:
+            raise RuntimeError(problem)
         per_rank = [self._adam_steps(grads, slot) for slot, (grads, _) in enumerate(checked)]
-        if self.virtual_ranks:
-            gathered = [(torch.stack([steps[2 * i] for steps in per_rank]),
-                         torch.stack([steps[2 * i + 1] for steps in per_rank]))
-                        for i in range(len(self._layers))]
+        if self.virtual_ranks:  # every rank's steps of a layer, stacked: (K, r, in), (K, out, r)
+            gathered = [(torch.stack([dA for dA, _ in layer]), torch.stack([dB for _, dB in layer]))
+                        for layer in zip(*per_rank)]
         else:
-            mine = per_rank[0]
-            gathered = aggregate_lowrank_deltas(
-                [(mine[2 * i], mine[2 * i + 1]) for i in range(len(self._layers))],
-                group=self._group, bucket_mb=self._bucket_mb)
+            gathered = aggregate_lowrank_deltas(per_rank[0], group=self._group, bucket_mb=self._bucket_mb)
         for layer, (delta_A, delta_B) in zip(self._layers, gathered):
-            self._apply_update(layer, delta_A, delta_B)
+            _apply_update(layer, delta_A, delta_B)
         self._virtual_grads.clear()
         return loss
-
-    @staticmethod
-    def _apply_update(layer: HDPiSSALinear, delta_A: Tensor, delta_B: Tensor) -> None:
-        """W <- W - s P Q with every rank's steps (delta_A (K, r, in), delta_B (K, out, r))."""
-        K, r = layer.world_size, layer.rank
-        A = layer.factor_A.view(K, r, -1)
-        B = layer.factor_B.view(layer.out_features, K, r).permute(1, 0, 2)
-        # P = [δB_0 | B_0 | δB_1 | B_1 | ...], Q = [A_0 - δA_0; δA_0; A_1 - δA_1; δA_1; ...]
-        P = torch.stack([delta_B, B], 1).permute(2, 0, 1, 3).reshape(layer.out_features, 2 * K * r)
-        Q = torch.stack([A - delta_A, delta_A], 1).reshape(2 * K * r, layer.in_features)
-        target, copy = layer.update_target()
-        # The factors and steps are fp32 (so is the update's precision); the product is added
-        # into the weight in its own dtype (a float64 model's W stays float64).
-        P, Q = P.to(target.dtype, memory_format=torch.contiguous_format), Q.to(target.dtype)
-        lowrank_update_(target, P, Q, -layer.scaling, copy=copy, backend=layer.backend)
 
     def _layout(self) -> dict:
         return {"world_size": self.world_size, "ranks": self._ranks_here(),
@@ -295,7 +295,6 @@ class HDPiSSAOptimizer(torch.optim.Optimizer):
         for index, saved in state_dict["state"].items():
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in saved:
-                    self.state[params[index]][key] = saved[key].to(device=params[index].device,
-                                                                   dtype=torch.float32)
+                    self.state[params[index]][key] = saved[key].to(device=params[index].device, dtype=torch.float32)
             if "step" in saved:
                 self.state[params[index]]["step"] = saved["step"].to(torch.float32).cpu()

@@ -69,6 +69,7 @@ def to_lora(lora_A: Tensor, lora_B: Tensor, initial_A: Tensor, initial_B: Tensor
     return torch.cat([lora_A, initial_A], 0), torch.cat([lora_B, -initial_B], 1)
 
 
+# HD-PiSSA (methods.md §4): here, below the HDPiSSALinear that builds its factors (adapterops.hdpissa is above it).
 SVD_METHODS = ("full", "lowrank")
 
 
