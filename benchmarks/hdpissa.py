@@ -1,4 +1,4 @@
-"""Benchmarks of HD-PiSSA's two ops (adapterops/ops/hdpissa.py, methods.md §4), as the ops
+"""Benchmarks of HD-PiSSA's two ops (adapterops/ops/hdpissa.py and update.py, methods.md §4), as the ops
 `hdpissa` (the layer, `adapterops.hdpissa_linear`) and `hdpissa_update` (the step's
 update-and-exchange phase, `adapterops.lowrank_update_`).
 
