@@ -149,11 +149,12 @@ class HDPiSSAOptimizer(torch.optim.Optimizer):
         if not bucket_mb > 0:
             raise ValueError(f"bucket_mb must be > 0, got {bucket_mb!r}")
         names = {id(m): n for n, m in model.named_modules()}
-        world_sizes = {names[id(m)]: m.world_size for m in layers}
+        layer_names = [names[id(m)] for m in layers]
+        world_sizes = {name: m.world_size for name, m in zip(layer_names, layers)}
         if len(set(world_sizes.values())) > 1:
             raise ValueError(f"HDPiSSAOptimizer: the layers were converted with different world "
                              f"sizes: {world_sizes}")
-        problem = _cast_problem(layers, [names[id(m)] for m in layers])
+        problem = _cast_problem(layers, layer_names)
         if problem is not None:
             raise ValueError(f"HDPiSSAOptimizer: {problem}")
         self.world_size = layers[0].world_size
@@ -161,8 +162,8 @@ class HDPiSSAOptimizer(torch.optim.Optimizer):
         self._flag_device = layers[0].weight.device if layers[0].weight.is_cuda else None
         if not virtual_ranks:
             world, rank = world_and_rank(process_group)
-            wrong = [f"layer {names[id(m)]} was built for rank {m.rank_index} of {m.world_size}"
-                     for m in layers if (m.world_size, m.rank_index) != (world, rank)]
+            wrong = [f"layer {name} was built for rank {m.rank_index} of {m.world_size}"
+                     for name, m in zip(layer_names, layers) if (m.world_size, m.rank_index) != (world, rank)]
             problem = None if not wrong else (
                 f"HDPiSSAOptimizer: {wrong[0]}, but this process is rank {rank} of {world} in "
                 "the process group" + ("" if world > 1 else " (pass virtual_ranks=True to "
@@ -172,7 +173,7 @@ class HDPiSSAOptimizer(torch.optim.Optimizer):
                 # Every rank must start from the same W: each applies every rank's steps to it.
                 check_consistency(model, process_group)
         self._layers = layers
-        self._layer_names = [names[id(m)] for m in layers]
+        self._layer_names = layer_names
         self._group = process_group
         self._bucket_mb = bucket_mb
         self._virtual_grads: dict[int, list[Optional[Tensor]]] = {}

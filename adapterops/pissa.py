@@ -5,6 +5,7 @@
 
 so the layer's output is unchanged at init. The fast variant uses
 `torch.svd_lowrank(W, q=r, niter=K)`, which is randomised: seed torch's generator to repeat it.
+HD-PiSSA's per-rank slices of the principal components (`hdpissa_factors`) come from here too.
 """
 from typing import Optional
 
@@ -69,7 +70,8 @@ def to_lora(lora_A: Tensor, lora_B: Tensor, initial_A: Tensor, initial_B: Tensor
     return torch.cat([lora_A, initial_A], 0), torch.cat([lora_B, -initial_B], 1)
 
 
-# HD-PiSSA (methods.md §4): here, below the HDPiSSALinear that builds its factors (adapterops.hdpissa is above it).
+# HD-PiSSA's factors (methods.md §4) are sliced from the same SVD. They live here, below the
+# HDPiSSALinear that builds them: adapterops.hdpissa imports that layer, so it cannot hold them.
 SVD_METHODS = ("full", "lowrank")
 
 

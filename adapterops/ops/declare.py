@@ -11,7 +11,7 @@ An op file writes (see `adapterops.ops.lowrank` for one):
   first tensor is x (or None), which the base layer's own dW also reads;
 - `fake(*inputs)`: the forward's outputs as empty tensors of the right shapes.
 
-`declare_op` turns these into
+`DeclaredOp` turns these into
 - the `torch.library` custom ops `adapterops::<name>_fwd` and `adapterops::<name>_bwd`
   (`torch.compile(fullgraph=True)` traces through them; their dispatcher costs tens of
   microseconds per eager call), with fakes (the backward's from the trained inputs' shapes)
@@ -24,6 +24,7 @@ get the base layer's gradients dW = dY^T x and dbias = Σ_tokens dY when a user 
 Double backward is not supported.
 """
 import inspect
+import math
 import operator
 from typing import Callable, Optional
 
@@ -42,13 +43,14 @@ class DeclaredOp:
     `eager` the autograd Function's door; calling the op picks the door."""
 
     def __init__(self, name: str, *, forward: Callable, gradients: Callable, save: Callable,
-                 fake: Callable, trained: tuple[str, ...], differentiable_outputs: tuple[int, ...] = (0,)):
+                 fake: Callable, trained: tuple[str, ...],
+                 differentiable_outputs: tuple[int, ...] = (0,)):
         names = list(inspect.signature(forward).parameters)
         trained_index = tuple(names.index(n) for n in trained)
         trained_needs = operator.itemgetter(*trained_index)
         scaling_index, n_inputs = names.index("scaling"), len(names)
         backward_names = list(inspect.signature(gradients).parameters)
-        # The backward's fake: each gradient has its input's shape (x: tokens x in_features).
+        # The backward's fake: each gradient has its input's shape.
         shape_index = {n: backward_names.index(n) for n in trained if n != "x"}
         weight_index = backward_names.index("weight")
         only_y = differentiable_outputs == (0,)
@@ -60,10 +62,8 @@ class DeclaredOp:
         self.differentiable = differentiable
 
         def setup_context(ctx, inputs, output):
-            needs = ctx.needs_input_grad
-            ctx.trained_needs, ctx.base_needs = trained_needs(needs), needs[1:3]
             ctx.scaling, ctx.backend = inputs[scaling_index], inputs[-1]
-            ctx.save_for_backward(*save(inputs, output, needs))
+            ctx.save_for_backward(*save(inputs, output, ctx.needs_input_grad))
 
         def setup_custom_op_context(ctx, inputs, output):
             setup_context(ctx, inputs, output)
@@ -80,13 +80,13 @@ class DeclaredOp:
                 if custom_op:
                     output_grads = [output_grads[i] for i in differentiable_outputs]
                 result = [None] * n_inputs
-                saved = ctx.saved_tensors
-                if any(ctx.trained_needs):
-                    grads = grads_of(*output_grads, *saved, ctx.scaling, *ctx.trained_needs,
-                                     ctx.backend)
-                    for i, need, g in zip(trained_index, ctx.trained_needs, grads):
+                saved, needs = ctx.saved_tensors, ctx.needs_input_grad
+                trained = trained_needs(needs)
+                if any(trained):
+                    grads = grads_of(*output_grads, *saved, ctx.scaling, *trained, ctx.backend)
+                    for i, need, g in zip(trained_index, trained, grads):
                         result[i] = g if need else None
-                result[1], result[2] = base_layer_grads(output_grads[0], saved[0], *ctx.base_needs)
+                result[1], result[2] = base_layer_grads(output_grads[0], saved[0], *needs[1:3])
                 return tuple(result)
             return backward
 
@@ -100,8 +100,9 @@ class DeclaredOp:
         gradients_or_empty.__doc__ = gradients.__doc__
 
         def fake_gradients(*args):
-            def shape(n):
-                return (args[0].shape[0], args[weight_index].shape[1]) if n == "x" else args[shape_index[n]].shape
+            def shape(n):  # x's gradient: tokens x in_features
+                return ((args[0].shape[0], args[weight_index].shape[1]) if n == "x"
+                        else args[shape_index[n]].shape)
             needs = args[-1 - len(trained):-1]
             return tuple(args[0].new_empty(shape(n) if need else 0) for n, need in zip(trained, needs))
 
@@ -115,11 +116,20 @@ class DeclaredOp:
         self.eager = eager_door(f"_Eager_{name}", forward, setup_context,
                                 backward_through(gradients, custom_op=False), self.differentiable)
 
-    def __call__(self, *inputs):
-        """The op on 2-D x: its differentiable outputs (y alone, or a tuple starting with y)."""
+    def __call__(self, x: Tensor, *inputs):
+        """The op's differentiable outputs (y alone, or a tuple starting with y), each (..., n)
+        for x (..., in): the doors run on x flattened to 2-D. 2-D x gets y itself, not a view
+        of it (FSDP2 warns on, and skips hooks for, view outputs)."""
+        if x.dim() != 2:
+            leading = x.shape[:-1]
+            # An explicit token count: reshape(-1, 0) is ambiguous when in_features is 0.
+            out = self(x.reshape(math.prod(leading), x.shape[-1]), *inputs)
+            if isinstance(out, Tensor):
+                return out.reshape(*leading, out.shape[-1])
+            return tuple(o.reshape(*leading, o.shape[-1]) for o in out)
         if torch.compiler.is_compiling():
-            return self.differentiable(self.fwd(*inputs))
-        return self.eager(*inputs)
+            return self.differentiable(self.fwd(x, *inputs))
+        return self.eager(x, *inputs)
 
 
 def eager_door(name: str, forward, setup_context, backward, leaving: Callable):

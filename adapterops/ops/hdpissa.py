@@ -15,11 +15,10 @@ HD-PiSSA's weight update is the `update` family (`adapterops.ops.update.lowrank_
 
 Backends: `triton` (CUDA sm_80+, or CPU under TRITON_INTERPRET=1; fp32, fp16, bf16 at rank
 <= 128), `cuda` (the compiled C++: CUDA tensors in fp32, fp16, bf16, any rank) and `torch`
-(everything else). The op is declared once (`adapterops.ops.declare`): the custom ops
-`adapterops::hdpissa_linear_fwd` and `adapterops::hdpissa_linear_bwd` for `torch.compile`, and
-an eager autograd Function onto the same `_forward` and `_gradients`.
+(everything else). Declared once (`adapterops.ops.declare`): custom ops
+`adapterops::hdpissa_linear_fwd` and `_bwd` for `torch.compile`, and an eager autograd
+Function onto the same functions.
 """
-import math
 from typing import Optional
 
 import torch
@@ -90,10 +89,6 @@ def hdpissa_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Te
     if autocast_on(x):
         x, weight, bias, lora_A, lora_B = cast_for_autocast(x, weight, bias, lora_A, lora_B)
     scaling = check_hdpissa_args(x, weight, bias, lora_A, lora_B, scaling)
-    leading = x.shape[:-1]
     need_h = torch.is_grad_enabled() and lora_B.requires_grad  # gB is the only user of h
     # (A bad backend name raises in dispatch, before any kernel.)
-    x2 = x if x.dim() == 2 else x.reshape(math.prod(leading), x.shape[-1])
-    y = _hdpissa_op(x2, weight, bias, lora_A, lora_B, scaling, need_h, backend)
-    # 2-D x: y itself, not a view of it (FSDP2 warns on, and skips hooks for, view outputs).
-    return y if x.dim() == 2 else y.reshape(*leading, weight.shape[0])
+    return _hdpissa_op(x, weight, bias, lora_A, lora_B, scaling, need_h, backend)

@@ -20,11 +20,9 @@ Backends: `triton` (CUDA sm_80+, or CPU under TRITON_INTERPRET=1; fp32, fp16, bf
 (everything else); see `adapterops.dispatch`. Under `torch.autocast` the op runs in
 the autocast dtype.
 
-The op is declared once (`adapterops.ops.declare`): the custom ops
-`adapterops::lowrank_linear_fwd` and `adapterops::lowrank_linear_bwd` for `torch.compile`, and
-an eager autograd Function onto the same `_forward` and `_gradients`.
+Declared once (`adapterops.ops.declare`): custom ops `adapterops::lowrank_linear_fwd` and
+`_bwd` for `torch.compile`, and an eager autograd Function onto the same functions.
 """
-import math
 from typing import Optional
 
 from torch import Tensor
@@ -122,10 +120,5 @@ def lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Te
         x, weight, bias, lora_A, lora_B, lora_S = cast_for_autocast(x, weight, bias, lora_A,
                                                                      lora_B, lora_S)
     scaling = check_lowrank_args(x, weight, bias, lora_A, lora_B, scaling, lora_S)
-    leading = x.shape[:-1]
-    # An explicit token count: reshape(-1, 0) is ambiguous when in_features is 0. (A bad
-    # backend name raises in dispatch, before any kernel.)
-    x2 = x if x.dim() == 2 else x.reshape(math.prod(leading), x.shape[-1])
-    y = _lowrank_op(x2, weight, bias, lora_A, lora_B, lora_S, scaling, backend)
-    # 2-D x: y itself, not a view of it (FSDP2 warns on, and skips hooks for, view outputs).
-    return y if x.dim() == 2 else y.reshape(*leading, weight.shape[0])
+    # (A bad backend name raises in dispatch, before any kernel.)
+    return _lowrank_op(x, weight, bias, lora_A, lora_B, lora_S, scaling, backend)

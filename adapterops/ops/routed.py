@@ -29,16 +29,12 @@ only for dB, and h (M x r) with p (M x E, plus the gates with top-k) for everyth
 Backends: `triton` (CUDA sm_80+, or CPU under TRITON_INTERPRET=1; fp32, fp16, bf16; r <= 128,
 E <= 16, E r <= 256), `cuda` (the compiled C++ of csrc/: CUDA tensors in fp32, fp16, bf16, any
 r and E; its logits are rounded to x's dtype, as the torch backend's are) and `torch`
-(everything else); see `adapterops.dispatch`. Under
-`torch.autocast` the op runs in the autocast dtype.
+(everything else); see `adapterops.dispatch`. Under `torch.autocast` the op runs in the
+autocast dtype.
 
-The op is declared once (`adapterops.ops.declare`): the custom ops
-`adapterops::routed_lowrank_linear_fwd` and `adapterops::routed_lowrank_linear_bwd` for
-`torch.compile`, and an eager autograd Function onto the same `_forward` and `_gradients`.
-The router math (`router_probs`, `top_k_gates`, `heads_side_by_side`) is the torch backend's,
-the oracle's, exported here for the layers above.
+Declared once (`adapterops.ops.declare`): custom ops `adapterops::routed_lowrank_linear_fwd`
+and `_bwd` for `torch.compile`, and an eager autograd Function onto the same functions.
 """
-import math
 from typing import Optional
 
 import torch
@@ -50,8 +46,8 @@ from .checks import (all_plain, autocast_on, cast_for_autocast, check_base_and_A
                      check_scaling, check_tensor, check_top_k, plain_scaling)
 from .declare import DeclaredOp
 
-# The router math (defined once, by the oracle), for the layers above: the module reaches it
-# through its op, never the backends.
+# The router math, defined once by the oracle, for the layers above (which reach it through
+# the op, never the backends).
 __all__ = ["routed_lowrank_linear", "check_routed_args", "heads_side_by_side", "router_probs",
            "top_k_gates"]
 
@@ -102,14 +98,10 @@ def _save(inputs, output, needs) -> tuple:
             weight, lora_A, lora_B, router_weight)
 
 
-def _probs_dtype(x: Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)
-
-
 def _fake(x, weight, bias, lora_A, lora_B, router_weight, scaling, top_k, backend):
     M = x.shape[0]
     E, N, r = lora_B.shape
-    probs_dtype = _probs_dtype(x)
+    probs_dtype = torch.promote_types(x.dtype, torch.float32)
     return (x.new_empty((M, N)), x.new_empty((M, r)), x.new_empty((M, E * r)),
             x.new_empty((M, E), dtype=probs_dtype),
             x.new_empty((M, E) if top_k is not None else 0, dtype=probs_dtype))
@@ -176,11 +168,6 @@ def routed_lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lor
                                        top_k)
     if not isinstance(return_router_probs, bool):
         raise TypeError(f"return_router_probs must be a bool, got {type(return_router_probs).__name__}")
-    leading = x.shape[:-1]
-    # An explicit token count: reshape(-1, 0) is ambiguous when in_features is 0. (A bad
-    # backend name raises in dispatch, before any kernel.)
-    x2 = x if x.dim() == 2 else x.reshape(math.prod(leading), x.shape[-1])
-    y, probs = _routed_op(x2, weight, bias, lora_A, lora_B, router_weight, scaling, top_k, backend)
-    if x.dim() != 2:  # 2-D x: y itself, not a view (FSDP2 warns on, and skips hooks for, views)
-        y, probs = y.reshape(*leading, weight.shape[0]), probs.reshape(*leading, lora_B.shape[0])
+    # (A bad backend name raises in dispatch, before any kernel.)
+    y, probs = _routed_op(x, weight, bias, lora_A, lora_B, router_weight, scaling, top_k, backend)
     return (y, probs) if return_router_probs else y

@@ -1,5 +1,5 @@
-"""The low-rank update on the compiled C++: one cuBLAS GEMM with beta = 1 plus a rounding
-kernel for the copy (csrc/hdpissa.cpp); W in fp32, fp16 or bf16."""
+"""The low-rank update on the compiled C++ (csrc/hdpissa.cpp): one cuBLAS GEMM with beta = 1
+plus a rounding kernel for the copy; W in fp32, fp16 or bf16."""
 from ..base import Limits
 from . import DTYPES, ops
 
