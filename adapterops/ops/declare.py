@@ -6,7 +6,8 @@ An op file writes (see `adapterops.ops.lowrank` for one):
   annotated for `torch.library` (its schema is inferred from them), x 2-D; it asks the
   dispatcher for a backend and calls the family's forward;
 - `gradients(<output grads>, <saved tensors>, scaling, <need flags>, backend)`: the gradients
-  of the `trained` inputs, in their order, None where not asked for;
+  of the `trained` inputs, in their order, None where not asked for; `reads` names the saved
+  tensors each one reads (the custom op refuses a None for them);
 - `save(inputs, outputs, needs) -> tuple`: the memory contract, what backward keeps. Its
   first tensor is x (or None), which the base layer's own dW also reads;
 - `fake(*inputs)`: the forward's outputs as empty tensors of the right shapes.
@@ -43,7 +44,7 @@ class DeclaredOp:
     `eager` the autograd Function's door; calling the op picks the door."""
 
     def __init__(self, name: str, *, forward: Callable, gradients: Callable, save: Callable,
-                 fake: Callable, trained: tuple[str, ...],
+                 fake: Callable, trained: tuple[str, ...], reads: dict[str, tuple[str, ...]],
                  differentiable_outputs: tuple[int, ...] = (0,)):
         names = list(inspect.signature(forward).parameters)
         trained_index = tuple(names.index(n) for n in trained)
@@ -90,7 +91,17 @@ class DeclaredOp:
                 return tuple(result)
             return backward
 
+        # What each trained input's gradient reads of the saved tensors, by argument position:
+        # a caller of the custom op may pass None for them (the eager door saves them itself).
+        reads_index = [(n, need_at, [(s, backward_names.index(s)) for s in reads.get(n, ())])
+                       for need_at, n in enumerate(trained, len(backward_names) - 1 - len(trained))]
+
         def gradients_or_empty(*args):
+            for n, need_at, saved in reads_index:
+                for saved_name, at in saved:
+                    if args[need_at] and args[at] is None:
+                        raise ValueError(f"{name}_bwd: the gradient of {n} was asked for but "
+                                         f"{saved_name} is None")
             return tuple(g if g is not None else args[0].new_empty(0) for g in gradients(*args))
 
         # The custom op's schema: gradients' arguments, one tensor per trained input (empty

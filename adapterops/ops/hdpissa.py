@@ -49,9 +49,6 @@ def _gradients(grad_y: Tensor, x: Optional[Tensor], h: Optional[Tensor], weight:
                lora_A: Tensor, lora_B: Tensor, scaling: float, need_x: bool, need_A: bool,
                need_B: bool, backend: Optional[str]) -> tuple:
     """(dx, gA, gB), None where not asked for."""
-    for need, name, saved, why in ((need_A, "x", x, "gA"), (need_B, "h", h, "gB")):
-        if need and saved is None:
-            raise ValueError(f"hdpissa_linear_bwd: {why} was asked for but {name} is None")
     return _backend(backend, grad_y, lora_A).hdpissa_backward(grad_y, x, h, weight, lora_A, lora_B,
                                                               scaling, need_x, need_A, need_B)
 
@@ -69,7 +66,8 @@ def _fake(x, weight, bias, lora_A, lora_B, scaling, need_h, backend):
 
 
 _hdpissa_op = DeclaredOp("hdpissa_linear", forward=_forward, gradients=_gradients, save=_save,
-                         fake=_fake, trained=("x", "lora_A", "lora_B"))
+                         fake=_fake, trained=("x", "lora_A", "lora_B"),
+                         reads={"lora_A": ("x",), "lora_B": ("h",)})
 
 
 def check_hdpissa_args(x, weight, bias, lora_A, lora_B, scaling) -> float:

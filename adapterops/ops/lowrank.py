@@ -53,10 +53,6 @@ def _gradients(grad_y: Tensor, x: Optional[Tensor], h1: Optional[Tensor], h2: Op
                scaling: float, need_x: bool, need_A: bool, need_B: bool, need_S: bool,
                backend: Optional[str]) -> tuple:
     """(dx, dA, dB, dS), None where not asked for."""
-    for need, name, saved, why in ((need_A, "x", x, "dA"), (need_S, "h1", h1, "dS"),
-                                   (need_B, "h2", h2, "dB")):
-        if need and saved is None:
-            raise ValueError(f"lowrank_linear_bwd: {why} was asked for but {name} is None")
     return _backend(backend, grad_y, lora_A).lowrank_backward(
         grad_y, x, h1, h2, weight, lora_A, lora_B, lora_S, scaling, need_x, need_A, need_B, need_S)
 
@@ -77,7 +73,8 @@ def _fake(x, weight, bias, lora_A, lora_B, lora_S, scaling, backend):
 
 
 _lowrank_op = DeclaredOp("lowrank_linear", forward=_forward, gradients=_gradients, save=_save,
-                         fake=_fake, trained=("x", "lora_A", "lora_B", "lora_S"))
+                         fake=_fake, trained=("x", "lora_A", "lora_B", "lora_S"),
+                         reads={"lora_A": ("x",), "lora_B": ("h2",), "lora_S": ("h1",)})
 
 
 def _plain_args(x, weight, bias, lora_A, lora_B, scaling, lora_S) -> bool:

@@ -73,13 +73,6 @@ def _gradients(grad_y: Tensor, grad_probs: Tensor, x: Optional[Tensor], h: Optio
                scaling: float, need_x: bool, need_A: bool, need_B: bool, need_router: bool,
                backend: Optional[str]) -> tuple:
     """(dx, dA, dB, dWg), None where not asked for; gates is None for dense routing."""
-    need_gate_grads = need_x or need_A or need_router
-    for need, name, saved, why in ((need_A or need_router, "x", x, "dA or dWg"),
-                                   (need_gate_grads, "h", h, "dx, dA or dWg"),
-                                   (need_gate_grads, "probs", probs, "dx, dA or dWg"),
-                                   (need_B, "hg", hg, "dB")):
-        if need and saved is None:
-            raise ValueError(f"routed_lowrank_linear_bwd: {why} was asked for but {name} is None")
     return _backend(backend, grad_y, lora_B).routed_backward(
         grad_y, grad_probs, x, h, hg, probs, gates, weight, lora_A, lora_B, router_weight, scaling,
         need_x, need_A, need_B, need_router)
@@ -110,6 +103,8 @@ def _fake(x, weight, bias, lora_A, lora_B, router_weight, scaling, top_k, backen
 # y and the probabilities are differentiable outputs; h, hg and the gates are internals.
 _routed_op = DeclaredOp("routed_lowrank_linear", forward=_forward, gradients=_gradients,
                         save=_save, fake=_fake, trained=("x", "lora_A", "lora_B", "router_weight"),
+                        reads={"x": ("h", "probs"), "lora_A": ("x", "h", "probs"), "lora_B": ("hg",),
+                               "router_weight": ("x", "h", "probs")},
                         differentiable_outputs=(0, 3))
 
 
