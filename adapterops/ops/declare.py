@@ -4,7 +4,9 @@ its fake shapes, the two doors onto the same functions.
 An op file writes (see `adapterops.ops.lowrank` for one):
 - `forward(x, weight, bias, <adapter tensors>, scaling, <options>, backend) -> (y, ...)`:
   annotated for `torch.library` (its schema is inferred from them), x 2-D; it asks the
-  dispatcher for a backend and calls the family's forward;
+  dispatcher for a backend and calls the family's forward, which may return None for an
+  output that is not there (the custom op returns the fake's empty tensor for it; eagerly
+  an empty tensor costs a microsecond for nothing);
 - `gradients(<output grads>, <saved tensors>, scaling, <need flags>, backend)`: the gradients
   of the `trained` inputs, in their order, None where not asked for; `reads` names the saved
   tensors each one reads (the custom op refuses a None for them);
@@ -117,7 +119,16 @@ class DeclaredOp:
             needs = args[-1 - len(trained):-1]
             return tuple(args[0].new_empty(shape(n) if need else 0) for n, need in zip(trained, needs))
 
-        self.fwd = torch.library.custom_op(f"adapterops::{name}_fwd", forward, mutates_args=())
+        def forward_or_empty(*inputs):
+            output = forward(*inputs)
+            if any(o is None for o in output):  # the fake's empty tensor: a custom op returns no None
+                output = tuple(f if o is None else o for o, f in zip(output, fake(*inputs)))
+            return output
+
+        forward_or_empty.__signature__ = inspect.signature(forward)
+        forward_or_empty.__doc__ = forward.__doc__
+        self.fwd = torch.library.custom_op(f"adapterops::{name}_fwd", forward_or_empty,
+                                           mutates_args=())
         self.fwd.register_fake(fake)
         self.bwd = torch.library.custom_op(f"adapterops::{name}_bwd", gradients_or_empty,
                                            mutates_args=())

@@ -16,9 +16,9 @@ LIMITS = Limits()
 
 def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
             scaling: float, need_h: bool):
-    """(y, h): the base layer's output (the adapter adds nothing) and h = x A^T for gB (an
-    empty tensor unless need_h). lora_B and scaling play no part; the arguments are the op's."""
-    return F.linear(x, weight, bias), (F.linear(x, lora_A) if need_h else x.new_empty(0))
+    """(y, h): the base layer's output (the adapter adds nothing) and h = x A^T for gB (None
+    unless need_h). lora_B and scaling play no part; the arguments are the op's."""
+    return F.linear(x, weight, bias), (F.linear(x, lora_A) if need_h else None)
 
 
 def backward(grad_y: Tensor, x: Optional[Tensor], h: Optional[Tensor], weight: Tensor,

@@ -25,11 +25,11 @@ def add_scaled_product(base: Tensor, a: Tensor, b: Tensor, scale: float) -> Tens
 
 def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
             lora_S: Optional[Tensor], scaling: float):
-    """Returns (y, h1, h2); h2 is an empty tensor when there is no S (then h2 = h1)."""
+    """Returns (y, h1, h2); h2 is None when there is no S (then h2 = h1)."""
     h1 = F.linear(x, lora_A)
     h2 = F.linear(h1, lora_S) if lora_S is not None else h1
     y = add_scaled_product(F.linear(x, weight, bias), h2, lora_B.t(), scaling)
-    return y, h1, (h2 if lora_S is not None else x.new_empty(0))
+    return y, h1, (h2 if lora_S is not None else None)
 
 
 def backward(grad_y: Tensor, x: Optional[Tensor], h1: Optional[Tensor], h2: Optional[Tensor],

@@ -45,7 +45,7 @@ def router_probs(x: Tensor, router_weight: Tensor) -> Tensor:
 
 def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
             router_weight: Tensor, scaling: float, top_k: Optional[int]):
-    """Returns (y, h, hg, probs, gates); gates is an empty tensor for dense routing (then the
+    """Returns (y, h, hg, probs, gates); gates is None for dense routing (then the
     gates are probs)."""
     M = x.shape[0]
     E, _, r = lora_B.shape
@@ -54,7 +54,7 @@ def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, l
     gates = top_k_gates(probs, top_k) if top_k is not None else probs
     hg = (gates.unsqueeze(2) * h.unsqueeze(1).to(gates.dtype)).to(x.dtype).reshape(M, E * r)
     y = add_scaled_product(F.linear(x, weight, bias), hg, heads_side_by_side(lora_B).t(), scaling)
-    return y, h, hg, probs, (gates if top_k is not None else probs.new_empty(0))
+    return y, h, hg, probs, (gates if top_k is not None else None)
 
 
 def backward(grad_y: Tensor, grad_probs: Tensor, x: Optional[Tensor], h: Optional[Tensor],
