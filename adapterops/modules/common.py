@@ -6,6 +6,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .. import dispatch
+
 
 def check_layer_args(*, dropout: float, alpha: float, **positive_ints) -> None:
     """ValueError, naming the argument, unless every `positive_ints` value is an int >= 1,
@@ -137,6 +139,19 @@ class AdapterLayer(nn.Module):
     can_disable: bool = True         # `base_forward` works: disable_adapters may switch to it
     base_kind: str = "linear"        # what `merge` gives back, "linear" or "conv1d" (copy_base sets it)
     adapters_disabled: bool = False  # set by disable_adapters: forward runs `base_forward`
+
+    def _init_base(self, in_features: int, out_features: int, rank: int, alpha: float, bias: bool,
+                   backend: Optional[str], device, dtype) -> dict:
+        """What every layer's __init__ sets after its own checks: the sizes, alpha and scaling
+        = alpha / rank, the backend (checked), the frozen base and lora_A (rank x in, empty).
+        Returns the factory arguments for the rest."""
+        dispatch.check_backend_name(backend)
+        self.in_features, self.out_features, self.rank, self.alpha = in_features, out_features, rank, alpha
+        self.scaling, self.backend = alpha / rank, backend
+        factory = {"device": device, "dtype": dtype}
+        self.weight, self.bias = frozen_base(in_features, out_features, bias, **factory)
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, **factory))
+        return factory
 
     @classmethod
     def from_linear(cls, linear, *args, **kwargs) -> "AdapterLayer":

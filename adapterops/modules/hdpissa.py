@@ -22,12 +22,11 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .. import dispatch
 from ..ops import hdpissa_linear
 from ..pissa import check_factor_args, check_rank_index, hdpissa_factors
 from ..distributed import world_and_rank
 from .common import (AdapterLayer, base_features, check_layer_args, check_linear, copy_base,
-                     frozen_base, make_base, module_tensors)
+                     make_base, module_tensors)
 
 
 def _reslice_after_load(module: "HDPiSSALinear", incompatible_keys) -> None:
@@ -58,14 +57,8 @@ class HDPiSSALinear(AdapterLayer):
                          world_size=world_size, alpha=alpha, dropout=0.0)
         check_rank_index(rank_index, world_size)
         check_factor_args(rank, world_size, (out_features, in_features), svd, niter)
-        dispatch.check_backend_name(backend)
-        self.in_features, self.out_features, self.rank, self.alpha = in_features, out_features, rank, alpha
+        factory = self._init_base(in_features, out_features, rank, alpha, bias, backend, device, dtype)
         self.world_size, self.rank_index, self.svd, self.niter = world_size, rank_index, svd, niter
-        self.scaling = alpha / rank
-        self.backend = backend
-        factory = {"device": device, "dtype": dtype}
-        self.weight, self.bias = frozen_base(in_features, out_features, bias, **factory)
-        self.lora_A = nn.Parameter(torch.empty(rank, in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(out_features, rank, **factory))
         fp32 = {"device": device, "dtype": torch.float32}
         self.register_buffer("factor_A", torch.empty(world_size * rank, in_features, **fp32))

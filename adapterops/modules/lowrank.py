@@ -18,13 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import dispatch
 from ..lamda import svd_factors
 from ..ops import lowrank_linear
 from ..ops.lowrank import check_lowrank_args
 from ..pissa import factor_dtype, pissa_factors, residual_weight
 from .common import (AdapterLayer, base_features, check_adapter_state, check_layer_args, check_linear, copy_base,
-                     frozen_base, make_base, module_tensors, zero_gradient_for)
+                     make_base, module_tensors, zero_gradient_for)
 
 
 class _FusedLowRankLinear(AdapterLayer):
@@ -43,14 +42,9 @@ class _FusedLowRankLinear(AdapterLayer):
         check_layer_args(in_features=in_features, out_features=out_features, rank=rank,
                          alpha=alpha, dropout=dropout)
         self._parse_init(init, rank, in_features, out_features)
-        dispatch.check_backend_name(backend)
-        self.in_features, self.out_features, self.rank = in_features, out_features, rank
-        self.alpha, self.init, self.backend = alpha, init, backend
-        self.scaling = alpha / rank
+        factory = self._init_base(in_features, out_features, rank, alpha, bias, backend, device, dtype)
+        self.init = init
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
-        factory = {"device": device, "dtype": dtype}
-        self.weight, self.bias = frozen_base(in_features, out_features, bias, **factory)
-        self.lora_A = nn.Parameter(torch.empty(rank, in_features, **factory))
         self.lora_S = nn.Parameter(torch.empty(rank, rank, **factory)) if self.has_S else None
         self.lora_B = nn.Parameter(torch.empty(out_features, rank, **factory))
         # Set by `lamda.BFreezeSchedule` once B is fully frozen (B keeps requires_grad).

@@ -24,13 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import dispatch
 from ..hydra import balance_loss
 from ..ops import routed_lowrank_linear
 from ..ops.checks import check_top_k
 from ..ops.routed import check_routed_args, heads_side_by_side, router_probs, top_k_gates
-from .common import (REQUIRED, AdapterLayer, check_layer_args, check_linear, copy_base, frozen_base,
-                     is_conv1d, module_tensors)
+from .common import (REQUIRED, AdapterLayer, check_layer_args, check_linear, copy_base, is_conv1d, module_tensors)
 
 
 class FusedHydraLoRALinear(AdapterLayer):
@@ -57,17 +55,11 @@ class FusedHydraLoRALinear(AdapterLayer):
         if (isinstance(balance_loss_weight, bool) or not isinstance(balance_loss_weight, (int, float))
                 or not math.isfinite(balance_loss_weight) or balance_loss_weight < 0):
             raise ValueError(f"balance_loss_weight must be a finite number >= 0, got {balance_loss_weight!r}")
-        dispatch.check_backend_name(backend)
-        self.in_features, self.out_features = in_features, out_features
-        self.rank, self.num_heads, self.alpha, self.top_k = rank, num_heads, alpha, top_k
-        self.scaling = alpha / rank
+        factory = self._init_base(in_features, out_features, rank, alpha, bias, backend, device, dtype)
+        self.num_heads, self.top_k = num_heads, top_k
         self.balance_loss_weight = float(balance_loss_weight)
-        self.backend = backend
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         self.last_balance_loss: Optional[Tensor] = None
-        factory = {"device": device, "dtype": dtype}
-        self.weight, self.bias = frozen_base(in_features, out_features, bias, **factory)
-        self.lora_A = nn.Parameter(torch.empty(rank, in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(num_heads, out_features, rank, **factory))
         self.lora_router = nn.Parameter(torch.empty(num_heads, in_features, **factory))
         if initialise:
