@@ -3,6 +3,7 @@
     adapterops.peft.export(model, "peft_dir")       # PeftModel.from_pretrained(base, "peft_dir")
     model = adapterops.peft.load(base, "peft_dir")  # a PEFT LoRA adapter into FusedLoRALinear
     left = adapterops.peft.fuse(peft_model)         # a PeftModel runs its LoRA on our ops
+    adapterops.peft.fallbacks(peft_model)           # which calls still ran PEFT's forward, why
 
 - `export(model, directory)`: a model with FusedLoRALinear / FusedLaMDALinear layers as a PEFT
   LoRA adapter (adapter_config.json and adapter_model.safetensors in PEFT's format) for the
@@ -25,7 +26,12 @@
   merged, several active adapters, a DoRA or other variant, dropout active in training, a
   lora_B bias, mixed dtypes, extra forward arguments). Returns {layer name: reason} for the
   LoRA layers it left on PEFT's path for good (not a Linear LoRA layer, DoRA, bias != "none",
-  lora_bias, several active adapters).
+  lora_bias, several active adapters) and for those whose configuration sends every call there
+  (adapters in another dtype than the base weight, as PEFT keeps them in fp32 on a 16-bit base)
+  or every training call (lora_dropout > 0).
+- `fallbacks(model)`: {layer name: {reason: calls}} of the fused layers' calls that ran PEFT's
+  forward (adapters disabled or merged run the base layer alone, which is no fallback); the
+  first call of a layer for a reason warns. An empty dict: every call ran fused.
 
 Needs `peft` (and `safetensors` for files): `pip install peft`.
 """
@@ -33,9 +39,10 @@ import functools
 import json
 import math
 import re
+import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -199,27 +206,81 @@ def _static_reason(layer, lora_linear_cls, configs: dict) -> Union[str, None]:
     return None
 
 
-def _fused_forward(layer, x: Tensor, *args, **kwargs) -> Tensor:
-    """A PEFT LoRA Linear's forward on `lowrank_linear`, or PEFT's own where they would differ."""
-    peft_forward = type(layer).forward
-    if args or kwargs or layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
-        return peft_forward(layer, x, *args, **kwargs)
+def _fallback_reason(layer, x: Tensor, args, kwargs) -> Optional[str]:
+    """Why this call of a fused PEFT LoRA Linear runs PEFT's forward, or None when it runs on
+    `lowrank_linear`. Adapters disabled or merged are not fallbacks: the base layer alone is
+    what PEFT runs then, and all there is to run."""
+    if args or kwargs:
+        return "extra forward arguments"
+    if len(layer.active_adapters) != 1:
+        return f"{len(layer.active_adapters)} active adapters"
     adapter = layer.active_adapters[0]
-    if (adapter not in layer.lora_A or adapter in getattr(layer, "lora_variant", {})
-            or layer.lora_bias.get(adapter)
-            or (layer.training and not isinstance(layer.lora_dropout[adapter], nn.Identity))):
-        return peft_forward(layer, x, *args, **kwargs)
+    if adapter not in layer.lora_A:
+        return f"no LoRA weights for the active adapter {adapter!r}"
+    if adapter in getattr(layer, "lora_variant", {}) or layer.use_dora.get(adapter):
+        return "DoRA (or another LoRA variant)"
+    if layer.lora_bias.get(adapter):
+        return "lora_bias"
+    if layer.training and not isinstance(layer.lora_dropout[adapter], nn.Identity):
+        return f"lora_dropout={layer.lora_dropout[adapter].p} in training"
+    weight, lora_A, lora_B = layer.base_layer.weight, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    if not x.dtype == weight.dtype == lora_A.dtype == lora_B.dtype:
+        return (f"mixed dtypes (x {x.dtype}, weight {weight.dtype}, lora_A {lora_A.dtype}, "
+                f"lora_B {lora_B.dtype})")
+    if x.device != weight.device:
+        return f"x on {x.device}, weight on {weight.device}"
+    return None
+
+
+def _fused_forward(layer, name: str, x: Tensor, *args, **kwargs) -> Tensor:
+    """A PEFT LoRA Linear's forward on `lowrank_linear`, or PEFT's own where they would differ:
+    each such call is counted per reason (`fallbacks`), the first of a reason warns."""
+    if layer.disable_adapters or layer.merged:
+        return type(layer).forward(layer, x, *args, **kwargs)
+    reason = _fallback_reason(layer, x, args, kwargs)
+    if reason is not None:
+        counts = layer.__dict__.setdefault(_FALLBACKS, Counter())
+        if not counts[reason]:
+            warnings.warn(f"adapterops.peft.fuse: {name or 'the model'} runs PEFT's forward, not "
+                          f"the fused op: {reason} (adapterops.peft.fallbacks(model) counts "
+                          "these calls)", stacklevel=3)
+        counts[reason] += 1
+        return type(layer).forward(layer, x, *args, **kwargs)
+    adapter = layer.active_adapters[0]
     base = layer.base_layer
     weight = base.weight.t() if layer.fan_in_fan_out else base.weight
-    lora_A, lora_B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
-    if not (x.dtype == weight.dtype == lora_A.dtype == lora_B.dtype) or x.device != weight.device:
-        return peft_forward(layer, x, *args, **kwargs)
-    return lowrank_linear(x, weight, base.bias, lora_A, lora_B, layer.scaling[adapter])
+    return lowrank_linear(x, weight, base.bias, layer.lora_A[adapter].weight,
+                          layer.lora_B[adapter].weight, layer.scaling[adapter])
+
+
+# The attribute of a fused PEFT layer that counts its fallbacks by reason.
+_FALLBACKS = "_adapterops_fallbacks"
+
+
+def fallbacks(model: nn.Module) -> dict[str, dict[str, int]]:
+    """{layer name: {reason: calls}} for every layer `fuse` served whose calls ran PEFT's
+    forward instead of the fused op (an empty dict: every call ran fused)."""
+    return {name: dict(module.__dict__[_FALLBACKS]) for name, module in model.named_modules()
+            if module.__dict__.get(_FALLBACKS)}
+
+
+def _every_call_reason(layer) -> Optional[str]:
+    """Why a fused layer's configuration sends every call (or every training call) to PEFT's
+    forward, or None. fuse reports these with the layers it leaves."""
+    adapter = layer.active_adapters[0]
+    weight, lora_A, lora_B = layer.base_layer.weight, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    if not weight.dtype == lora_A.dtype == lora_B.dtype:
+        return (f"mixed dtypes (weight {weight.dtype}, lora_A {lora_A.dtype}, lora_B "
+                f"{lora_B.dtype}): every call runs PEFT's forward")
+    if not isinstance(layer.lora_dropout[adapter], nn.Identity):
+        return f"lora_dropout={layer.lora_dropout[adapter].p}: every training call runs PEFT's forward"
+    return None
 
 
 def fuse(peft_model: nn.Module) -> dict[str, str]:
     """Makes the PEFT model's LoRA Linear layers run on adapterops' fused op, in place; returns
-    {layer name: reason} for the LoRA layers left on PEFT's path. See the module docstring."""
+    {layer name: reason} for the LoRA layers left on PEFT's path, for good or (given their
+    configuration) on every call or every training call. See the module docstring."""
     _peft()
     from peft.tuners.lora.layer import Linear as LoraLinear
     from peft.tuners.lora.layer import LoraLayer
@@ -235,7 +296,10 @@ def fuse(peft_model: nn.Module) -> dict[str, str]:
         if reason is not None:
             left[name] = reason
             continue
-        layer.forward = functools.partial(_fused_forward, layer)
+        layer.forward = functools.partial(_fused_forward, layer, name)
+        reason = _every_call_reason(layer)
+        if reason is not None:
+            left[name] = reason
     if not found:
         raise ValueError("fuse: the model has no PEFT LoRA layer")
     return left

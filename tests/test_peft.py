@@ -164,6 +164,7 @@ def test_fuse_runs_peft_lora_on_our_op_with_the_same_results(kind, tmp_path):
     with mock.patch.object(ap, "lowrank_linear", lambda *a, **k: calls.append(1) or real(*a, **k)):
         out = fused(IDS, labels=IDS)
     assert len(calls) == 2 * len(TARGETS[kind]), "every LoRA layer must run on lowrank_linear"
+    assert ap.fallbacks(fused) == {}
     out_ref = reference(IDS, labels=IDS)
     _assert_close(f"{kind} fused logits", out.logits, out_ref.logits)
     out.loss.backward()
@@ -187,15 +188,44 @@ def test_fuse_falls_back_where_peft_would_differ_and_reports_what_it_leaves():
     left = ap.fuse(dora)
     assert len(left) == 6 and all("DoRA" in reason for reason in left.values()), left
     dropout = _peft_model("llama", lora_dropout=0.5)
-    assert ap.fuse(dropout) == {}
+    left = ap.fuse(dropout)  # fused, but every training call runs PEFT's forward: reported
+    assert len(left) == 6 and all(r == "lora_dropout=0.5: every training call runs PEFT's forward"
+                                  for r in left.values()), left
     calls = []
     real = ap.lowrank_linear
     with mock.patch.object(ap, "lowrank_linear", lambda *a, **k: calls.append(1) or real(*a, **k)):
         dropout.train()
-        dropout(IDS)  # dropout on the adapter's input: PEFT's path
-        assert not calls
+        why = "runs PEFT's forward, not the fused op: lora_dropout=0.5 in training"
+        with pytest.warns(UserWarning, match=why) as caught:
+            dropout(IDS)  # dropout on the adapter's input: PEFT's path
+        assert not calls and len(caught) == 6  # one warning per layer
+        dropout(IDS)  # counted again, no second warning
         dropout.eval()
         dropout(IDS)
         assert len(calls) == 6
+    assert ap.fallbacks(dropout) == {name: {"lora_dropout=0.5 in training": 2} for name in left}
+    with dropout.disable_adapter():
+        dropout.train()
+        dropout(IDS)  # the base layer alone: no fallback
+    assert ap.fallbacks(dropout) == {name: {"lora_dropout=0.5 in training": 2} for name in left}
     with pytest.raises(ValueError, match="no PEFT LoRA layer"):
         ap.fuse(tiny("llama"))
+
+
+def test_fuse_reports_adapters_in_another_dtype_than_the_base_and_counts_their_calls():
+    """PEFT keeps a 16-bit base's adapters in fp32 (autocast_adapter_dtype=True, its default):
+    until the fused op takes mixed dtypes, every call runs PEFT's forward, and fuse says so."""
+    model = peft.get_peft_model(tiny("llama").to(torch.bfloat16),
+                                peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS["llama"]))
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.lora_A["default"].weight.dtype == torch.float32
+    left = ap.fuse(model)
+    assert len(left) == 6 and all(r.startswith("mixed dtypes (weight torch.bfloat16, lora_A "
+                                               "torch.float32, lora_B torch.float32)")
+                                  for r in left.values()), left
+    with pytest.warns(UserWarning, match="mixed dtypes"):
+        model(IDS)
+    counts = ap.fallbacks(model)
+    assert counts.keys() == left.keys()
+    assert all(c == {"mixed dtypes (x torch.bfloat16, weight torch.bfloat16, lora_A torch.float32, "
+                     "lora_B torch.float32)": 1} for c in counts.values()), counts
