@@ -27,8 +27,9 @@
   lora_B bias, mixed dtypes, extra forward arguments). Returns {layer name: reason} for the
   LoRA layers it left on PEFT's path for good (not a Linear LoRA layer, DoRA, bias != "none",
   lora_bias, several active adapters) and for those whose configuration sends every call there
-  (adapters in another dtype than the base weight, as PEFT keeps them in fp32 on a 16-bit base)
-  or every training call (lora_dropout > 0).
+  (adapters in another dtype than the base weight, as PEFT keeps them in fp32 on a 16-bit base,
+  outside autocast) or every training call (lora_dropout > 0). Under autocast a fused layer
+  runs fused whatever its dtypes, as the op casts its inputs to the autocast dtype.
 - `fallbacks(model)`: {layer name: {reason: calls}} of the fused layers' calls that ran PEFT's
   forward (adapters disabled or merged run the base layer alone, which is no fallback); the
   first call of a layer for a reason warns. An empty dict: every call ran fused.
@@ -52,6 +53,7 @@ from .inject import adapter_layers, install
 from .modules import FusedLaMDALinear, FusedLoRALinear
 from .modules.common import base_features, base_kind
 from .ops import lowrank_linear
+from .ops.checks import autocast_on
 from .pissa import factor_dtype
 from .saving import optional_import, safetensors_module
 
@@ -224,7 +226,8 @@ def _fallback_reason(layer, x: Tensor, args, kwargs) -> Optional[str]:
     if layer.training and not isinstance(layer.lora_dropout[adapter], nn.Identity):
         return f"lora_dropout={layer.lora_dropout[adapter].p} in training"
     weight, lora_A, lora_B = layer.base_layer.weight, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
-    if not x.dtype == weight.dtype == lora_A.dtype == lora_B.dtype:
+    # Under autocast the op casts x, W, A and B to the autocast dtype, as PEFT's F.linear calls do.
+    if not x.dtype == weight.dtype == lora_A.dtype == lora_B.dtype and not autocast_on(x):
         return (f"mixed dtypes (x {x.dtype}, weight {weight.dtype}, lora_A {lora_A.dtype}, "
                 f"lora_B {lora_B.dtype})")
     if x.device != weight.device:
@@ -271,7 +274,7 @@ def _every_call_reason(layer) -> Optional[str]:
     weight, lora_A, lora_B = layer.base_layer.weight, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
     if not weight.dtype == lora_A.dtype == lora_B.dtype:
         return (f"mixed dtypes (weight {weight.dtype}, lora_A {lora_A.dtype}, lora_B "
-                f"{lora_B.dtype}): every call runs PEFT's forward")
+                f"{lora_B.dtype}): every call outside autocast runs PEFT's forward")
     if not isinstance(layer.lora_dropout[adapter], nn.Identity):
         return f"lora_dropout={layer.lora_dropout[adapter].p}: every training call runs PEFT's forward"
     return None

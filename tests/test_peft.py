@@ -10,6 +10,7 @@ import torch
 
 import adapterops
 import adapterops.peft as ap
+from utils import assert_close_to_reference
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -229,3 +230,27 @@ def test_fuse_reports_adapters_in_another_dtype_than_the_base_and_counts_their_c
     assert counts.keys() == left.keys()
     assert all(c == {"mixed dtypes (x torch.bfloat16, weight torch.bfloat16, lora_A torch.float32, "
                      "lora_B torch.float32)": 1} for c in counts.values()), counts
+
+
+def test_fuse_serves_autocast_inputs():
+    """Under autocast (SFTConfig(bf16=True) on an fp32 model) the inputs of o_proj and down_proj
+    arrive in bf16 while W is fp32: the op casts them as PEFT's F.linear calls do, so every
+    call runs fused, within the 2x-error rule of PEFT's own autocast run against float64."""
+    targets = ["q_proj", "o_proj", "down_proj"]
+    reference = peft.get_peft_model(tiny("llama"), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    _perturb_trainable(reference)
+    fused, exact = copy.deepcopy(reference), copy.deepcopy(reference).double()
+    assert ap.fuse(fused) == {}
+    outs, calls, real = {}, [], ap.lowrank_linear
+    with mock.patch.object(ap, "lowrank_linear", lambda *a, **k: calls.append(1) or real(*a, **k)):
+        for name, model in (("peft", reference), ("fused", fused)):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                outs[name] = model(IDS, labels=IDS)
+            outs[name].loss.backward()
+    assert len(calls) == 2 * len(targets) and ap.fallbacks(fused) == {}
+    out64 = exact(IDS, labels=IDS)
+    out64.loss.backward()
+    assert_close_to_reference("autocast logits", outs["fused"].logits, out64.logits, outs["peft"].logits)
+    fused_grads, peft_grads = _grads(fused, "lora_"), _grads(reference, "lora_")
+    for name, grad64 in _grads(exact, "lora_").items():
+        assert_close_to_reference(f"autocast grad {name}", fused_grads[name], grad64, peft_grads[name])
