@@ -1,4 +1,4 @@
-"""The ops' eager door (`adapterops.ops.checks.eager_door`) calls the autograd.Function's
+"""The ops' eager door (`adapterops.ops.declare.eager_door`) calls the autograd.Function's
 C-level apply itself, skipping the Python `Function.apply`; these tests hold it to what that
 `apply` does beyond the call: unwrap dead functorch wrappers, and defer under a transform."""
 import pytest

@@ -39,7 +39,7 @@ def _backend(backend, x, lora_A):
 
 def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
              scaling: float, need_h: bool, backend: Optional[str]) -> tuple[Tensor, Tensor]:
-    """(y, h) for 2-D x: the base layer's output and h = x A^T (empty unless need_h: only gB
+    """(y, h) for 2-D x: the base layer's output and h = x A^T (None or empty unless need_h: only gB
     needs it, and computing it costs a read of x)."""
     return _backend(backend, x, lora_A).hdpissa_forward(x, weight, bias, lora_A, lora_B, scaling,
                                                         need_h)

@@ -43,7 +43,7 @@ def _backend(backend, x, lora_A):
 def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
              lora_S: Optional[Tensor], scaling: float,
              backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor]:
-    """(y, h1, h2) for 2-D x; h2 is empty when there is no S."""
+    """(y, h1, h2) for 2-D x; h2 is None or empty when there is no S."""
     return _backend(backend, x, lora_A).lowrank_forward(x, weight, bias, lora_A, lora_B, lora_S,
                                                         scaling)
 

@@ -62,7 +62,7 @@ def _backend(backend, x, lora_B):
 def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
              router_weight: Tensor, scaling: float, top_k: Optional[int],
              backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(y, h, hg, probs, gates) for 2-D x; gates is empty for dense routing (gates = probs)."""
+    """(y, h, hg, probs, gates) for 2-D x; gates is None or empty for dense routing (gates = probs)."""
     return _backend(backend, x, lora_B).routed_forward(x, weight, bias, lora_A, lora_B,
                                                        router_weight, scaling, top_k)
 
