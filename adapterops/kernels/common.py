@@ -41,3 +41,32 @@ def sum_partials(part_ptr, num_splits, offs_m, mask_m, M, BLOCK_M: tl.constexpr,
         acc += tl.load(ptrs, mask=mask_m[:, None], other=0.0)
         ptrs += M * BLOCK_R
     return acc
+
+
+@triton.jit
+def dropout_keep(seed, threshold, rows, col0, BLOCK_COLS: tl.constexpr):
+    """The dropout keep mask of rows `rows` (int64, [BLOCK_ROWS]) and columns
+    [col0, col0 + BLOCK_COLS) (col0 and BLOCK_COLS multiples of 8) as a [BLOCK_ROWS,
+    BLOCK_COLS] boolean tile: True where the element is kept.
+
+    The mask is a function of (seed, row, column) alone (methods.md, "Dropout"; the host replica
+    is `adapterops.backends.reference.dropout.keep_mask`): element (i, j) takes 16 bits of
+    Philox-4x32-10 keyed by the seed at counter (j // 8, i mod 2^32, i // 2^32, 0), lane j % 8
+    being the low (lanes 0-3) or high (lanes 4-7) half of word j % 4; it is kept when those 16
+    bits are >= threshold = round(p 2^16). One Philox call serves 8 elements (an 8th of the
+    integer work of one call per element), and any tiling draws the same mask.
+    """
+    groups = (col0 // 8 + tl.arange(0, BLOCK_COLS // 8)).to(tl.uint32)
+    rows_lo = (rows & 0xFFFFFFFF).to(tl.uint32)
+    rows_hi = (rows >> 32).to(tl.uint32)
+    c0 = groups[None, :] + rows_lo[:, None] * 0
+    c1 = rows_lo[:, None] + groups[None, :] * 0
+    c2 = rows_hi[:, None] + groups[None, :] * 0
+    w0, w1, w2, w3 = tl.philox(seed, c0, c1, c2, c0 * 0)
+    # Lane order 0..7 per group: nested interleaves put v_(b0 + 2 b1 + 4 b2) at position
+    # 4 b2 + 2 b1 + b0 (interleave puts its first argument at even positions).
+    bits = tl.interleave(tl.interleave(tl.interleave(w0 & 0xFFFF, w0 >> 16),
+                                       tl.interleave(w2 & 0xFFFF, w2 >> 16)),
+                         tl.interleave(tl.interleave(w1 & 0xFFFF, w1 >> 16),
+                                       tl.interleave(w3 & 0xFFFF, w3 >> 16)))
+    return bits.to(tl.int32) >= threshold
