@@ -396,10 +396,10 @@ def test_frozen_b_gets_no_gradient(backend, device):
     s = case.scaling
     _, h1, _ = torch.ops.adapterops.lowrank_linear_fwd(
         leaves["x"].detach(), leaves["weight"], leaves["bias"], leaves["lora_A"],
-        leaves["lora_B"], leaves["lora_S"].detach(), s, backend)
+        leaves["lora_B"], leaves["lora_S"].detach(), s, 0.0, None, backend)
     dx, dA, dB, dS = torch.ops.adapterops.lowrank_linear_bwd(
         leaves["grad_y"], None, h1, None, leaves["weight"], leaves["lora_A"], leaves["lora_B"],
-        leaves["lora_S"].detach(), s, True, False, False, True, backend)
+        leaves["lora_S"].detach(), None, s, 0.0, True, False, False, True, backend)
     assert dA.numel() == 0 and dB.numel() == 0
     assert_close_to_reference(f"{backend} bwd-op dx", dx, ref_grads["x"], base_grads["x"])
     assert_close_to_reference(f"{backend} bwd-op dS", dS, ref_grads["lora_S"], base_grads["lora_S"])
@@ -423,36 +423,48 @@ def _op_samples(device: str, with_s: bool, with_bias: bool, requires_grad: bool)
     return x, weight, bias, lora_A, lora_B, lora_S
 
 
-@pytest.mark.parametrize("backend,with_s,with_bias", [("torch", True, True), ("torch", False, False),
-                                                      ("triton", True, False), ("triton", False, True),
-                                                      ("cuda", True, False), ("cuda", False, True)])
-def test_opcheck_forward(backend, with_s, with_bias, device):
+def _dropout_args(dropout: float, device) -> tuple:
+    """(dropout, dropout_seed) as the custom ops take them."""
+    return (dropout, torch.tensor([20261207], device=device) if dropout else None)
+
+
+@pytest.mark.parametrize("backend,with_s,with_bias,dropout", [
+    ("torch", True, True, 0.0), ("torch", False, False, 0.0), ("torch", True, False, 0.25),
+    ("triton", True, False, 0.0), ("triton", False, True, 0.0), ("triton", False, True, 0.25),
+    ("cuda", True, False, 0.0), ("cuda", False, True, 0.0), ("cuda", True, True, 0.25)])
+def test_opcheck_forward(backend, with_s, with_bias, dropout, device):
     x, weight, bias, lora_A, lora_B, lora_S = _op_samples(device, with_s, with_bias, True)
     torch.library.opcheck(torch.ops.adapterops.lowrank_linear_fwd.default,
-                          (x, weight, bias, lora_A, lora_B, lora_S, 0.5, backend))
+                          (x, weight, bias, lora_A, lora_B, lora_S, 0.5,
+                           *_dropout_args(dropout, device), backend))
 
 
-@pytest.mark.parametrize("backend,with_s,needs", [
-    ("torch", True, (True, False, True, True)),    # LaMDA
-    ("torch", True, (False, False, False, True)),  # LaMDA, B frozen, first layer
-    ("torch", False, (True, True, True, False)),   # LoRA
-    ("triton", True, (True, False, True, True)),   # LaMDA
-    ("triton", False, (True, True, True, False)),  # LoRA: dA from x
-    ("cuda", True, (True, False, True, True)),     # LaMDA
-    ("cuda", False, (True, True, True, False)),    # LoRA: dA from x
+@pytest.mark.parametrize("backend,with_s,needs,dropout", [
+    ("torch", True, (True, False, True, True), 0.0),    # LaMDA
+    ("torch", True, (False, False, False, True), 0.0),  # LaMDA, B frozen, first layer
+    ("torch", False, (True, True, True, False), 0.0),   # LoRA
+    ("torch", False, (True, True, True, False), 0.25),  # LoRA with dropout
+    ("triton", True, (True, False, True, True), 0.0),   # LaMDA
+    ("triton", False, (True, True, True, False), 0.0),  # LoRA: dA from x
+    ("triton", True, (True, False, True, True), 0.25),  # LaMDA with dropout: the dx epilogue
+    ("triton", False, (True, True, True, False), 0.25),  # LoRA with dropout: the dA kernel
+    ("cuda", True, (True, False, True, True), 0.0),     # LaMDA
+    ("cuda", False, (True, True, True, False), 0.0),    # LoRA: dA from x
+    ("cuda", False, (True, True, True, False), 0.25),   # LoRA with dropout
 ])
-def test_opcheck_backward(backend, with_s, needs, device):
+def test_opcheck_backward(backend, with_s, needs, dropout, device):
     x, weight, bias, lora_A, lora_B, lora_S = _op_samples(device, with_s, False, False)
+    drop = _dropout_args(dropout, device)
     _, h1, h2 = torch.ops.adapterops.lowrank_linear_fwd(x, weight, bias, lora_A, lora_B, lora_S,
-                                                        0.5, "torch")
+                                                        0.5, *drop, "torch")
     if not with_s:
         h2 = h1
     need_x, need_A, need_B, need_S = needs
     grad_y = torch.randn(x.shape[0], weight.shape[0], device=device)
     torch.library.opcheck(torch.ops.adapterops.lowrank_linear_bwd.default,
                           (grad_y, x if need_A else None, h1 if need_S else None,
-                           h2 if need_B else None, weight, lora_A, lora_B, lora_S, 0.5,
-                           need_x, need_A, need_B, need_S, backend))
+                           h2 if need_B else None, weight, lora_A, lora_B, lora_S, drop[1], 0.5,
+                           drop[0], need_x, need_A, need_B, need_S, backend))
 
 
 @pytest.mark.parametrize("backend", BACKEND_NAMES)
@@ -472,7 +484,7 @@ def test_eager_door_and_custom_op_agree_bit_for_bit(backend, with_s, device):
         return [y] + [t.grad for t in (x, lora_A, lora_B, lora_S) if t is not None and t.requires_grad]
 
     eager = run(lambda *t: lowrank_linear(*t[:5], 0.5, t[5], backend=backend))
-    custom = run(lambda *t: torch.ops.adapterops.lowrank_linear_fwd(*t, 0.5, backend)[0])
+    custom = run(lambda *t: torch.ops.adapterops.lowrank_linear_fwd(*t, 0.5, 0.0, None, backend)[0])
     assert len(eager) == len(custom) == 4
     for i, (a, b) in enumerate(zip(eager, custom)):
         assert torch.equal(a, b), f"{backend} output/grad {i}: max difference {(a - b).abs().max()}"

@@ -45,7 +45,7 @@ def sum_partials(part_ptr, num_splits, offs_m, mask_m, M, BLOCK_M: tl.constexpr,
 
 @triton.jit
 def dropout_keep(seed, threshold, rows, col0, BLOCK_COLS: tl.constexpr):
-    """The dropout keep mask of rows `rows` (int64, [BLOCK_ROWS]) and columns
+    """The dropout keep mask of rows `rows` ([BLOCK_ROWS] integers) and columns
     [col0, col0 + BLOCK_COLS) (col0 and BLOCK_COLS multiples of 8) as a [BLOCK_ROWS,
     BLOCK_COLS] boolean tile: True where the element is kept.
 
@@ -57,6 +57,7 @@ def dropout_keep(seed, threshold, rows, col0, BLOCK_COLS: tl.constexpr):
     integer work of one call per element), and any tiling draws the same mask.
     """
     groups = (col0 // 8 + tl.arange(0, BLOCK_COLS // 8)).to(tl.uint32)
+    rows = rows.to(tl.int64)
     rows_lo = (rows & 0xFFFFFFFF).to(tl.uint32)
     rows_hi = (rows >> 32).to(tl.uint32)
     c0 = groups[None, :] + rows_lo[:, None] * 0

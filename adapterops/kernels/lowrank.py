@@ -74,7 +74,7 @@ crosses into another BLOCK_R bucket (16, 32, 64, 128).
 import triton
 import triton.language as tl
 
-from .common import mma, store_partial, sum_partials
+from .common import dropout_keep, mma, store_partial, sum_partials
 
 
 @triton.jit
@@ -121,13 +121,18 @@ def _store_h1_h2(acc, offs_m, mask_m, s_ptr, h1_ptr, h2_ptr, R, stride_si, strid
 
 @triton.jit(do_not_specialize=["M", "R", "num_splits", "stride_h1m", "stride_h2m"])
 def lowrank_shrink_kernel(
-    x_ptr, a_ptr, s_ptr, h1_ptr, h2_ptr, part_ptr,
-    M, K, R, num_splits, k_per_split,
+    x_ptr, a_ptr, s_ptr, h1_ptr, h2_ptr, part_ptr, seed_ptr,
+    M, K, R, num_splits, k_per_split, threshold, keep_scale,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_si, stride_sj, stride_h1m, stride_h2m,
-    HAS_S: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    R_CHUNK: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_S: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr, UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     """h1 = x A^T and (with S) h2 = h1 S^T for one block of BLOCK_M rows; one read of x.
+
+    With DROPOUT, x_d = x * kept * keep_scale replaces x: each x tile is masked as it is
+    loaded (`dropout_keep`, regenerated from the seed at seed_ptr; threshold = round(p 2^16)),
+    and the fp32 accumulator takes keep_scale once at the end.
 
     Split over K (num_splits > 1, a grid of row blocks x splits, for few row blocks): program
     (m, k) reads columns [k k_per_split, (k + 1) k_per_split) of x and stores its fp32 partial
@@ -152,14 +157,20 @@ def lowrank_shrink_kernel(
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
     # A^T tile: element (k, r) = A[r, k].
     at_ptrs = a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, k_len, BLOCK_K):
         mask_k = offs_k < k_len - k0
         x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if DROPOUT:
+            x = tl.where(dropout_keep(seed, threshold, offs_m, k_start + k0, BLOCK_K), x, 0.0)
         at = tl.load(at_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
         acc = mma(x, at, acc, UPCAST, INPUT_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         at_ptrs += BLOCK_K * stride_ak
+    if DROPOUT:
+        acc = acc * keep_scale
     if num_splits > 1:
         store_partial(part_ptr, acc, tl.program_id(1), offs_m, mask_m, M, BLOCK_R)
     else:
@@ -199,11 +210,18 @@ def _tile_of(tile_id, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
 
 
 @triton.jit
-def _add_lowrank_and_bias(acc, h_ptr, c_ptr, bias_ptr, offs_m, offs_n, mask_m, mask_n, R, scale,
-                          stride_hm, stride_hr, stride_cr, stride_cn, HAS_BIAS: tl.constexpr,
-                          R_CHUNK: tl.constexpr, UPCAST: tl.constexpr,
+def _add_lowrank_and_bias(acc, h_ptr, c_ptr, bias_ptr, seed_ptr, offs_m, offs_n, mask_m, mask_n,
+                          col0, R, scale, threshold, stride_hm, stride_hr, stride_cr, stride_cn,
+                          HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, R_CHUNK: tl.constexpr, UPCAST: tl.constexpr,
                           INPUT_PRECISION: tl.constexpr):
     """acc + scale * h[offs_m, :R] @ c[:R, offs_n] (+ bias[offs_n]), the epilogue of both GEMMs.
+
+    With DROPOUT (the dx GEMM of a layer with adapter dropout) the term is kept only where the
+    forward kept x: acc + kept * (scale h @ c), kept = `dropout_keep` of rows offs_m and
+    columns [col0, col0 + BLOCK_N) (scale then carries 1 / (1 - p)). The term needs its own
+    accumulator for that, a second BLOCK_M x BLOCK_N fp32 tile: the launcher gives this form
+    tiles where both fit in registers (`DROPOUT_GEMM_CONFIGS`).
 
     It runs after the K-loop, never before it: a runtime-length `tl.dot` loop that may run zero
     times ahead of the main loop makes the accumulator's value unknown where the pipelined
@@ -213,6 +231,10 @@ def _add_lowrank_and_bias(acc, h_ptr, c_ptr, bias_ptr, offs_m, offs_n, mask_m, m
     of the tile's work (0.4% at r = 16, K = 4096).
     """
     offs_c = tl.arange(0, R_CHUNK)
+    if DROPOUT:
+        term = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        term = acc
     for r0 in range(0, R, R_CHUNK):
         ranks = r0 + offs_c
         h = tl.load(h_ptr + offs_m[:, None] * stride_hm + ranks[None, :] * stride_hr,
@@ -222,7 +244,12 @@ def _add_lowrank_and_bias(acc, h_ptr, c_ptr, bias_ptr, offs_m, offs_n, mask_m, m
         # Scale h, not the product: a [BLOCK_M, R_CHUNK] multiply, and the MMA accumulates
         # straight into the GEMM's accumulator (no second BLOCK_M x BLOCK_N fp32 tile).
         h = (h.to(tl.float32) * scale).to(h_ptr.dtype.element_ty)
-        acc = mma(h, c, acc, UPCAST, INPUT_PRECISION)
+        term = mma(h, c, term, UPCAST, INPUT_PRECISION)
+    if DROPOUT:
+        keep = dropout_keep(tl.load(seed_ptr), threshold, offs_m, col0, BLOCK_N)
+        acc += tl.where(keep, term, 0.0)
+    else:
+        acc = term
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     return acc
@@ -230,12 +257,12 @@ def _add_lowrank_and_bias(acc, h_ptr, c_ptr, bias_ptr, offs_m, offs_n, mask_m, m
 
 @triton.jit(do_not_specialize=["M", "R", "stride_hm"])
 def gemm_lowrank_kernel(
-    a_ptr, b_ptr, h_ptr, c_ptr, bias_ptr, out_ptr,
-    M, N, K, R, scale,
+    a_ptr, b_ptr, h_ptr, c_ptr, bias_ptr, out_ptr, seed_ptr,
+    M, N, K, R, scale, threshold,
     stride_am, stride_ak, stride_bk, stride_bn, stride_hm, stride_hr, stride_cr, stride_cn,
     stride_om, stride_on,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, R_CHUNK: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, R_CHUNK: tl.constexpr, UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     """out = a @ b + bias + scale * h @ c   with a (M, K), b (K, N), h (M, R), c (R, N).
@@ -264,21 +291,22 @@ def gemm_lowrank_kernel(
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
-    acc = _add_lowrank_and_bias(acc, h_ptr, c_ptr, bias_ptr, offs_m, offs_n, mask_m, mask_n, R,
-                                scale, stride_hm, stride_hr, stride_cr, stride_cn, HAS_BIAS,
-                                R_CHUNK, UPCAST, INPUT_PRECISION)
+    acc = _add_lowrank_and_bias(acc, h_ptr, c_ptr, bias_ptr, seed_ptr, offs_m, offs_n, mask_m,
+                                mask_n, pid_n * BLOCK_N, R, scale, threshold, stride_hm,
+                                stride_hr, stride_cr, stride_cn, HAS_BIAS, DROPOUT, BLOCK_M,
+                                BLOCK_N, R_CHUNK, UPCAST, INPUT_PRECISION)
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
              acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit(do_not_specialize=["M", "R", "num_programs", "stride_hm"])
 def gemm_lowrank_tma_kernel(
-    a_desc, b_desc, out_desc, h_ptr, c_ptr, bias_ptr,
-    M, N, K, R, scale, num_programs,
+    a_desc, b_desc, out_desc, h_ptr, c_ptr, bias_ptr, seed_ptr,
+    M, N, K, R, scale, threshold, num_programs,
     stride_hm, stride_hr, stride_cr, stride_cn,
-    B_TRANSPOSED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, R_CHUNK: tl.constexpr,
-    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    B_TRANSPOSED: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    R_CHUNK: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """The same product as `gemm_lowrank_kernel`, for sm_90 (Hopper): a, b and out through
     tensor descriptors (TMA: one instruction moves a tile into shared memory, no per-thread
@@ -307,9 +335,10 @@ def gemm_lowrank_tma_kernel(
             acc = mma(a, b, acc, UPCAST, INPUT_PRECISION)
         offs_m = off_m.to(tl.int64) + tl.arange(0, BLOCK_M)
         offs_n = off_n.to(tl.int64) + tl.arange(0, BLOCK_N)
-        acc = _add_lowrank_and_bias(acc, h_ptr, c_ptr, bias_ptr, offs_m, offs_n, offs_m < M,
-                                    offs_n < N, R, scale, stride_hm, stride_hr, stride_cr,
-                                    stride_cn, HAS_BIAS, R_CHUNK, UPCAST, INPUT_PRECISION)
+        acc = _add_lowrank_and_bias(acc, h_ptr, c_ptr, bias_ptr, seed_ptr, offs_m, offs_n,
+                                    offs_m < M, offs_n < N, off_n, R, scale, threshold,
+                                    stride_hm, stride_hr, stride_cr, stride_cn, HAS_BIAS, DROPOUT,
+                                    BLOCK_M, BLOCK_N, R_CHUNK, UPCAST, INPUT_PRECISION)
         out_desc.store([off_m, off_n], acc.to(out_desc.dtype))
 
 
@@ -451,3 +480,42 @@ def lowrank_grad_pass_finish_kernel(
     _grad_pass_tail(g, offs_m, mask_m, h1_ptr, s_ptr, gs_ptr, ds_ptr, R, scale, stride_h1m,
                     stride_si, stride_sj, stride_gsm, HAS_S, COMPUTE_DS, BLOCK_M, BLOCK_R,
                     R_CHUNK, UPCAST, INPUT_PRECISION)
+
+
+@triton.jit(do_not_specialize=["M", "R", "rows_per_split", "stride_gsm"])
+def lowrank_dropout_da_kernel(
+    x_ptr, gs_ptr, da_ptr, seed_ptr,
+    M, K, R, rows_per_split, threshold, keep_scale,
+    stride_xm, stride_xk, stride_gsm, stride_dar,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """dA += (g S)^T x_d for one BLOCK_K-column tile of x and one range of rows (program
+    (k, m) of a grid of column tiles x row splits), with x_d = x * kept * keep_scale
+    regenerated from the seed (`dropout_keep`) as each x tile is loaded: the LoRA-mode dA of a
+    layer with adapter dropout, where no x_d exists to hand to a GEMM library.
+
+    The programs of one column tile sum into dA (R x K, fp32) with relaxed fp32 reductions,
+    as the grad pass sums dB: splits x R x K adds next to a read of x. Without dropout dA is a
+    cuBLAS GEMM (g S)^T x instead.
+    """
+    offs_k = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_k = offs_k < K
+    mask_r = offs_r < R
+    row_start = tl.program_id(1).to(tl.int64) * rows_per_split
+    row_end = tl.minimum(M, row_start + rows_per_split)
+    seed = tl.load(seed_ptr)
+    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    for m0 in range(row_start, row_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < row_end
+        # (g S)^T tile: element (r, m) = gS[m, r].
+        gst = tl.load(gs_ptr + offs_m[None, :] * stride_gsm + offs_r[:, None],
+                      mask=mask_r[:, None] & mask_m[None, :], other=0.0)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        keep = dropout_keep(seed, threshold, offs_m, tl.program_id(0) * BLOCK_K, BLOCK_K)
+        acc = mma(gst, tl.where(keep, x, 0.0), acc, UPCAST, INPUT_PRECISION)
+    tl.atomic_add(da_ptr + offs_r[:, None] * stride_dar + offs_k[None, :], acc * keep_scale,
+                  mask=mask_r[:, None] & mask_k[None, :], sem="relaxed")

@@ -165,3 +165,31 @@ def check_scaling(scaling, name: str = "scaling") -> float:
         raise ValueError(f"{name} must be within float32's range (|{name}| <= {_FLOAT32_MAX:.4g}), "
                          f"got {as_float:g}")
     return as_float
+
+
+def check_dropout(dropout, dropout_seed, x: Tensor) -> tuple[float, Optional[Tensor]]:
+    """(p, seed) of an op's adapter dropout: p a real number in [0, 1] (not a bool); with
+    p > 0 the seed is `dropout_seed` (a 1-element int64 tensor on x's device) or, when None,
+    one drawn now from torch's generator for x's device (`torch.manual_seed` governs it, and
+    activation checkpointing, which restores that generator, draws it again on recompute). The
+    draw stays on the device: no host sync, and CUDA graphs capture it. With p = 0: (0.0, None).
+    """
+    if type(dropout) is not float:
+        if isinstance(dropout, (bool, np.bool_)) or not isinstance(dropout, numbers.Real):
+            raise TypeError(f"dropout must be a float in [0, 1], got {type(dropout).__name__} "
+                            f"{dropout!r}")
+        dropout = float(dropout)
+    if not 0.0 <= dropout <= 1.0:
+        raise ValueError(f"dropout must be in [0, 1], got {dropout}")
+    if dropout == 0.0:
+        return 0.0, None
+    if dropout_seed is None:
+        return dropout, torch.randint(0, 2 ** 63 - 1, (1,), dtype=torch.int64, device=x.device)
+    if not (isinstance(dropout_seed, Tensor) and dropout_seed.dtype == torch.int64
+            and dropout_seed.numel() == 1):
+        got = (f"a tensor of shape {tuple(dropout_seed.shape)} and dtype {dropout_seed.dtype}"
+               if isinstance(dropout_seed, Tensor) else type(dropout_seed).__name__)
+        raise TypeError(f"dropout_seed must be a 1-element torch.int64 tensor, got {got}")
+    if dropout_seed.device != x.device:
+        raise ValueError(f"dropout_seed is on {dropout_seed.device} but x is on {x.device}")
+    return dropout, dropout_seed.reshape(1)

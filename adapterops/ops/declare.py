@@ -7,8 +7,9 @@ An op file writes (see `adapterops.ops.lowrank` for one):
   dispatcher for a backend and calls the family's forward, which may return None for an
   output that is not there (the custom op returns the fake's empty tensor for it; eagerly
   an empty tensor costs a microsecond for nothing);
-- `gradients(<output grads>, <saved tensors>, scaling, <need flags>, backend)`: the gradients
-  of the `trained` inputs, in their order, None where not asked for; `reads` names the saved
+- `gradients(<output grads>, <saved tensors>, <options>, <need flags>, backend)`: the gradients
+  of the `trained` inputs, in their order, None where not asked for (`options` names the
+  forward's non-tensor inputs it takes, scaling by default); `reads` names the saved
   tensors each one reads (the custom op refuses a None for them);
 - `save(inputs, outputs, needs) -> tuple`: the memory contract, what backward keeps. Its
   first tensor is x (or None), which the base layer's own dW also reads;
@@ -47,11 +48,11 @@ class DeclaredOp:
 
     def __init__(self, name: str, *, forward: Callable, gradients: Callable, save: Callable,
                  fake: Callable, trained: tuple[str, ...], reads: dict[str, tuple[str, ...]],
-                 differentiable_outputs: tuple[int, ...] = (0,)):
+                 differentiable_outputs: tuple[int, ...] = (0,), options: tuple[str, ...] = ("scaling",)):
         names = list(inspect.signature(forward).parameters)
         trained_index = tuple(names.index(n) for n in trained)
         trained_needs = operator.itemgetter(*trained_index)
-        scaling_index, n_inputs = names.index("scaling"), len(names)
+        options_index, n_inputs = [names.index(n) for n in options], len(names)
         backward_names = list(inspect.signature(gradients).parameters)
         # The backward's fake: each gradient has its input's shape.
         shape_index = {n: backward_names.index(n) for n in trained if n != "x"}
@@ -65,7 +66,7 @@ class DeclaredOp:
         self.differentiable = differentiable
 
         def setup_context(ctx, inputs, output):
-            ctx.scaling, ctx.backend = inputs[scaling_index], inputs[-1]
+            ctx.options, ctx.backend = [inputs[i] for i in options_index], inputs[-1]
             ctx.save_for_backward(*save(inputs, output, ctx.needs_input_grad))
 
         def setup_custom_op_context(ctx, inputs, output):
@@ -86,7 +87,7 @@ class DeclaredOp:
                 saved, needs = ctx.saved_tensors, ctx.needs_input_grad
                 trained = trained_needs(needs)
                 if any(trained):
-                    grads = grads_of(*output_grads, *saved, ctx.scaling, *trained, ctx.backend)
+                    grads = grads_of(*output_grads, *saved, *ctx.options, *trained, ctx.backend)
                     for i, need, g in zip(trained_index, trained, grads):
                         result[i] = g if need else None
                 result[1], result[2] = base_layer_grads(output_grads[0], saved[0], *needs[1:3])

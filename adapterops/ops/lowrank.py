@@ -5,7 +5,16 @@
     y  = x W^T + bias + s h2 B^T     W = weight (out, in), B = lora_B (out, r), s = scaling
 
 x is (..., in) and is flattened to M = prod(leading dims) tokens; y is (..., out) in x's
-dtype (fp32, fp16 or bf16; every backend accumulates in fp32). Gradients (methods.md §2):
+dtype (fp32, fp16 or bf16; every backend accumulates in fp32).
+
+Dropout (`dropout` = p > 0, PEFT's semantics: on the adapter's input only, the base GEMM sees
+x): x_d = x * kept / (1 - p) replaces x in h1 = x_d A^T, dA = (g S)^T x_d and dx's low-rank
+term, dx = dY W + kept * ((g S) A) / (1 - p). The mask is a pure function of (seed, row,
+column) (`adapterops.backends.reference.dropout`), which every backend draws the same and
+regenerates where it needs it: nothing mask- or x_d-sized is saved, only the 1-element seed.
+The seed is drawn from torch's generator per call unless `dropout_seed` is given.
+
+Gradients (methods.md §2):
 
     g = s dY B,  dB = s dY^T h2,  dS = g^T h1,  dx = dY W + (g S) A,  dA = (g S)^T x,
     dW = dY^T x,  dbias = sum over tokens of dY
@@ -29,7 +38,7 @@ from torch import Tensor
 
 from .. import dispatch
 from .checks import (all_plain, autocast_on, cast_for_autocast, check_base_and_A, check_dim,
-                     check_scaling, check_tensor, plain_scaling)
+                     check_dropout, check_scaling, check_tensor, plain_scaling)
 from .declare import DeclaredOp
 
 
@@ -41,32 +50,35 @@ def _backend(backend, x, lora_A):
 
 
 def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
-             lora_S: Optional[Tensor], scaling: float,
-             backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor]:
+             lora_S: Optional[Tensor], scaling: float, dropout: float,
+             dropout_seed: Optional[Tensor], backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor]:
     """(y, h1, h2) for 2-D x; h2 is None or empty when there is no S."""
     return _backend(backend, x, lora_A).lowrank_forward(x, weight, bias, lora_A, lora_B, lora_S,
-                                                        scaling)
+                                                        scaling, dropout, dropout_seed)
 
 
 def _gradients(grad_y: Tensor, x: Optional[Tensor], h1: Optional[Tensor], h2: Optional[Tensor],
                weight: Tensor, lora_A: Tensor, lora_B: Tensor, lora_S: Optional[Tensor],
-               scaling: float, need_x: bool, need_A: bool, need_B: bool, need_S: bool,
-               backend: Optional[str]) -> tuple:
+               dropout_seed: Optional[Tensor], scaling: float, dropout: float, need_x: bool,
+               need_A: bool, need_B: bool, need_S: bool, backend: Optional[str]) -> tuple:
     """(dx, dA, dB, dS), None where not asked for."""
     return _backend(backend, grad_y, lora_A).lowrank_backward(
-        grad_y, x, h1, h2, weight, lora_A, lora_B, lora_S, scaling, need_x, need_A, need_B, need_S)
+        grad_y, x, h1, h2, weight, lora_A, lora_B, lora_S, dropout_seed, scaling, dropout,
+        need_x, need_A, need_B, need_S)
 
 
 def _save(inputs, output, needs) -> tuple:
-    """The memory contract: x only for dA or dW; h1 only for dS; h2 (h1 without S) only for dB."""
-    x, weight, bias, lora_A, lora_B, lora_S = inputs[:6]
+    """The memory contract: x only for dA or dW; h1 only for dS; h2 (h1 without S) only for dB;
+    with dropout, the 1-element seed (the mask is regenerated from it)."""
+    x, weight, bias, lora_A, lora_B, lora_S, _, _, dropout_seed = inputs[:9]
     _, h1, h2 = output
     _, need_W, _, need_A, need_B, need_S = needs[:6]
     return (x if (need_A or need_W) else None, h1 if need_S else None,
-            (h2 if lora_S is not None else h1) if need_B else None, weight, lora_A, lora_B, lora_S)
+            (h2 if lora_S is not None else h1) if need_B else None, weight, lora_A, lora_B, lora_S,
+            dropout_seed)
 
 
-def _fake(x, weight, bias, lora_A, lora_B, lora_S, scaling, backend):
+def _fake(x, weight, bias, lora_A, lora_B, lora_S, scaling, dropout, dropout_seed, backend):
     M, r = x.shape[0], lora_A.shape[0]
     return (x.new_empty((M, weight.shape[0])), x.new_empty((M, r)),
             x.new_empty((M, r)) if lora_S is not None else x.new_empty(0))
@@ -74,7 +86,8 @@ def _fake(x, weight, bias, lora_A, lora_B, lora_S, scaling, backend):
 
 _lowrank_op = DeclaredOp("lowrank_linear", forward=_forward, gradients=_gradients, save=_save,
                          fake=_fake, trained=("x", "lora_A", "lora_B", "lora_S"),
-                         reads={"lora_A": ("x",), "lora_B": ("h2",), "lora_S": ("h1",)})
+                         reads={"lora_A": ("x",), "lora_B": ("h2",), "lora_S": ("h1",)},
+                         options=("scaling", "dropout"))
 
 
 def _plain_args(x, weight, bias, lora_A, lora_B, scaling, lora_S) -> bool:
@@ -107,8 +120,14 @@ def check_lowrank_args(x, weight, bias, lora_A, lora_B, scaling, lora_S) -> floa
 
 def lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
                    lora_B: Tensor, scaling: float, lora_S: Optional[Tensor] = None, *,
+                   dropout: float = 0.0, dropout_seed: Optional[Tensor] = None,
                    backend: Optional[str] = None) -> Tensor:
-    """y = x W^T + bias + scaling * ((x A^T) S^T) B^T; see this module's docstring.
+    """y = x W^T + bias + scaling * ((x_d A^T) S^T) B^T; see this module's docstring.
+
+    dropout: the probability p of dropping an element of the adapter's input (x_d = x without
+    dropout); pass it in training only, as `nn.Dropout` drops in training only. dropout_seed:
+    a 1-element int64 tensor on x's device that fixes the mask; None draws one per call from
+    torch's generator.
 
     backend: None picks the first backend that supports the input (`ADAPTEROPS_BACKEND`
     overrides); "triton", "cuda" or "torch" forces one, and raises ValueError if it cannot serve.
@@ -117,5 +136,8 @@ def lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Te
         x, weight, bias, lora_A, lora_B, lora_S = cast_for_autocast(x, weight, bias, lora_A,
                                                                      lora_B, lora_S)
     scaling = check_lowrank_args(x, weight, bias, lora_A, lora_B, scaling, lora_S)
+    if not (type(dropout) is float and dropout == 0.0 and dropout_seed is None):
+        dropout, dropout_seed = check_dropout(dropout, dropout_seed, x)
     # (A bad backend name raises in dispatch, before any kernel.)
-    return _lowrank_op(x, weight, bias, lora_A, lora_B, lora_S, scaling, backend)
+    return _lowrank_op(x, weight, bias, lora_A, lora_B, lora_S, scaling, dropout, dropout_seed,
+                       backend)

@@ -2,6 +2,9 @@
 
     h1 = x A^T,  h2 = h1 S^T (h2 = h1 without S),  y = x W^T + bias + s h2 B^T
     g = s dY B,  dB = s dY^T h2,  dS = g^T h1,  dx = dY W + (g S) A,  dA = (g S)^T x
+
+With dropout p > 0, x_d (`dropout.dropped`: the kernels' mask) replaces x in h1 and dA, and
+dx = dY W + kept * ((g S) A) / (1 - p).
 """
 from typing import Optional
 
@@ -10,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..base import Limits
+from .dropout import dropped
 
 LIMITS = Limits()
 
@@ -24,9 +28,10 @@ def add_scaled_product(base: Tensor, a: Tensor, b: Tensor, scale: float) -> Tens
 
 
 def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
-            lora_S: Optional[Tensor], scaling: float):
+            lora_S: Optional[Tensor], scaling: float, dropout: float,
+            dropout_seed: Optional[Tensor]):
     """Returns (y, h1, h2); h2 is None when there is no S (then h2 = h1)."""
-    h1 = F.linear(x, lora_A)
+    h1 = F.linear(dropped(x, dropout_seed, dropout) if dropout > 0 else x, lora_A)
     h2 = F.linear(h1, lora_S) if lora_S is not None else h1
     y = add_scaled_product(F.linear(x, weight, bias), h2, lora_B.t(), scaling)
     return y, h1, (h2 if lora_S is not None else None)
@@ -34,7 +39,8 @@ def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, l
 
 def backward(grad_y: Tensor, x: Optional[Tensor], h1: Optional[Tensor], h2: Optional[Tensor],
              weight: Tensor, lora_A: Tensor, lora_B: Tensor, lora_S: Optional[Tensor],
-             scaling: float, need_x: bool, need_A: bool, need_B: bool, need_S: bool):
+             dropout_seed: Optional[Tensor], scaling: float, dropout: float, need_x: bool,
+             need_A: bool, need_B: bool, need_S: bool):
     """Returns (dx, dA, dB, dS), each None when not asked for.
 
     Needs x for dA, h2 (h1 without S) for dB and h1 for dS; the caller saves only those.
@@ -43,6 +49,11 @@ def backward(grad_y: Tensor, x: Optional[Tensor], h1: Optional[Tensor], h2: Opti
     dB = torch.mm(grad_y.t(), h2).mul_(scaling) if need_B else None
     dS = torch.mm(g.t(), h1) if need_S else None
     gS = torch.mm(g, lora_S) if lora_S is not None else g
+    if dropout > 0:
+        dx = (torch.mm(grad_y, weight) + dropped(torch.mm(gS, lora_A), dropout_seed, dropout)
+              if need_x else None)
+        dA = torch.mm(gS.t(), dropped(x, dropout_seed, dropout)) if need_A else None
+        return dx, dA, dB, dS
     dx = torch.addmm(torch.mm(grad_y, weight), gS, lora_A) if need_x else None
     dA = torch.mm(gS.t(), x) if need_A else None
     return dx, dA, dB, dS

@@ -22,6 +22,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ...kernels import lowrank as K
 from ..base import Limits
+from ..reference.dropout import keep_scale, threshold
 from .common import (DTYPES, VARIANTS, KernelConfig, bucket, device_guard, device_reasons,
                      element_size, interpreting, kernel_config, launch, numerics_class,
                      numerics_flags, pick_config, rank_block, variant_label)
@@ -66,6 +67,28 @@ TMA_GEMM_CONFIGS = {
         {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
         {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 4},
         {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 4},
+    ],
+}
+# The dx GEMM of a layer with adapter dropout holds a second BLOCK_M x BLOCK_N fp32 tile, the
+# low-rank term, which is masked before it joins the accumulator (`_add_lowrank_and_bias`):
+# tiles whose two accumulators fit in registers beside the pipeline (a 128x256 tile's pair is
+# 256 registers a thread on 8 warps). Only the dx GEMM takes dropout, and TF32's dx GEMM takes
+# the pointer path (see tma_layout), so the descriptor path has 16-bit entries only.
+DROPOUT_GEMM_CONFIGS = {
+    2: [
+        {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
+        {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4},
+    ],
+    4: [
+        {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
+        {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 3},
+    ],
+}
+DROPOUT_TMA_GEMM_CONFIGS = {
+    "16bit": [
+        {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 4},
+        {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
+        {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4},
     ],
 }
 TMA_MIN_CAPABILITY = (9, 0)
@@ -116,6 +139,16 @@ GRAD_PASS_CONFIGS = {
              (128, {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3}),
              (256, {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 8, "num_stages": 3})),
 }
+# The dropout dA pass (LoRA mode with dropout): a [BLOCK_R, BLOCK_K] fp32 accumulator per
+# program, contracted over BLOCK_M rows of x per step (the full-fp32 FMA path holds that
+# contraction in registers, hence its small BLOCK_M); same table form as the two passes.
+DROPOUT_DA_CONFIGS = {
+    "16bit": ((64, {"BLOCK_M": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}),
+              (128, {"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3})),
+    "tf32": ((64, {"BLOCK_M": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}),
+             (128, {"BLOCK_M": 32, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3})),
+    "ieee": ((128, {"BLOCK_M": 16, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3}),),
+}
 # The two passes split their K (shrink) or N (grad pass) loop when their row blocks are fewer
 # than the GPU's SMs (see "Few tokens" in adapterops.kernels.lowrank), so that every SM gets a
 # program, but never into splits of fewer than SPLIT_MIN_STEPS tiles each: a split's partial
@@ -128,6 +161,7 @@ INTERPRETER_CONFIGS = {
     "gemm": {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4},
     "shrink": {"BLOCK_M": 32, "BLOCK_K": 32},
     "grad_pass": {"BLOCK_M": 32, "BLOCK_N": 32},
+    "dropout_da": {"BLOCK_M": 32, "BLOCK_K": 32},
 }
 
 
@@ -190,8 +224,11 @@ def tma_layout(a: Tensor, b: Tensor, out: Tensor, numerics: str, kernel) -> Opti
     return None
 
 
-def gemm_lowrank(a: Tensor, b: Tensor, h: Tensor, c: Tensor, bias: Optional[Tensor], scale: float) -> Tensor:
-    """out = a @ b + bias + scale * h @ c, with b and c given as (possibly transposed) views."""
+def gemm_lowrank(a: Tensor, b: Tensor, h: Tensor, c: Tensor, bias: Optional[Tensor], scale: float,
+                 dropout: float = 0.0, dropout_seed: Optional[Tensor] = None) -> Tensor:
+    """out = a @ b + bias + scale * h @ c, with b and c given as (possibly transposed) views;
+    with dropout p > 0 (the dx GEMM), out = a @ b + kept * (scale * h @ c), kept the mask of
+    `dropout_seed` over out's rows and columns."""
     M, Kdim = a.shape
     N = b.shape[1]
     R = h.shape[1]
@@ -202,13 +239,17 @@ def gemm_lowrank(a: Tensor, b: Tensor, h: Tensor, c: Tensor, bias: Optional[Tens
     # The kernels read bias with unit stride; a strided view (a column of a matrix) is copied.
     bias = bias.contiguous() if bias is not None else None
     bias_arg = bias if bias is not None else out  # a valid pointer; unread without HAS_BIAS
-    constexprs = dict(HAS_BIAS=bias is not None, R_CHUNK=RANK_CHUNK, **flags)
+    has_dropout = dropout > 0
+    seed_arg = dropout_seed if has_dropout else out  # likewise without DROPOUT
+    drop_threshold = threshold(dropout) if has_dropout else 0
+    constexprs = dict(HAS_BIAS=bias is not None, DROPOUT=has_dropout, R_CHUNK=RANK_CHUNK, **flags)
     numerics = numerics_class(a.dtype, flags)
     b_transposed = tma_layout(a, b, out, numerics, K.gemm_lowrank_tma_kernel)
 
     if b_transposed is None:
-        kernel, configs = K.gemm_lowrank_kernel, GEMM_CONFIGS[element_size(a.dtype)]
-        args = (a, b, h, c, bias_arg, out, M, N, Kdim, R, scale,
+        kernel = K.gemm_lowrank_kernel
+        configs = (DROPOUT_GEMM_CONFIGS if has_dropout else GEMM_CONFIGS)[element_size(a.dtype)]
+        args = (a, b, h, c, bias_arg, out, seed_arg, M, N, Kdim, R, scale, drop_threshold,
                 a.stride(0), a.stride(1), b.stride(0), b.stride(1), h.stride(0), h.stride(1),
                 c.stride(0), c.stride(1), out.stride(0), out.stride(1))
 
@@ -216,7 +257,8 @@ def gemm_lowrank(a: Tensor, b: Tensor, h: Tensor, c: Tensor, bias: Optional[Tens
             grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
             launch(kernel, grid, args, config, **constexprs)
     else:
-        kernel, configs = K.gemm_lowrank_tma_kernel, TMA_GEMM_CONFIGS[numerics]
+        kernel = K.gemm_lowrank_tma_kernel
+        configs = (DROPOUT_TMA_GEMM_CONFIGS if has_dropout else TMA_GEMM_CONFIGS)[numerics]
         programs = (INTERPRETER_PROGRAMS if interpreting(kernel)
                     else _programs_and_tma(a.device)[0])
         b_stored = b.t() if b_transposed else b
@@ -228,7 +270,8 @@ def gemm_lowrank(a: Tensor, b: Tensor, h: Tensor, c: Tensor, bias: Optional[Tens
                            TensorDescriptor.from_tensor(b_stored, [bn, bk] if b_transposed else [bk, bn]),
                            TensorDescriptor.from_tensor(out, [bm, bn]))
             launch(kernel, (num_programs,),
-                   (*descriptors, h, c, bias_arg, M, N, Kdim, R, scale, num_programs,
+                   (*descriptors, h, c, bias_arg, seed_arg, M, N, Kdim, R, scale, drop_threshold,
+                    num_programs,
                     h.stride(0), h.stride(1), c.stride(0), c.stride(1)),
                    config, B_TRANSPOSED=b_transposed, **constexprs)
 
@@ -236,7 +279,7 @@ def gemm_lowrank(a: Tensor, b: Tensor, h: Tensor, c: Tensor, bias: Optional[Tens
         config = INTERPRETER_CONFIGS["gemm"]
     else:
         key = (kernel.__name__, b_transposed, bucket(M), N, Kdim, a.dtype, bias is not None,
-               a.device)
+               has_dropout, a.device)
         config = pick_config(key, configs, configs[0], launch_with, kernel)
     launch_with(config)
     return out
@@ -273,9 +316,11 @@ def partial_sums(splits: int, M: int, block_r: int, like: Tensor) -> Tensor:
     return torch.empty((splits, M, block_r), dtype=torch.float32, device=like.device)
 
 
-def shrink(x: Tensor, lora_A: Tensor, lora_S: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    """(h1, h2) = (x A^T, h1 S^T) from one read of x; h2 is empty without S. Split over K
-    (and finished by a second kernel) when the row blocks are too few for the GPU."""
+def shrink(x: Tensor, lora_A: Tensor, lora_S: Optional[Tensor], dropout: float = 0.0,
+           dropout_seed: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """(h1, h2) = (x A^T, h1 S^T) from one read of x (x_d A^T with dropout p > 0, the mask
+    drawn as x is read); h2 is empty without S. Split over K (and finished by a second kernel)
+    when the row blocks are too few for the GPU."""
     M, Kdim = x.shape
     R = lora_A.shape[0]
     h1 = torch.empty((M, R), dtype=x.dtype, device=x.device)
@@ -290,12 +335,14 @@ def shrink(x: Tensor, lora_A: Tensor, lora_S: Optional[Tensor]) -> tuple[Tensor,
         S = lora_S if lora_S is not None else lora_A  # a valid pointer; unread without HAS_S
         h2_arg = h2 if lora_S is not None else h1
         part = partial_sums(splits, M, block_r, h1)
+        has_dropout = dropout > 0
         shapes = dict(HAS_S=lora_S is not None, BLOCK_R=block_r, R_CHUNK=RANK_CHUNK, **flags)
         launch(kernel, (row_blocks, splits),
-               (x, lora_A, S, h1, h2_arg, part, M, Kdim, R, splits, k_per_split,
+               (x, lora_A, S, h1, h2_arg, part, dropout_seed if has_dropout else h1, M, Kdim, R,
+                splits, k_per_split, threshold(dropout), keep_scale(dropout),
                 x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
                 S.stride(0), S.stride(1), h1.stride(0), R),
-               config, **shapes)
+               config, DROPOUT=has_dropout, **shapes)
         if splits > 1:
             launch(K.lowrank_shrink_finish_kernel, (row_blocks,),
                    (part, S, h1, h2_arg, M, R, splits, S.stride(0), S.stride(1), h1.stride(0), R),
@@ -305,9 +352,10 @@ def shrink(x: Tensor, lora_A: Tensor, lora_S: Optional[Tensor]) -> tuple[Tensor,
 
 @device_guard
 def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
-            lora_S: Optional[Tensor], scaling: float):
+            lora_S: Optional[Tensor], scaling: float, dropout: float,
+            dropout_seed: Optional[Tensor]):
     """(y, h1, h2) for 2-D x; h2 is empty without S. See `adapterops.kernels.lowrank`."""
-    h1, h2 = shrink(x, lora_A, lora_S)
+    h1, h2 = shrink(x, lora_A, lora_S, dropout, dropout_seed)
     h = h2 if lora_S is not None else h1
     # b = W^T and c = B^T as strided views: no copies.
     y = gemm_lowrank(x, weight.t(), h, lora_B.t(), bias, scaling)
@@ -361,14 +409,42 @@ def grad_pass(grad_y: Tensor, lora_B: Tensor, h1: Optional[Tensor], h2: Optional
 @device_guard
 def backward(grad_y: Tensor, x: Optional[Tensor], h1: Optional[Tensor], h2: Optional[Tensor],
              weight: Tensor, lora_A: Tensor, lora_B: Tensor, lora_S: Optional[Tensor],
-             scaling: float, need_x: bool, need_A: bool, need_B: bool, need_S: bool):
-    """(dx, dA, dB, dS), None where not asked for."""
+             dropout_seed: Optional[Tensor], scaling: float, dropout: float, need_x: bool,
+             need_A: bool, need_B: bool, need_S: bool):
+    """(dx, dA, dB, dS), None where not asked for. With dropout, the dx GEMM's epilogue and
+    the dA kernel regenerate the forward's mask from the seed."""
     gS, dB, dS = grad_pass(grad_y, lora_B, h1, h2, lora_S, scaling, need_B, need_S)
-    dx = gemm_lowrank(grad_y, weight, gS, lora_A, None, 1.0) if need_x else None
-    dA = torch.mm(gS.t(), x) if need_A else None
+    dx = (gemm_lowrank(grad_y, weight, gS, lora_A, None, keep_scale(dropout), dropout,
+                       dropout_seed) if need_x else None)
+    if need_A and dropout > 0:
+        dA = dropout_grad_A(gS, x, dropout, dropout_seed).to(lora_A.dtype)
+    else:
+        dA = torch.mm(gS.t(), x) if need_A else None
     return (dx, dA,
             dB.to(lora_B.dtype) if dB is not None else None,
             dS.to(lora_S.dtype) if dS is not None else None)
+
+
+def dropout_grad_A(gS: Tensor, x: Tensor, dropout: float, dropout_seed: Tensor) -> Tensor:
+    """dA = (g S)^T x_d in fp32 (R x K), x_d regenerated from the seed as x is read
+    (`lowrank_dropout_da_kernel`): a grid of K tiles x row splits, the splits as many as give
+    every SM a program (but at least SPLIT_MIN_STEPS row blocks each)."""
+    M, Kdim = x.shape
+    R = gS.shape[1]
+    dA = torch.zeros((R, Kdim), dtype=torch.float32, device=x.device)
+    if M == 0 or Kdim == 0:
+        return dA
+    kernel = K.lowrank_dropout_da_kernel
+    block_r = rank_block(R)
+    flags, config = pass_config(kernel, x.dtype, DROPOUT_DA_CONFIGS, block_r,
+                                INTERPRETER_CONFIGS["dropout_da"])
+    column_tiles = triton.cdiv(Kdim, config["BLOCK_K"])
+    splits, rows_per_split = split_loop(kernel, x.device, column_tiles, M, config["BLOCK_M"])
+    launch(kernel, (column_tiles, splits),
+           (x, gS, dA, dropout_seed, M, Kdim, R, rows_per_split, threshold(dropout),
+            keep_scale(dropout), x.stride(0), x.stride(1), R, Kdim),
+           config, BLOCK_R=block_r, **flags)
+    return dA
 
 
 # Strides that are 1 when the launchers above get contiguous tensors, per kernel and call path.
