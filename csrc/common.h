@@ -72,13 +72,18 @@ at::Tensor scaled_mm(const at::Tensor& a, const at::Tensor& b, double alpha);
 at::Tensor low_rank_term(const at::Tensor& h, const at::Tensor& b_t,
                          const std::optional<at::Tensor>& bias, double alpha);
 
-// The non-GEMM work, on the device of its arguments (routed_gates.cpp, round_copy.cpp and *_cuda.cu).
+// The non-GEMM work, on the device of its arguments (routed_gates.cpp, round_copy.cpp,
+// dropout.cpp and *_cuda.cu).
 void routed_gates_forward(const at::Tensor& hl, int64_t rank, int64_t top_k, at::Tensor& h,
                           at::Tensor& probs, at::Tensor& gates, at::Tensor& hg);
 void routed_gates_backward(const at::Tensor& u, const at::Tensor& h, const at::Tensor& probs,
                            const at::Tensor& gates, bool has_top_k, const at::Tensor& grad_probs,
                            at::Tensor& seed);
 void round_copy(const at::Tensor& source, at::Tensor& target);
+// The adapter dropout of a 2-D tensor (dropout.h): t * kept * (1 / (1 - p)) in t's dtype (the
+// product in fp32, rounded once), a new contiguous tensor; seed is a 1-element int64 tensor on
+// t's device, read on the device for CUDA tensors (no host sync).
+at::Tensor dropout_apply(const at::Tensor& t, const at::Tensor& seed, double p);
 
 #ifdef ADAPTEROPS_WITH_CUDA
 void routed_gates_forward_cuda(const at::Tensor& hl, int64_t rank, int64_t top_k, at::Tensor& h,
@@ -87,6 +92,8 @@ void routed_gates_backward_cuda(const at::Tensor& u, const at::Tensor& h, const 
                                 const at::Tensor& gates, bool has_top_k,
                                 const at::Tensor& grad_probs, at::Tensor& seed);
 void round_copy_cuda(const at::Tensor& source, at::Tensor& target);
+void dropout_apply_cuda(const at::Tensor& in, const at::Tensor& seed, uint32_t threshold,
+                        float scale, at::Tensor& out);
 // Empty when the CUDA kernels have an image for `device`, else the CUDA error (kernel_image_cuda.cu).
 std::string kernel_image_problem(int64_t device);
 #endif

@@ -10,10 +10,12 @@
 
 TORCH_LIBRARY(adapterops, m) {
   m.def("lowrank_linear_fwd_cuda(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, "
-        "Tensor lora_B, Tensor? lora_S, float scaling) -> (Tensor, Tensor, Tensor)");
+        "Tensor lora_B, Tensor? lora_S, float scaling, float dropout, Tensor? dropout_seed) "
+        "-> (Tensor, Tensor, Tensor)");
   m.def("lowrank_linear_bwd_cuda(Tensor grad_y, Tensor? x, Tensor? h1, Tensor? h2, "
-        "Tensor weight, Tensor lora_A, Tensor lora_B, Tensor? lora_S, float scaling, "
-        "bool need_x, bool need_A, bool need_B, bool need_S) -> (Tensor, Tensor, Tensor, Tensor)");
+        "Tensor weight, Tensor lora_A, Tensor lora_B, Tensor? lora_S, Tensor? dropout_seed, "
+        "float scaling, float dropout, bool need_x, bool need_A, bool need_B, bool need_S) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("routed_lowrank_linear_fwd_cuda(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, "
         "Tensor lora_B, Tensor router_weight, float scaling, SymInt? top_k) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");

@@ -10,6 +10,12 @@
 // over y; no M x out temporary, no elementwise pass. Backward likewise: dx = (g S) A, then
 // dx += dY W with beta = 1; the scaled GEMMs take s as alpha. The memory contract (LaMDA saves
 // only h1/h2, never x) is the Python op's: backward gets x only when dA needs it.
+//
+// Adapter dropout (dropout = p > 0, on the adapter's input only; the base GEMM sees x): with
+// x_d = x * kept / (1 - p) (dropout_apply, the mask of dropout.h drawn from dropout_seed),
+//     h1 = x_d A^T,  dx = dY W + kept * ((g S) A) / (1 - p),  dA = (g S)^T x_d
+// x_d is a transient of each pass, regenerated from the seed, never returned or saved; dx's
+// low-rank term is masked before dY W accumulates onto it (beta = 1).
 #include "common.h"
 
 namespace adapterops {
@@ -21,10 +27,13 @@ constexpr const char* kBackward = "lowrank_linear_bwd_cuda";
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lowrank_linear_fwd(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& lora_A, const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_S,
-    double scaling) {
+    double scaling, double dropout, const std::optional<at::Tensor>& dropout_seed) {
   check_args(kForward, {{"x", x}, {"weight", weight}, {"bias", or_undefined(bias), 1},
                         {"lora_A", lora_A}, {"lora_B", lora_B}, {"lora_S", or_undefined(lora_S)}});
-  at::Tensor h1 = at::mm(x, lora_A.t());
+  TORCH_CHECK(dropout <= 0 || dropout_seed.has_value(), kForward, ": dropout is ", dropout,
+              " but dropout_seed is None");
+  at::Tensor h1 = dropout > 0 ? at::mm(dropout_apply(x, *dropout_seed, dropout), lora_A.t())
+                              : at::mm(x, lora_A.t());
   at::Tensor h2 = lora_S.has_value() ? at::mm(h1, lora_S->t()) : h1;
   at::Tensor y = low_rank_term(h2, lora_B.t(), bias, scaling);
   y.addmm_(x, weight.t());
@@ -35,14 +44,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_linear_bwd(
     const at::Tensor& grad_y, const std::optional<at::Tensor>& x,
     const std::optional<at::Tensor>& h1, const std::optional<at::Tensor>& h2,
     const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
-    const std::optional<at::Tensor>& lora_S, double scaling, bool need_x, bool need_A,
-    bool need_B, bool need_S) {
+    const std::optional<at::Tensor>& lora_S, const std::optional<at::Tensor>& dropout_seed,
+    double scaling, double dropout, bool need_x, bool need_A, bool need_B, bool need_S) {
   check_args(kBackward, {{"grad_y", grad_y}, {"x", or_undefined(x)}, {"h1", or_undefined(h1)},
                          {"h2", or_undefined(h2)}, {"weight", weight}, {"lora_A", lora_A},
                          {"lora_B", lora_B}, {"lora_S", or_undefined(lora_S)}});
   TORCH_CHECK(!need_A || x.has_value(), kBackward, ": dA was asked for but x is None");
   TORCH_CHECK(!need_S || h1.has_value(), kBackward, ": dS was asked for but h1 is None");
   TORCH_CHECK(!need_B || h2.has_value(), kBackward, ": dB was asked for but h2 is None");
+  const bool has_dropout = dropout > 0;
+  TORCH_CHECK(!has_dropout || dropout_seed.has_value(), kBackward, ": dropout is ", dropout,
+              " but dropout_seed is None");
   // A gradient not asked for: an empty tensor, a new one each (outputs may not alias).
   const auto none = [&] { return at::empty({0}, grad_y.options()); };
   at::Tensor dx = none(), dA = none(), dB = none(), dS = none();
@@ -54,9 +66,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_linear_bwd(
     at::Tensor gS = lora_S.has_value() ? at::mm(g, *lora_S) : g;
     if (need_x) {
       dx = at::mm(gS, lora_A);
+      if (has_dropout) dx = dropout_apply(dx, *dropout_seed, dropout);
       dx.addmm_(grad_y, weight);
     }
-    if (need_A) dA = at::mm(gS.t(), *x);
+    if (need_A) dA = at::mm(gS.t(), has_dropout ? dropout_apply(*x, *dropout_seed, dropout) : *x);
   }
   return {dx, dA, dB, dS};
 }

@@ -244,7 +244,12 @@ def _add_lowrank_and_bias(acc, h_ptr, c_ptr, bias_ptr, seed_ptr, offs_m, offs_n,
         # Scale h, not the product: a [BLOCK_M, R_CHUNK] multiply, and the MMA accumulates
         # straight into the GEMM's accumulator (no second BLOCK_M x BLOCK_N fp32 tile).
         h = (h.to(tl.float32) * scale).to(h_ptr.dtype.element_ty)
-        term = mma(h, c, term, UPCAST, INPUT_PRECISION)
+        if DROPOUT and h_ptr.dtype.element_ty == tl.float32:
+            # FMAs: a TF32 wgmma chain into the second accumulator made ptxas serialize every
+            # wgmma of the main loop (sm_90 kernel report, triton 3.9); r / K of the work.
+            term = mma(h, c, term, UPCAST, "ieee")
+        else:
+            term = mma(h, c, term, UPCAST, INPUT_PRECISION)
     if DROPOUT:
         keep = dropout_keep(tl.load(seed_ptr), threshold, offs_m, col0, BLOCK_N)
         acc += tl.where(keep, term, 0.0)

@@ -11,7 +11,8 @@ import triton
 
 MIN_CAPABILITY = (8, 0)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-TRITON_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+TRITON_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
+                      torch.int64: "i64"}
 
 
 def interpreting(kernel) -> bool:
@@ -177,11 +178,12 @@ def triton_signature(fn, dtype: torch.dtype, constexprs: dict, fp32_ptrs=(),
                      pointer_dtypes: Optional[dict] = None,
                      descriptor_blocks: Optional[dict] = None) -> dict:
     """Triton types of `fn`'s arguments, for the kernel report: pointers in `dtype` (fp32 for
-    `fp32_ptrs`, the given dtype for those in `pointer_dtypes`), tensor descriptors (the
-    arguments in `descriptor_blocks`, arg name -> block shape) over `dtype`, the `scale` in
-    fp32, every other runtime argument (sizes, strides) i32."""
+    `fp32_ptrs`, the given dtype for those in `pointer_dtypes`, int64 for the dropout seed),
+    tensor descriptors (the arguments in `descriptor_blocks`, arg name -> block shape) over
+    `dtype`, `scale` and `keep_scale` in fp32, every other runtime argument (sizes, strides,
+    the dropout threshold) i32."""
     name = TRITON_DTYPE_NAMES[dtype]
-    pointer_dtypes = pointer_dtypes or {}
+    pointer_dtypes = {"seed_ptr": torch.int64, **(pointer_dtypes or {})}
     descriptor_blocks = descriptor_blocks or {}
     signature = {}
     for arg in fn.arg_names:
@@ -193,7 +195,7 @@ def triton_signature(fn, dtype: torch.dtype, constexprs: dict, fp32_ptrs=(),
             signature[arg] = f"*{TRITON_DTYPE_NAMES[pointer_dtypes[arg]]}"
         elif arg.endswith("_ptr"):
             signature[arg] = "*fp32" if arg in fp32_ptrs else f"*{name}"
-        elif arg == "scale":
+        elif arg in ("scale", "keep_scale"):
             signature[arg] = "fp32"
         else:
             signature[arg] = "i32"

@@ -80,7 +80,7 @@ DROPOUT_GEMM_CONFIGS = {
         {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4},
     ],
     4: [
-        {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
+        {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
         {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 3},
     ],
 }
@@ -127,6 +127,13 @@ SHRINK_CONFIGS = {
     "tf32": ((64, {"BLOCK_M": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}),
              (128, {"BLOCK_M": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3})),
     "ieee": ((128, {"BLOCK_M": 32, "BLOCK_K": 16, "num_warps": 8, "num_stages": 3}),),
+}
+# The shrink with dropout, where it needs other tiles than SHRINK_CONFIGS: the full-fp32 one
+# at rank bucket 128 without S spilled 32 bytes with 32 rows (3.9); 16 rows spill nowhere
+# with dropout, but at 128 with S without it (16 bytes), so each keeps its own.
+DROPOUT_SHRINK_CONFIGS = {
+    **SHRINK_CONFIGS,
+    "ieee": ((128, {"BLOCK_M": 16, "BLOCK_K": 16, "num_warps": 8, "num_stages": 3}),),
 }
 WIDE_RANK_BLOCK = 256
 GRAD_PASS_CONFIGS = {
@@ -328,14 +335,15 @@ def shrink(x: Tensor, lora_A: Tensor, lora_S: Optional[Tensor], dropout: float =
     if M > 0:
         kernel = K.lowrank_shrink_kernel
         block_r = rank_block(R)
-        flags, config = pass_config(kernel, x.dtype, SHRINK_CONFIGS, block_r,
-                                    INTERPRETER_CONFIGS["shrink"])
+        has_dropout = dropout > 0
+        flags, config = pass_config(kernel, x.dtype,
+                                    DROPOUT_SHRINK_CONFIGS if has_dropout else SHRINK_CONFIGS,
+                                    block_r, INTERPRETER_CONFIGS["shrink"])
         row_blocks = triton.cdiv(M, config["BLOCK_M"])
         splits, k_per_split = split_loop(kernel, x.device, row_blocks, Kdim, config["BLOCK_K"])
         S = lora_S if lora_S is not None else lora_A  # a valid pointer; unread without HAS_S
         h2_arg = h2 if lora_S is not None else h1
         part = partial_sums(splits, M, block_r, h1)
-        has_dropout = dropout > 0
         shapes = dict(HAS_S=lora_S is not None, BLOCK_R=block_r, R_CHUNK=RANK_CHUNK, **flags)
         launch(kernel, (row_blocks, splits),
                (x, lora_A, S, h1, h2_arg, part, dropout_seed if has_dropout else h1, M, Kdim, R,
@@ -463,6 +471,7 @@ UNIT_STRIDES = {
     "shrink": ("stride_xk", "stride_ak", "stride_sj"),
     "grad_pass": ("stride_dyn", "stride_br", "stride_sj"),
     "finish": ("stride_sj",),
+    "dropout_da": ("stride_xk",),
 }
 
 
@@ -480,37 +489,55 @@ def kernel_configurations() -> list[KernelConfig]:
             configs.append(kernel_config(fn, f"{d} {label}", config, default, dtype, precision,  # noqa: B023
                                          unit_strides, fp32_ptrs, R_CHUNK=RANK_CHUNK, **flags))
 
-        # The backward (dx) GEMM never has a bias.
-        gemm_paths = (("fwd", True), ("fwd", False), ("bwd", False))
-        for i, config in enumerate(GEMM_CONFIGS[element_size(dtype)]):
-            tiles = f"{config['BLOCK_M']}x{config['BLOCK_N']}x{config['BLOCK_K']}"
-            for path, has_bias in gemm_paths:
-                add(K.gemm_lowrank_kernel, f"{path} {tiles} bias={has_bias}", config, i == 0,
-                    UNIT_STRIDES[f"gemm {path}"], HAS_BIAS=has_bias)
-        for i, config in enumerate(TMA_GEMM_CONFIGS.get(numerics, ())):
-            bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
-            # TF32's dx GEMM takes the pointer path (see tma_layout).
-            for path, has_bias in gemm_paths[:2] if numerics == "tf32" else gemm_paths:
-                # The forward's b = W^T is described through W's row-major storage.
-                transposed = path == "fwd"
-                configs.append(kernel_config(
-                    K.gemm_lowrank_tma_kernel, f"{d} {path} {bm}x{bn}x{bk} bias={has_bias}",
-                    config, i == 0, dtype, precision, UNIT_STRIDES[f"tma {path}"],
-                    descriptor_blocks={"a_desc": (bm, bk), "out_desc": (bm, bn),
-                                       "b_desc": (bn, bk) if transposed else (bk, bn)},
-                    B_TRANSPOSED=transposed, HAS_BIAS=has_bias, R_CHUNK=RANK_CHUNK))
+        # The backward (dx) GEMM never has a bias; only it has dropout, with its own tiles.
+        gemm_paths = (("fwd", True, False), ("fwd", False, False), ("bwd", False, False))
+        dropout_paths = (("bwd", False, True),)
+        pointer_tables = ((GEMM_CONFIGS, gemm_paths), (DROPOUT_GEMM_CONFIGS, dropout_paths))
+        for table, paths in pointer_tables:
+            for i, config in enumerate(table[element_size(dtype)]):
+                tiles = f"{config['BLOCK_M']}x{config['BLOCK_N']}x{config['BLOCK_K']}"
+                for path, has_bias, dropout in paths:
+                    add(K.gemm_lowrank_kernel,
+                        f"{path} {tiles} bias={has_bias}" + (" dropout" if dropout else ""),
+                        config, i == 0, UNIT_STRIDES[f"gemm {path}"], HAS_BIAS=has_bias,
+                        DROPOUT=dropout)
+        # TF32's dx GEMM takes the pointer path (see tma_layout).
+        tma_tables = ((TMA_GEMM_CONFIGS, gemm_paths[:2] if numerics == "tf32" else gemm_paths),
+                      (DROPOUT_TMA_GEMM_CONFIGS, dropout_paths))
+        for table, paths in tma_tables:
+            for i, config in enumerate(table.get(numerics, ())):
+                bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+                for path, has_bias, dropout in paths:
+                    # The forward's b = W^T is described through W's row-major storage.
+                    transposed = path == "fwd"
+                    configs.append(kernel_config(
+                        K.gemm_lowrank_tma_kernel,
+                        f"{d} {path} {bm}x{bn}x{bk} bias={has_bias}" + (" dropout" if dropout else ""),
+                        config, i == 0, dtype, precision, UNIT_STRIDES[f"tma {path}"],
+                        descriptor_blocks={"a_desc": (bm, bk), "out_desc": (bm, bn),
+                                           "b_desc": (bn, bk) if transposed else (bk, bn)},
+                        B_TRANSPOSED=transposed, HAS_BIAS=has_bias, DROPOUT=dropout,
+                        R_CHUNK=RANK_CHUNK))
         for block_r in (16, 32, 64, 128, WIDE_RANK_BLOCK):
             # Rank bucket 256 is the routed op's grad pass alone: no S, no shrink.
             grad_config = bucket_config(GRAD_PASS_CONFIGS, numerics, block_r)
             for has_s in ((True, False) if block_r < WIDE_RANK_BLOCK else (False,)):
                 shapes = dict(HAS_S=has_s, BLOCK_R=block_r)
                 if block_r < WIDE_RANK_BLOCK:
-                    shrink_config = bucket_config(SHRINK_CONFIGS, numerics, block_r)
-                    add(K.lowrank_shrink_kernel, f"R{block_r} S={has_s}", shrink_config, True,
-                        UNIT_STRIDES["shrink"], fp32_ptrs=("part_ptr",), loop="stream", **shapes)
-                    add(K.lowrank_shrink_finish_kernel, f"R{block_r} S={has_s}",
-                        finish_config(shrink_config), True, UNIT_STRIDES["finish"],
-                        fp32_ptrs=("part_ptr",), loop="partials", **shapes)
+                    finishes = []  # the finishing kernel runs on its shrink's rows and warps
+                    for dropout, table in ((False, SHRINK_CONFIGS), (True, DROPOUT_SHRINK_CONFIGS)):
+                        shrink_config = bucket_config(table, numerics, block_r)
+                        add(K.lowrank_shrink_kernel,
+                            f"R{block_r} S={has_s}" + (" dropout" if dropout else ""),
+                            shrink_config, True, UNIT_STRIDES["shrink"], fp32_ptrs=("part_ptr",),
+                            loop="stream", DROPOUT=dropout, **shapes)
+                        if finish_config(shrink_config) not in finishes:
+                            finishes.append(finish_config(shrink_config))
+                    for finish in finishes:
+                        add(K.lowrank_shrink_finish_kernel,
+                            f"R{block_r} S={has_s} BLOCK_M={finish['BLOCK_M']}", finish, True,
+                            UNIT_STRIDES["finish"], fp32_ptrs=("part_ptr",), loop="partials",
+                            **shapes)
                 for compute_ds in ((True, False) if has_s else (False,)):
                     for compute_db in (True, False):
                         add(K.lowrank_grad_pass_kernel,
@@ -522,4 +549,11 @@ def kernel_configurations() -> list[KernelConfig]:
                         finish_config(grad_config), True, UNIT_STRIDES["finish"],
                         fp32_ptrs=("ds_ptr", "part_ptr"), loop="partials", COMPUTE_DS=compute_ds,
                         **shapes)
+            if block_r < WIDE_RANK_BLOCK:
+                # (Its contraction runs over rows, not the rank: no R_CHUNK.)
+                configs.append(kernel_config(
+                    K.lowrank_dropout_da_kernel, f"{d} R{block_r}",
+                    bucket_config(DROPOUT_DA_CONFIGS, numerics, block_r), True, dtype,
+                    precision, UNIT_STRIDES["dropout_da"], fp32_ptrs=("da_ptr",), loop="stream",
+                    BLOCK_R=block_r))
     return configs
