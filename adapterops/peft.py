@@ -23,13 +23,15 @@
   state_dict, save_pretrained / from_pretrained, merge_and_unload, disable_adapter and
   set_adapter keep working: only the layers' forward changes, and per call it falls back to
   PEFT's own forward whenever the fused op cannot give the same result (adapters disabled or
-  merged, several active adapters, a DoRA or other variant, dropout active in training, a
-  lora_B bias, mixed dtypes, extra forward arguments). Returns {layer name: reason} for the
-  LoRA layers it left on PEFT's path for good (not a Linear LoRA layer, DoRA, bias != "none",
-  lora_bias, several active adapters) and for those whose configuration sends every call there
-  (adapters in another dtype than the base weight, as PEFT keeps them in fp32 on a 16-bit base,
-  outside autocast) or every training call (lora_dropout > 0). Under autocast a fused layer
-  runs fused whatever its dtypes, as the op casts its inputs to the autocast dtype.
+  merged, several active adapters, a DoRA or other variant, a lora_dropout that is not an
+  nn.Dropout, a lora_B bias, mixed dtypes, extra forward arguments). PEFT's `lora_dropout`
+  (an nn.Dropout on the adapter's input) runs fused, drawn in the kernels (`lowrank_linear`'s
+  `dropout`): the same distribution, not PEFT's mask bit for bit. Returns {layer name:
+  reason} for the LoRA layers it left on PEFT's path for good (not a Linear LoRA layer, DoRA,
+  bias != "none", lora_bias, several active adapters) and for those whose configuration sends
+  every call there (adapters in another dtype than the base weight, as PEFT keeps them in fp32
+  on a 16-bit base, outside autocast). Under autocast a fused layer runs fused whatever its
+  dtypes, as the op casts its inputs to the autocast dtype.
 - `fallbacks(model)`: {layer name: {reason: calls}} of the fused layers' calls that ran PEFT's
   forward (adapters disabled or merged run the base layer alone, which is no fallback); the
   first call of a layer for a reason warns. An empty dict: every call ran fused.
@@ -223,8 +225,9 @@ def _fallback_reason(layer, x: Tensor, args, kwargs) -> Optional[str]:
         return "DoRA (or another LoRA variant)"
     if layer.lora_bias.get(adapter):
         return "lora_bias"
-    if layer.training and not isinstance(layer.lora_dropout[adapter], nn.Identity):
-        return f"lora_dropout={layer.lora_dropout[adapter].p} in training"
+    dropout = layer.lora_dropout[adapter]
+    if type(dropout) not in (nn.Identity, nn.Dropout) and dropout.training:
+        return f"lora_dropout is a {type(dropout).__name__}, not nn.Dropout, in training"
     weight, lora_A, lora_B = layer.base_layer.weight, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
     # Under autocast the op casts x, W, A and B to the autocast dtype, as PEFT's F.linear calls do.
     if not x.dtype == weight.dtype == lora_A.dtype == lora_B.dtype and not autocast_on(x):
@@ -252,8 +255,11 @@ def _fused_forward(layer, name: str, x: Tensor, *args, **kwargs) -> Tensor:
     adapter = layer.active_adapters[0]
     base = layer.base_layer
     weight = base.weight.t() if layer.fan_in_fan_out else base.weight
+    dropout = layer.lora_dropout[adapter]
+    # PEFT's nn.Dropout on the adapter's input, fused: drawn in the kernels, in training only.
+    p = dropout.p if type(dropout) is nn.Dropout and dropout.training else 0.0
     return lowrank_linear(x, weight, base.bias, layer.lora_A[adapter].weight,
-                          layer.lora_B[adapter].weight, layer.scaling[adapter])
+                          layer.lora_B[adapter].weight, layer.scaling[adapter], dropout=p)
 
 
 # The attribute of a fused PEFT layer that counts its fallbacks by reason.
@@ -275,8 +281,10 @@ def _every_call_reason(layer) -> Optional[str]:
     if not weight.dtype == lora_A.dtype == lora_B.dtype:
         return (f"mixed dtypes (weight {weight.dtype}, lora_A {lora_A.dtype}, lora_B "
                 f"{lora_B.dtype}): every call outside autocast runs PEFT's forward")
-    if not isinstance(layer.lora_dropout[adapter], nn.Identity):
-        return f"lora_dropout={layer.lora_dropout[adapter].p}: every training call runs PEFT's forward"
+    dropout = layer.lora_dropout[adapter]
+    if type(dropout) not in (nn.Identity, nn.Dropout):
+        return (f"lora_dropout is a {type(dropout).__name__}, not nn.Dropout: every training "
+                "call runs PEFT's forward")
     return None
 
 

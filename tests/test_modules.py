@@ -15,6 +15,7 @@ from torch import nn
 
 import adapterops
 from adapterops import FusedLaMDALinear, FusedLoRALinear
+from adapterops.backends.reference import dropout as host_dropout
 
 ALL_INITS = [(FusedLoRALinear, "lora"), (FusedLoRALinear, "pissa"), (FusedLoRALinear, "pissa_niter_4"),
              (FusedLaMDALinear, "lora"), (FusedLaMDALinear, "svd")]
@@ -101,8 +102,10 @@ def test_dropout_path(cls, device):
     x = torch.randn(5, 24, device=device)
     torch.manual_seed(1)
     y = layer(x)
+    # The fused op's seed, drawn from torch's generator, and its mask (the host replica).
     torch.manual_seed(1)
-    dropped = nn.functional.dropout(x, 0.5, training=True)
+    seed = torch.randint(0, 2 ** 63 - 1, (1,), dtype=torch.int64, device=device)
+    dropped = host_dropout.dropped(x, seed, 0.5)
     h = dropped @ layer.lora_A.t()
     if layer.lora_S is not None:
         h = h @ layer.lora_S.t()
@@ -192,7 +195,7 @@ def test_from_linear_bad_input():
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_forward_bad_input_named(dropout):
-    """Both the fused path and the dropout path check their input before computing."""
+    """The op checks the layer's input before computing, with dropout or without."""
     layer = FusedLaMDALinear(30, 20, rank=4, alpha=8.0, dropout=dropout)
     with pytest.raises(ValueError, match=r"x has shape \(3, 31\).*30"):
         layer(torch.randn(3, 31))

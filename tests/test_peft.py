@@ -7,6 +7,7 @@ from unittest import mock
 
 import pytest
 import torch
+from torch import nn
 
 import adapterops
 import adapterops.peft as ap
@@ -188,29 +189,66 @@ def test_fuse_falls_back_where_peft_would_differ_and_reports_what_it_leaves():
     dora = _peft_model("llama", use_dora=True)
     left = ap.fuse(dora)
     assert len(left) == 6 and all("DoRA" in reason for reason in left.values()), left
-    dropout = _peft_model("llama", lora_dropout=0.5)
-    left = ap.fuse(dropout)  # fused, but every training call runs PEFT's forward: reported
-    assert len(left) == 6 and all(r == "lora_dropout=0.5: every training call runs PEFT's forward"
-                                  for r in left.values()), left
+    custom = _peft_model("llama", lora_dropout=0.5)
+    for layer in _lora_layers(custom):
+        layer.lora_dropout["default"] = nn.AlphaDropout(0.5)
+    left = ap.fuse(custom)  # fused, but every training call runs PEFT's forward: reported
+    assert len(left) == 6 and all(r == "lora_dropout is a AlphaDropout, not nn.Dropout: every "
+                                  "training call runs PEFT's forward" for r in left.values()), left
     calls = []
     real = ap.lowrank_linear
     with mock.patch.object(ap, "lowrank_linear", lambda *a, **k: calls.append(1) or real(*a, **k)):
-        dropout.train()
-        why = "runs PEFT's forward, not the fused op: lora_dropout=0.5 in training"
+        custom.train()
+        why = "runs PEFT's forward, not the fused op: lora_dropout is a AlphaDropout"
         with pytest.warns(UserWarning, match=why) as caught:
-            dropout(IDS)  # dropout on the adapter's input: PEFT's path
+            custom(IDS)  # a dropout the kernels do not draw: PEFT's path
         assert not calls and len(caught) == 6  # one warning per layer
-        dropout(IDS)  # counted again, no second warning
-        dropout.eval()
-        dropout(IDS)
+        custom(IDS)  # counted again, no second warning
+        custom.eval()
+        custom(IDS)
         assert len(calls) == 6
-    assert ap.fallbacks(dropout) == {name: {"lora_dropout=0.5 in training": 2} for name in left}
-    with dropout.disable_adapter():
-        dropout.train()
-        dropout(IDS)  # the base layer alone: no fallback
-    assert ap.fallbacks(dropout) == {name: {"lora_dropout=0.5 in training": 2} for name in left}
+    reason = "lora_dropout is a AlphaDropout, not nn.Dropout, in training"
+    assert ap.fallbacks(custom) == {name: {reason: 2} for name in left}
+    with custom.disable_adapter():
+        custom.train()
+        custom(IDS)  # the base layer alone: no fallback
+    assert ap.fallbacks(custom) == {name: {reason: 2} for name in left}
     with pytest.raises(ValueError, match="no PEFT LoRA layer"):
         ap.fuse(tiny("llama"))
+
+
+def _lora_layers(model):
+    from peft.tuners.lora.layer import LoraLayer
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+def test_fuse_runs_peft_lora_dropout_fused():
+    """lora_dropout=0.05, the usual recipe: every training call runs fused, with the dropout
+    drawn in the kernels (the seed from torch's generator: manual_seed replays it), and an
+    eval call drops nothing."""
+    model = _peft_model("llama", lora_dropout=0.05)
+    for layer in _lora_layers(model):  # B != 0, so that the dropout shows in the output
+        torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.5)
+    assert ap.fuse(model) == {}
+    calls = []
+    real = ap.lowrank_linear
+    with mock.patch.object(ap, "lowrank_linear",
+                           lambda *a, **k: calls.append(k["dropout"]) or real(*a, **k)):
+        model.train()
+        torch.manual_seed(3)
+        first = model(IDS, labels=IDS)
+        first.loss.backward()
+        torch.manual_seed(3)
+        again = model(IDS).logits
+        other = model(IDS).logits
+        model.eval()
+        evaluated = model(IDS).logits
+    assert calls == [0.05] * 18 + [0.0] * 6
+    assert ap.fallbacks(model) == {}
+    assert torch.equal(first.logits, again)
+    assert not torch.equal(first.logits, other) and not torch.equal(first.logits, evaluated)
+    grads = _grads(model, "lora_")
+    assert grads and all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads.values())
 
 
 def test_fuse_reports_adapters_in_another_dtype_than_the_base_and_counts_their_calls():

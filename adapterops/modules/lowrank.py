@@ -6,9 +6,10 @@
 W (`weight`) and `bias` are frozen; s = `scaling` = alpha / rank. Both run
 `adapterops.lowrank_linear`, so LaMDA keeps only M x r activations for backward.
 
-Dropout (`dropout > 0`, training mode only) applies to the adapter's input, as in PEFT. That
-path is NOT fused: it runs the plain PyTorch composition, which saves the dropped x for
-backward, so LaMDA's memory saving does not hold with dropout on.
+Dropout (`dropout > 0`, training mode only) applies to the adapter's input, as in PEFT, fused
+into the kernels (`lowrank_linear`'s `dropout`): the mask is drawn from a per-call seed and
+regenerated in backward, so nothing mask-sized is saved and LaMDA keeps its M x r activations
+only.
 """
 import math
 import re
@@ -20,7 +21,6 @@ from torch import Tensor, nn
 
 from ..lamda import svd_factors
 from ..ops import lowrank_linear
-from ..ops.lowrank import check_lowrank_args
 from ..pissa import factor_dtype, pissa_factors, residual_weight
 from .common import (AdapterLayer, base_features, check_adapter_state, check_layer_args, check_linear, copy_base,
                      make_base, module_tensors, zero_gradient_for)
@@ -139,13 +139,8 @@ class _FusedLowRankLinear(AdapterLayer):
         if self.dropout is None or not self.training:
             return lowrank_linear(x, weight, bias, lora_A, lora_B, self.scaling, lora_S,
                                   backend=self.backend)
-        # Dropout on the adapter's input: the unfused composition (see the module docstring),
-        # with the same argument checks as the fused op.
-        check_lowrank_args(x, weight, bias, lora_A, lora_B, self.scaling, lora_S)
-        h = F.linear(self.dropout(x), lora_A)
-        if lora_S is not None:
-            h = F.linear(h, lora_S)
-        return F.linear(x, weight, bias) + self.scaling * F.linear(h, lora_B)
+        return lowrank_linear(x, weight, bias, lora_A, lora_B, self.scaling, lora_S,
+                              dropout=self.dropout.p, backend=self.backend)
 
     def delta_weight(self) -> Tensor:
         """s B S A (s B A for LoRA) in fp32 or better: the adapter as an out x in matrix."""
