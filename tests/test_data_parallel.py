@@ -169,6 +169,17 @@ def ddp_run(rank: int, world: int, references: dict) -> None:
         params = train(DDP(make_model(kind)), kind, [halves(x, y)[rank]], where)
         assert_ranks_identical(where, params)
         assert_matches_reference(where, params, references[kind])
+    # Adapter dropout, fused: each rank draws its masks from its own generator (seeded apart
+    # here, as ranks' data loaders are), so no one-process reference draws the same masks;
+    # the averaged gradients keep the ranks' weights bit-identical, and training moves them.
+    torch.manual_seed(1234)
+    model = nn.Sequential(FusedLoRALinear(IN_FEATURES, 12, 4, 8.0, dropout=0.2), nn.ReLU(),
+                          FusedLaMDALinear(12, OUT_FEATURES, 2, 4.0, dropout=0.2))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    torch.manual_seed(rank)
+    params = train(DDP(model), "lora", [halves(x, y)[rank]], "DDP, dropout")
+    assert_ranks_identical("DDP, dropout", params)
+    assert all(not torch.equal(params[name], before[name]) for name in ("0.lora_A", "2.lora_S"))
 
 
 def fsdp2_run(rank: int, world: int, references: dict) -> None:

@@ -294,6 +294,31 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(case):
                           ulps=16)
 
 
+@pytest.mark.parametrize("case", ["lora", "lamda"])
+def test_gradient_checkpointing_replays_the_adapter_dropout(case):
+    """With dropout the recompute draws the forward's masks again (the seeds come from torch's
+    generator, which checkpointing restores): the same loss and gradients as without it."""
+    model = adapterops.inject(build("llama", num_hidden_layers=1), config_for(case, dropout=0.25))
+    perturb_adapters(model)
+    model.train()
+    torch.manual_seed(5)
+    loss = training_loss(model)
+    grads = trainable_grads(model, loss)
+    torch.manual_seed(6)
+    assert training_loss(model) != loss, f"{case}: the dropout drew nothing"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the transformers 5 alias's notice
+        model.gradient_checkpointing_enable()
+    torch.manual_seed(5)
+    loss_ckpt = training_loss(model)
+    grads_ckpt = trainable_grads(model, loss_ckpt)
+    assert_close_fp32(f"{case}: loss with checkpointing", loss_ckpt, loss, ulps=4)
+    assert grads_ckpt.keys() == grads.keys()
+    for name, g in grads.items():
+        assert_close_fp32(f"{case}: gradient of {name} with checkpointing", grads_ckpt[name], g,
+                          ulps=16)
+
+
 # --- 2. save_adapters / load_adapters ---------------------------------------------------------
 
 def test_save_and_load_adapters_reproduce_the_trained_model(trained, tmp_path):
