@@ -66,7 +66,7 @@ else
                      tests/test_hdpissa.py tests --ignore=tests/test_gpu_run.py)
   SWEEP_ARGS=()
 fi
-HEADLINE_PROVIDERS=floor,torch_eager,addmm,peft,official,triton
+HEADLINE_PROVIDERS=floor,torch_eager,addmm,peft,official,triton,triton_p0
 # The tests split in two by the extension: the tests of the cuda backend (those with "cuda"
 # in their name or parameters, and the Triton-limit tests that fall back to it) wait for its
 # build; the others of the three kernel test files run while it is in flight; everything else

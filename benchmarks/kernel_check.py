@@ -60,6 +60,7 @@ ROUTED_SHRINK = "routed_shrink_kernel"
 ROUTED_SHRINK_FINISH = "routed_shrink_finish_kernel"
 GATE_GRAD = "routed_gate_grad_kernel"
 UPDATE = "lowrank_update_kernel"
+DROPOUT_DA = "lowrank_dropout_da_kernel"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,8 +99,9 @@ def sizes(shape: dict, **more) -> dict:
 # The table: one check per line or two (name, op, dtype, sizes per device, the Triton kernels
 # its forward and its backward must launch, exactly). Distinct kernel compiles on a GPU
 # (ADAPTEROPS_AUTOTUNE=0; a specialization an earlier check compiled is a cache hit):
-# 4 + 4 + 4 + 2 + 3 + 5 + 4 + 1 + 1 = 28; at 0.4-1.9 s each on triton 3.6, 11-53 s, about 20 s
-# typically (the 5 GEMMs cost the most, the finishing kernels the least).
+# 4 + 4 + 4 + 2 + 3 + 5 + 4 + 1 + 1 = 28, and 4 with dropout (the masked shrink, the two masked
+# dx GEMMs, the dA kernel); at 0.4-1.9 s each on triton 3.6, 11-53 s, about 20 s typically (the
+# GEMMs cost the most, the finishing kernels the least).
 CHECKS = (
     # LaMDA (A frozen): the shrink and grad pass with S, dB and dS, whole and split; the TMA
     # GEMM forward and for dx.
@@ -115,6 +117,14 @@ CHECKS = (
     # x transposed (column stride M): the pointer GEMM forward, the TMA GEMM for dx.
     Check("lamda_transposed_x", "lowrank", BF16, sizes(NOSPLIT, r=16),
           (SHRINK, POINTER_GEMM), (GRAD_PASS, TMA_GEMM), dict(lamda=True, transposed_x=True)),
+    # Adapter dropout (p = 0.1, a fixed seed): LaMDA's masked shrink, split, and the dx TMA
+    # GEMM's masked epilogue; LoRA's on the pointer GEMM, with the dA kernel.
+    Check("lamda_dropout_tma_split", "lowrank", BF16, sizes(SPLIT, r=16),
+          (SHRINK, SHRINK_FINISH, TMA_GEMM), (GRAD_PASS, GRAD_FINISH, TMA_GEMM),
+          dict(lamda=True, dropout=0.1)),
+    Check("lora_dropout_pointer_odd_in_r40", "lowrank", BF16,
+          {"cuda": dict(M=300, K=273, N=264, r=40), "cpu": dict(M=72, K=41, N=40, r=40)},
+          (SHRINK, POINTER_GEMM), (GRAD_PASS, POINTER_GEMM, DROPOUT_DA), dict(dropout=0.1)),
     # HydraLoRA, r = 8 (padded to 16), E = 4 (the grad pass at E r = 32): dense with the whole
     # shrink and grad pass, top-2 with the split ones.
     Check("hydra_dense", "routed", BF16, sizes(NOSPLIT, r=8, E=4),

@@ -1,7 +1,12 @@
-"""Benchmarks of `adapterops.lowrank_linear` (adapterops/ops/lowrank.py), as two ops:
+"""Benchmarks of `adapterops.lowrank_linear` (adapterops/ops/lowrank.py), as four ops:
 
 - `lamda`: W and A frozen, S and B trainable (methods.md §2);
-- `lora`: W frozen, A and B trainable, no S (methods.md §1).
+- `lora`: W frozen, A and B trainable, no S (methods.md §1);
+- `lamda_dropout`, `lora_dropout`: the same with adapter dropout p = 0.1 in training (the rate
+  LoRAFusion's kernels are measured at) in every provider but the floor: the compositions apply
+  `F.dropout` to the adapter's input, PEFT its own `lora_dropout`, adapterops `dropout=0.1`.
+  `triton_p0` is the fused op without dropout in the same run: the target is the fused op with
+  dropout within 5% of it ("triton vs triton_p0" >= 0.95x).
 
 x requires a gradient in both (a layer inside a network passes dx on). W and bias are frozen.
 
@@ -45,7 +50,10 @@ from .harness import Case, OpBenchmark, Workload, make_tensor
 
 PROVIDERS = {"lamda": ("floor", "torch_eager", "addmm", "torch", "triton", "cuda"),
              "lora": ("floor", "torch_eager", "addmm", "peft", "torch", "triton", "cuda")}
+PROVIDERS.update({f"{name}_dropout": providers + ("triton_p0",)
+                  for name, providers in PROVIDERS.items()})
 SCALING = 0.5
+DROPOUT = 0.1
 # (in, out) of LLaMA-7B-like projections: square attention, MLP up, MLP down.
 FULL_FEATURES = ((4096, 4096), (4096, 11008), (11008, 4096))
 FULL_TOKENS = (16, 512, 2048, 8192)
@@ -91,9 +99,10 @@ def _bytes(case: Case, provider: str, lamda: bool, element_size: int) -> tuple[f
     return forward * element_size, backward * element_size
 
 
-def _peft_layer(weight, bias, lora_A, lora_B):
+def _peft_layer(weight, bias, lora_A, lora_B, dropout: float):
     """A PEFT LoRA layer over nn.Linear(K, N) whose parameters share storage with the given
-    tensors: returns the layer and its trainable (A, B) parameters, the leaves autograd reaches."""
+    tensors, in training mode with lora_dropout = `dropout`: returns the layer and its
+    trainable (A, B) parameters, the leaves autograd reaches."""
     import peft  # imported here: a missing peft is one provider's error, not the suite's
 
     r, K = lora_A.shape
@@ -101,7 +110,7 @@ def _peft_layer(weight, bias, lora_A, lora_B):
     base = torch.nn.Linear(K, N, device="meta")
     base.weight = torch.nn.Parameter(weight, requires_grad=False)
     base.bias = torch.nn.Parameter(bias, requires_grad=False)
-    config = peft.LoraConfig(r=r, lora_alpha=SCALING * r, lora_dropout=0.0, target_modules=["0"])
+    config = peft.LoraConfig(r=r, lora_alpha=SCALING * r, lora_dropout=dropout, target_modules=["0"])
     model = peft.inject_adapter_in_model(config, torch.nn.Sequential(base))
     layer = model[0]
     if layer.scaling["default"] != SCALING:
@@ -111,12 +120,13 @@ def _peft_layer(weight, bias, lora_A, lora_B):
         parameter = torch.nn.Parameter(tensor.detach(), requires_grad=True)
         getattr(layer, name)["default"].weight = parameter
         adapter.append(parameter)
-    return layer, tuple(adapter)
+    return layer.train(), tuple(adapter)
 
 
 def workload(provider: str, case: Case, dtype: torch.dtype, device: torch.device, *,
-             lamda: bool) -> Workload:
-    """Fresh tensors for `case` and the provider's forward on them."""
+             lamda: bool, dropout: float = 0.0) -> Workload:
+    """Fresh tensors for `case` and the provider's forward on them (with adapter dropout
+    `dropout` in training)."""
     M, K, N, r = case.M, case.K, case.N, case.r
     make = functools.partial(make_tensor, dtype=dtype, device=device)
     x = make(M, K, fan_in=1, trainable=True)
@@ -127,24 +137,24 @@ def workload(provider: str, case: Case, dtype: torch.dtype, device: torch.device
     adapter = tuple(t for t in (lora_A, lora_S, lora_B) if t is not None)
 
     def shrink():
-        h = F.linear(x, lora_A)
+        h = F.linear(F.dropout(x, dropout) if dropout else x, lora_A)
         return F.linear(h, lora_S) if lamda else h
+
+    def fused(backend: str, p: float = dropout):
+        return lambda: adapterops.lowrank_linear(x, weight, bias, lora_A, lora_B, SCALING, lora_S,
+                                                 dropout=p, backend=backend)
 
     forwards = {
         "floor": lambda: F.linear(x, weight, bias),
         "torch_eager": lambda: F.linear(x, weight, bias) + F.linear(shrink(), lora_B) * SCALING,
         "addmm": lambda: F.linear(x, weight, bias).addmm_(shrink(), lora_B.t(), alpha=SCALING),
-        "torch": lambda: adapterops.lowrank_linear(x, weight, bias, lora_A, lora_B, SCALING,
-                                                   lora_S, backend="torch"),
-        "triton": lambda: adapterops.lowrank_linear(x, weight, bias, lora_A, lora_B, SCALING,
-                                                    lora_S, backend="triton"),
-        "cuda": lambda: adapterops.lowrank_linear(x, weight, bias, lora_A, lora_B, SCALING,
-                                                  lora_S, backend="cuda"),
+        "torch": fused("torch"), "triton": fused("triton"), "cuda": fused("cuda"),
+        "triton_p0": fused("triton", 0.0),
     }
     if provider == "peft":
         if lamda:
             raise ValueError("peft has no LaMDA layer")
-        layer, adapter = _peft_layer(weight, bias, lora_A, lora_B)
+        layer, adapter = _peft_layer(weight, bias, lora_A, lora_B, dropout)
         forwards["peft"] = lambda: layer(x)
     uses_adapter = provider != "floor"
     fwd_flops, bwd_flops = _flops(case, provider, lamda)
@@ -158,9 +168,12 @@ def workload(provider: str, case: Case, dtype: torch.dtype, device: torch.device
 
 BENCHMARKS = tuple(
     OpBenchmark(name=name, cases=cases, headline=headline, providers=PROVIDERS[name],
-                workload=functools.partial(workload, lamda=name == "lamda"), baseline="floor",
+                workload=functools.partial(workload, lamda=name.startswith("lamda"),
+                                           dropout=DROPOUT if name.endswith("_dropout") else 0.0),
+                baseline="floor",
                 # ("triton", "cuda"): the cuda fallback's time over triton's (target <= 1.2).
                 speedups=(("triton", "torch_eager"), ("triton", "addmm"), ("triton", "cuda"),
                           ("cuda", "torch_eager"))
-                + ((("triton", "peft"),) if "peft" in PROVIDERS[name] else ()))
-    for name in ("lamda", "lora"))
+                + ((("triton", "peft"),) if "peft" in PROVIDERS[name] else ())
+                + ((("triton", "triton_p0"),) if "triton_p0" in PROVIDERS[name] else ()))
+    for name in ("lamda", "lora", "lamda_dropout", "lora_dropout"))

@@ -7,7 +7,8 @@ output gradient) against the torch backend on float64 copies of the same inputs,
 of the unit tests (tests/utils.py): the backend's max abs error may be at most twice the torch
 backend's own error in the same dtype, plus one unit of the dtype's rounding at the
 reference's scale. Cases: `lamda` and `lora` (`lowrank_linear`, bf16, M = 8192, in = out = 4096,
-r = 16), `hydra` and `hydra_top2` (`routed_lowrank_linear`, r = 8, E = 4, dense and top-2),
+r = 16; `_dropout`: with adapter dropout 0.1 and a fixed seed), `hydra` and `hydra_top2`
+(`routed_lowrank_linear`, r = 8, E = 4, dense and top-2),
 `hdpissa` (`hdpissa_linear`, r = 16), `update_highest` and `update_high` (`lowrank_update_`,
 fp32 W 4096 x 4096, inner size 2 K r = 256 for K = 8 ranks, a bf16 copy; at both fp32 matmul
 precisions).
@@ -56,9 +57,11 @@ def _sizes(device_type: str) -> dict:
 # The input builders, shared with benchmarks/kernel_check.py: builder(sizes, dtype, device,
 # **options) -> (inputs, run(inputs, backend) -> {output name: tensor}), the inputs leaves of
 # `dtype` scaled by their fan-in, `sizes` holding M, K (in), N (out), r, E (heads), P (inner).
-def lowrank_inputs(s: dict, dtype, device, lamda: bool = False, transposed_x: bool = False):
+def lowrank_inputs(s: dict, dtype, device, lamda: bool = False, transposed_x: bool = False,
+                   dropout: float = 0.0):
     """`lowrank_linear`: LaMDA (`lamda`: A frozen, S trained) or LoRA; x transposed (column
-    stride M) when `transposed_x`."""
+    stride M) when `transposed_x`; adapter dropout `dropout` with a fixed seed (so that every
+    backend, the float64 reference included, draws the same mask)."""
     M, K, N, r = s["M"], s["K"], s["N"], s["r"]
     t = dict(dtype=dtype, device=device)
     x = random_tensor(K, M, fan_in=1, **t).t() if transposed_x else random_tensor(M, K, fan_in=1, **t)
@@ -69,9 +72,12 @@ def lowrank_inputs(s: dict, dtype, device, lamda: bool = False, transposed_x: bo
     if lamda:
         inputs["lora_S"] = random_tensor(r, r, fan_in=r, grad=True, **t)
 
+    seed = torch.tensor([20261207], device=device) if dropout else None
+
     def run(v, backend):
         return {"y": adapterops.lowrank_linear(v["x"], v["weight"], v["bias"], v["lora_A"],
                                                v["lora_B"], SCALING, v.get("lora_S"),
+                                               dropout=dropout, dropout_seed=seed,
                                                backend=backend)}
     return inputs, run
 
@@ -146,6 +152,8 @@ def _case(op: str, dtype: torch.dtype = torch.bfloat16, sizes: Optional[dict] = 
 CASES: dict[str, tuple[Callable, Optional[str]]] = {
     "lamda": (_case("lowrank", lamda=True), None),
     "lora": (_case("lowrank"), None),
+    "lamda_dropout": (_case("lowrank", lamda=True, dropout=0.1), None),
+    "lora_dropout": (_case("lowrank", dropout=0.1), None),
     "hydra": (_case("routed", sizes=dict(r=8)), None),
     "hydra_top2": (_case("routed", sizes=dict(r=8), top_k=2), None),
     "hdpissa": (_case("hdpissa"), None),

@@ -16,7 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import harness, hdpissa, lowrank, routed  # noqa: E402
 
 CASE = harness.Case(M=16, K=64, N=32, r=16)
-CASES = {"lamda": CASE, "lora": CASE, "hydra": harness.Case(M=16, K=64, N=32, r=8, heads=4),
+CASES = {"lamda": CASE, "lora": CASE, "lamda_dropout": CASE, "lora_dropout": CASE,
+         "hydra": harness.Case(M=16, K=64, N=32, r=8, heads=4),
          "hdpissa": harness.Case(M=16, K=64, N=32, r=8),
          "hdpissa_update": harness.Case(M=None, K=64, N=32, r=4, world=2)}
 # A copy does no arithmetic: the update's floor is credited 0 FLOPs.
@@ -86,6 +87,14 @@ def test_every_provider_and_mode_measured_and_saved_bytes_follow_the_contract(de
     assert saved["lora", "torch_eager"] >= x_bytes, saved
     if ("lora", "peft") in saved:  # the same composition as torch_eager, inside a PEFT layer
         assert saved["lora", "peft"] == saved["lora", "torch_eager"], saved
+    # Fused dropout saves what the op saves without it plus the 8-byte seed, nothing mask- or
+    # x_d-sized; the compositions keep the dropped x (and PEFT its mask) besides.
+    for op in ("lamda", "lora"):
+        for provider in ("torch", "triton", "cuda"):
+            assert saved[f"{op}_dropout", provider] == saved[op, "triton"] + 8, (op, provider, saved)
+        assert saved[f"{op}_dropout", "torch_eager"] >= saved[op, "torch_eager"] + x_bytes, saved
+    if ("lora_dropout", "peft") in saved:  # x_d besides x and h1
+        assert saved["lora_dropout", "peft"] >= saved["lora", "triton"] + x_bytes, saved
     # HydraLoRA (A and the router trainable): x for dA and dWg, h, hg = [g_e h] for dB and the
     # fp32 probabilities; never more than the unfused composition or the official loop.
     hydra = CASES["hydra"]
