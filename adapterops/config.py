@@ -12,6 +12,7 @@ the methods' own options, each taken only by the methods that have it:
 |---|---|---|
 | init | lora ("lora", "pissa", "pissa_niter_K"), lamda ("lora", "svd") | "lora" |
 | dropout | lora, lamda, hydra | 0.0 |
+| adapter_dtype | lora, lamda | None: fp32 on a 16-bit base (as PEFT), else the base's |
 | num_heads, top_k, balance_loss_weight | hydra | required, None, 0.0 |
 | world_size, rank_index, svd, niter | hdpissa | the process group's, "full", 8 |
 | backend | every method | None (dispatch picks) |
@@ -29,9 +30,11 @@ import math
 import re
 from typing import Optional, Union
 
+import torch
+
 from .dispatch import check_backend_name
 from .modules import AdapterLayer, FusedHydraLoRALinear, FusedLaMDALinear, FusedLoRALinear, HDPiSSALinear
-from .modules.common import REQUIRED
+from .modules.common import DTYPE_NAMES, REQUIRED
 
 METHODS: dict[str, type[AdapterLayer]] = {
     cls.method: cls for cls in (FusedLoRALinear, FusedLaMDALinear, FusedHydraLoRALinear, HDPiSSALinear)}
@@ -46,6 +49,7 @@ class AdapterConfig:
     target_modules: Optional[Union[str, list[str]]] = None
     init: Optional[str] = None
     dropout: Optional[float] = None
+    adapter_dtype: Optional[Union[str, torch.dtype]] = None
     num_heads: Optional[int] = None
     top_k: Optional[int] = None
     balance_loss_weight: Optional[float] = None
@@ -81,6 +85,13 @@ class AdapterConfig:
                 raise ValueError(f"AdapterConfig: target_modules {self.target_modules!r} is not "
                                  f"a valid regular expression: {exc}") from None
         check_backend_name(self.backend)
+        if self.adapter_dtype is not None:
+            # Kept by name ("float32"): a config is JSON. Whether it suits a base, the layers say.
+            name = str(self.adapter_dtype).removeprefix("torch.")
+            if name not in DTYPE_NAMES:
+                raise ValueError(f"AdapterConfig: adapter_dtype must be None, a torch dtype or "
+                                 f"one of {', '.join(DTYPE_NAMES)}, got {self.adapter_dtype!r}")
+            self.adapter_dtype = name
         cls = METHODS[self.method]
         foreign = [name for name in _OPTION_FIELDS
                    if getattr(self, name) is not None and name not in cls.OPTIONS]
@@ -127,7 +138,7 @@ class AdapterConfig:
 
 
 # The fields only some methods take.
-_OPTION_FIELDS = ("init", "dropout", "num_heads", "top_k", "balance_loss_weight", "world_size",
+_OPTION_FIELDS = ("init", "dropout", "adapter_dtype", "num_heads", "top_k", "balance_loss_weight", "world_size",
                   "rank_index", "svd", "niter")
 
 

@@ -8,23 +8,26 @@ import math
 from fractions import Fraction
 from typing import Iterable, Mapping, Optional, Union
 
+from typing import Optional
+
 import torch
 from torch import Tensor, nn
 
 from .pissa import factor_dtype, residual_weight, top_singular_triplets
 
 
-def svd_factors(weight: Tensor, rank: int, scaling: float):
+def svd_factors(weight: Tensor, rank: int, scaling: float, dtype: Optional[torch.dtype] = None):
     """The "svd" init **[ours: the paper says the projections come from W's spectral
     decomposition; the released code does not do it]**:
 
         A = Vh_r (orthonormal rows),  S = diag(Σ_r) / s,  B = U_r,  W_res = W - s B S A
 
-    Returns (A, S, B, W_res) in weight's dtype, W_res computed from the rounded factors
-    (`pissa.residual_weight`): s B S A + W_res = W up to one rounding.
+    Returns (A, S, B, W_res): the factors in `dtype` (the adapter's; None: weight's), W_res in
+    weight's dtype, computed from the rounded factors (`pissa.residual_weight`): s B S A + W_res
+    = W up to one rounding.
     """
     U, sigma, Vh = top_singular_triplets(weight, rank)
-    A, S, B = (t.to(weight.dtype) for t in (Vh, torch.diag(sigma / scaling), U))
+    A, S, B = (t.to(dtype or weight.dtype) for t in (Vh, torch.diag(sigma / scaling), U))
     return A, S, B, residual_weight(weight, scaling, B, A, S)
 
 

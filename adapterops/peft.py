@@ -29,9 +29,10 @@
   `dropout`): the same distribution, not PEFT's mask bit for bit. Returns {layer name:
   reason} for the LoRA layers it left on PEFT's path for good (not a Linear LoRA layer, DoRA,
   bias != "none", lora_bias, several active adapters) and for those whose configuration sends
-  every call there (adapters in another dtype than the base weight, as PEFT keeps them in fp32
-  on a 16-bit base, outside autocast). Under autocast a fused layer runs fused whatever its
-  dtypes, as the op casts its inputs to the autocast dtype.
+  every call there (adapters in a dtype the op does not pair with the base weight's, outside
+  autocast). PEFT's default fp32 adapters on a 16-bit base run fused, in fp32 as PEFT
+  computes them. Under autocast a fused layer runs fused whatever its dtypes, as the op casts
+  its inputs to the autocast dtype.
 - `fallbacks(model)`: {layer name: {reason: calls}} of the fused layers' calls that ran PEFT's
   forward (adapters disabled or merged run the base layer alone, which is no fallback); the
   first call of a layer for a reason warns. An empty dict: every call ran fused.
@@ -55,7 +56,7 @@ from .inject import adapter_layers, install
 from .modules import FusedLaMDALinear, FusedLoRALinear
 from .modules.common import base_features, base_kind
 from .ops import lowrank_linear
-from .ops.checks import autocast_on
+from .ops.checks import SIXTEEN_BIT, autocast_on
 from .pissa import factor_dtype
 from .saving import optional_import, safetensors_module
 
@@ -230,12 +231,21 @@ def _fallback_reason(layer, x: Tensor, args, kwargs) -> Optional[str]:
         return f"lora_dropout is a {type(dropout).__name__}, not nn.Dropout, in training"
     weight, lora_A, lora_B = layer.base_layer.weight, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
     # Under autocast the op casts x, W, A and B to the autocast dtype, as PEFT's F.linear calls do.
-    if not x.dtype == weight.dtype == lora_A.dtype == lora_B.dtype and not autocast_on(x):
+    if not (_served_dtypes(x.dtype, weight, lora_A, lora_B) or autocast_on(x)):
         return (f"mixed dtypes (x {x.dtype}, weight {weight.dtype}, lora_A {lora_A.dtype}, "
                 f"lora_B {lora_B.dtype})")
     if x.device != weight.device:
         return f"x on {x.device}, weight on {weight.device}"
     return None
+
+
+def _served_dtypes(x_dtype: torch.dtype, weight: Tensor, lora_A: Tensor, lora_B: Tensor) -> bool:
+    """Whether `lowrank_linear` takes these dtypes as PEFT computes with them: x in the base
+    weight's dtype, the adapter in it too, or in fp32 on a 16-bit base (PEFT's default,
+    `autocast_adapter_dtype=True`: PEFT casts x to fp32 for the adapter, as the op does)."""
+    adapter = lora_A.dtype
+    return (x_dtype == weight.dtype and lora_B.dtype == adapter
+            and (adapter == weight.dtype or (adapter == torch.float32 and weight.dtype in SIXTEEN_BIT)))
 
 
 def _fused_forward(layer, name: str, x: Tensor, *args, **kwargs) -> Tensor:
@@ -278,7 +288,7 @@ def _every_call_reason(layer) -> Optional[str]:
     forward, or None. fuse reports these with the layers it leaves."""
     adapter = layer.active_adapters[0]
     weight, lora_A, lora_B = layer.base_layer.weight, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
-    if not weight.dtype == lora_A.dtype == lora_B.dtype:
+    if not _served_dtypes(weight.dtype, weight, lora_A, lora_B):
         return (f"mixed dtypes (weight {weight.dtype}, lora_A {lora_A.dtype}, lora_B "
                 f"{lora_B.dtype}): every call outside autocast runs PEFT's forward")
     dropout = layer.lora_dropout[adapter]

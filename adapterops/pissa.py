@@ -32,14 +32,16 @@ def top_singular_triplets(weight: Tensor, rank: int, niter: Optional[int] = None
     return U, sigma, V.t()
 
 
-def pissa_factors(weight: Tensor, rank: int, scaling: float, niter: Optional[int] = None):
-    """(A, B, W_res) in weight's dtype with s B A + W_res = W up to rounding."""
+def pissa_factors(weight: Tensor, rank: int, scaling: float, niter: Optional[int] = None,
+                  dtype: Optional[torch.dtype] = None):
+    """(A, B, W_res) with s B A + W_res = W up to rounding: A and B in `dtype` (the adapter's;
+    None: weight's), W_res in weight's dtype."""
     if not scaling > 0:
         raise ValueError(f"PiSSA takes sqrt(sigma / scaling): scaling = alpha / rank must be > 0, got {scaling}")
     U, sigma, Vh = top_singular_triplets(weight, rank, niter)
     root = (sigma / scaling).sqrt()
-    A = (root[:, None] * Vh).to(weight.dtype)
-    B = (U * root[None, :]).to(weight.dtype)
+    A = (root[:, None] * Vh).to(dtype or weight.dtype)
+    B = (U * root[None, :]).to(dtype or weight.dtype)
     return A, B, residual_weight(weight, scaling, B, A)
 
 

@@ -60,7 +60,7 @@ ROUTED_SHRINK = "routed_shrink_kernel"
 ROUTED_SHRINK_FINISH = "routed_shrink_finish_kernel"
 GATE_GRAD = "routed_gate_grad_kernel"
 UPDATE = "lowrank_update_kernel"
-DROPOUT_DA = "lowrank_dropout_da_kernel"
+GRAD_A = "lowrank_grad_a_kernel"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +124,7 @@ CHECKS = (
           dict(lamda=True, dropout=0.1)),
     Check("lora_dropout_pointer_odd_in_r40", "lowrank", BF16,
           {"cuda": dict(M=300, K=273, N=264, r=40), "cpu": dict(M=72, K=41, N=40, r=40)},
-          (SHRINK, POINTER_GEMM), (GRAD_PASS, POINTER_GEMM, DROPOUT_DA), dict(dropout=0.1)),
+          (SHRINK, POINTER_GEMM), (GRAD_PASS, POINTER_GEMM, GRAD_A), dict(dropout=0.1)),
     # HydraLoRA, r = 8 (padded to 16), E = 4 (the grad pass at E r = 32): dense with the whole
     # shrink and grad pass, top-2 with the split ones.
     Check("hydra_dense", "routed", BF16, sizes(NOSPLIT, r=8, E=4),

@@ -23,6 +23,19 @@ void check_args(const char* op, std::initializer_list<Arg> args) {
   }
 }
 
+bool check_adapter_dtype(const char* op, const Arg& base, const Arg& adapter) {
+  const at::ScalarType base_dtype = base.tensor.scalar_type(),
+                       adapter_dtype = adapter.tensor.scalar_type();
+  const bool fp32_on_16_bit =
+      adapter_dtype == at::kFloat && (base_dtype == at::kHalf || base_dtype == at::kBFloat16);
+  TORCH_CHECK(adapter_dtype == base_dtype || fp32_on_16_bit, op, ": ", adapter.name, " is ",
+              adapter_dtype, " but ", base.name, " is ", base_dtype, " (the adapter must share ",
+              base.name, "'s dtype, or be float32 on a float16 or bfloat16 ", base.name, ")");
+  TORCH_CHECK(adapter.tensor.device() == base.tensor.device(), op, ": ", adapter.name, " is on ",
+              adapter.tensor.device(), " but ", base.name, " is on ", base.tensor.device());
+  return fp32_on_16_bit;
+}
+
 const at::Tensor& or_undefined(const std::optional<at::Tensor>& tensor) {
   static const at::Tensor undefined;
   return tensor.has_value() ? *tensor : undefined;

@@ -60,6 +60,12 @@ struct Arg {
 // this guards direct calls of torch.ops.adapterops.*_cuda.)
 void check_args(const char* op, std::initializer_list<Arg> args);
 
+// The adapter's dtype and device against the base's (the first argument of each group, both
+// already through `check_args`): the adapter shares the base's dtype, or is fp32 on a fp16 or
+// bf16 base (fp32 adapters on a 16-bit model, PEFT's default); it shares the base's device.
+// Returns whether the adapter is fp32 on a 16-bit base. The error names the op and both arguments.
+bool check_adapter_dtype(const char* op, const Arg& base, const Arg& adapter);
+
 // An optional tensor argument as a tensor, undefined when absent (for `check_args`).
 const at::Tensor& or_undefined(const std::optional<at::Tensor>& tensor);
 

@@ -567,6 +567,23 @@ BAD_INPUTS = [
                           "lora_S": None}, ValueError, r"lora_A has shape \(0, 10\).*rank"),
     ("mixed-dtypes", lambda d: {"weight": torch.randn(8, 10, device=d, dtype=torch.float16)}, TypeError,
      r"weight has dtype torch.float16 but x has torch.float32"),
+    # Adapters in fp32 on a 16-bit base are taken; no other pairing is.
+    ("bf16-adapter-on-fp32", lambda d: {k: torch.randn(*s, device=d, dtype=torch.bfloat16)
+                                        for k, s in (("lora_A", (4, 10)), ("lora_B", (8, 4)),
+                                                     ("lora_S", (4, 4)))},
+     TypeError, r"lora_A has dtype torch.bfloat16 but x has torch.float32"),
+    ("fp16-adapter-on-bf16", lambda d: {"x": torch.randn(6, 10, device=d, dtype=torch.bfloat16),
+                                        "weight": torch.randn(8, 10, device=d, dtype=torch.bfloat16),
+                                        "bias": torch.randn(8, device=d, dtype=torch.bfloat16),
+                                        **{k: torch.randn(*s, device=d, dtype=torch.float16)
+                                           for k, s in (("lora_A", (4, 10)), ("lora_B", (8, 4)),
+                                                        ("lora_S", (4, 4)))}},
+     TypeError, r"lora_A has dtype torch.float16 but x has torch.bfloat16"),
+    ("fp32-A-bf16-B", lambda d: {"x": torch.randn(6, 10, device=d, dtype=torch.bfloat16),
+                                 "weight": torch.randn(8, 10, device=d, dtype=torch.bfloat16),
+                                 "bias": torch.randn(8, device=d, dtype=torch.bfloat16),
+                                 "lora_B": torch.randn(8, 4, device=d, dtype=torch.bfloat16)},
+     TypeError, r"lora_B has dtype torch.bfloat16 but lora_A has torch.float32"),
     ("int-x", lambda d: {"x": torch.ones(6, 10, device=d, dtype=torch.int64)}, TypeError,
      r"x must be a floating-point tensor.*int64"),
     ("weight-not-tensor", lambda d: {"weight": [[0.0] * 10] * 8}, TypeError,
@@ -939,3 +956,71 @@ def test_interpreted_triton_calls_from_two_threads_all_succeed():
     assert len(results) == 24
     for y in results:
         torch.testing.assert_close(y, expected, rtol=0, atol=0)
+
+
+# 11. fp32 adapters on a 16-bit base (PEFT's default): the low-rank path in fp32, as PEFT
+# computes it, against a float64 reference of that math (the torch backend on float64 copies)
+# by the rule in tests/utils.py, whose baseline is the torch backend on the same mixed dtypes.
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+@pytest.mark.parametrize("mode", ["lora", "lamda"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_fp32_adapters_on_a_16bit_base(backend, dtype, mode, dropout, device):
+    g = torch.Generator().manual_seed(3)
+    M, K, N, r = 37, 45, 29, 6
+
+    def p(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+
+    base = {"x": p(3, M // 3 + 1, K), "weight": p(N, K, scale=K ** -0.5), "bias": p(N)}
+    adapter = {"lora_A": p(r, K, scale=K ** -0.5), "lora_B": p(N, r),
+               "lora_S": p(r, r) if mode == "lamda" else None}
+    trained = {"x", "lora_B"} | ({"lora_S"} if mode == "lamda" else {"lora_A"})
+    grad_y = p(3, M // 3 + 1, N)
+    seed = torch.tensor([11], device=device)
+
+    def run(backend_name, base_dtype, adapter_dtype):
+        leaves = {k: v.detach().to(device, base_dtype) for k, v in base.items()}
+        leaves.update({k: v.detach().to(device, adapter_dtype) if v is not None else None
+                       for k, v in adapter.items()})
+        for name in trained:
+            leaves[name].requires_grad_()
+        y = lowrank_linear(leaves["x"], leaves["weight"], leaves["bias"], leaves["lora_A"],
+                           leaves["lora_B"], 0.75, leaves["lora_S"], dropout=dropout,
+                           dropout_seed=seed, backend=backend_name)
+        y.backward(grad_y.to(device, y.dtype))
+        return y, {k: leaves[k].grad for k in trained}
+
+    ref_y, ref_grads = run("torch", torch.float64, torch.float64)
+    base_y, base_grads = run("torch", dtype, torch.float32)
+    y, grads = run(backend, dtype, torch.float32)
+    assert y.dtype == dtype and grads["x"].dtype == dtype
+    assert all(grads[k].dtype == torch.float32 for k in trained - {"x"})
+    assert_close_to_reference(f"{backend} y", y, ref_y, base_y)
+    for name in trained:
+        assert_close_to_reference(f"{backend} d{name}", grads[name], ref_grads[name], base_grads[name])
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_fp32_adapters_opcheck_and_compile(backend, device):
+    """The custom ops' fakes give h1, h2 and the adapters' gradients in fp32, as the backends
+    do: opcheck passes and torch.compile(fullgraph=True) equals the eager door."""
+    x, weight, bias, lora_A, lora_B, lora_S = _op_samples(device, True, True, False)
+    x, weight, bias = (t.to(torch.bfloat16) for t in (x, weight, bias))
+    torch.library.opcheck(torch.ops.adapterops.lowrank_linear_fwd.default,
+                          (x.requires_grad_(), weight, bias, lora_A, lora_B.requires_grad_(),
+                           lora_S.requires_grad_(), 0.5, 0.0, None, backend))
+
+    def f(x, lora_B, lora_S):
+        return lowrank_linear(x, weight, bias, lora_A, lora_B, 0.5, lora_S, backend=backend)
+
+    torch._dynamo.reset()
+    results = []
+    for fn in (f, torch.compile(f, fullgraph=True, backend="aot_eager")):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, lora_B, lora_S)]
+        y = fn(*leaves)
+        y.float().sum().backward()
+        results.append([y] + [leaf.grad for leaf in leaves])
+    for a, b in zip(*results):
+        assert a.dtype == b.dtype and torch.equal(a, b)

@@ -251,23 +251,50 @@ def test_fuse_runs_peft_lora_dropout_fused():
     assert grads and all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads.values())
 
 
-def test_fuse_reports_adapters_in_another_dtype_than_the_base_and_counts_their_calls():
+def test_fuse_runs_peft_fp32_adapters_on_a_bf16_base():
     """PEFT keeps a 16-bit base's adapters in fp32 (autocast_adapter_dtype=True, its default):
-    until the fused op takes mixed dtypes, every call runs PEFT's forward, and fuse says so."""
+    every call runs fused, the low-rank path in fp32 as PEFT computes it, within the 2x-error
+    rule of PEFT's own run against float64; the adapters' gradients are fp32."""
+    reference = peft.get_peft_model(tiny("llama").to(torch.bfloat16),
+                                    peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS["llama"]))
+    layer = reference.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.lora_A["default"].weight.dtype == torch.float32
+    _perturb_trainable(reference)
+    fused, exact = copy.deepcopy(reference), copy.deepcopy(reference).double()
+    assert ap.fuse(fused) == {}
+    outs, calls, real = {}, [], ap.lowrank_linear
+    with mock.patch.object(ap, "lowrank_linear", lambda *a, **k: calls.append(1) or real(*a, **k)):
+        for name, model in (("peft", reference), ("fused", fused)):
+            outs[name] = model(IDS, labels=IDS)
+            outs[name].loss.backward()
+    assert len(calls) == 2 * len(TARGETS["llama"]) and ap.fallbacks(fused) == {}
+    out64 = exact(IDS, labels=IDS)
+    out64.loss.backward()
+    assert_close_to_reference("bf16 base logits", outs["fused"].logits, out64.logits,
+                              outs["peft"].logits)
+    fused_grads, peft_grads = _grads(fused, "lora_"), _grads(reference, "lora_")
+    for name, grad64 in _grads(exact, "lora_").items():
+        assert fused_grads[name].dtype == torch.float32, name
+        assert_close_to_reference(f"bf16 base grad {name}", fused_grads[name], grad64, peft_grads[name])
+
+
+def test_fuse_reports_adapters_in_a_dtype_the_op_does_not_take_and_counts_their_calls():
+    """fp16 adapters on a bf16 base: PEFT runs them, the op does not; fuse says so."""
     model = peft.get_peft_model(tiny("llama").to(torch.bfloat16),
                                 peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS["llama"]))
-    layer = model.base_model.model.model.layers[0].self_attn.q_proj
-    assert layer.lora_A["default"].weight.dtype == torch.float32
+    for layer in _lora_layers(model):
+        layer.lora_A["default"].half()
+        layer.lora_B["default"].half()
     left = ap.fuse(model)
     assert len(left) == 6 and all(r.startswith("mixed dtypes (weight torch.bfloat16, lora_A "
-                                               "torch.float32, lora_B torch.float32)")
+                                               "torch.float16, lora_B torch.float16)")
                                   for r in left.values()), left
     with pytest.warns(UserWarning, match="mixed dtypes"):
         model(IDS)
     counts = ap.fallbacks(model)
     assert counts.keys() == left.keys()
-    assert all(c == {"mixed dtypes (x torch.bfloat16, weight torch.bfloat16, lora_A torch.float32, "
-                     "lora_B torch.float32)": 1} for c in counts.values()), counts
+    assert all(c == {"mixed dtypes (x torch.bfloat16, weight torch.bfloat16, lora_A torch.float16, "
+                     "lora_B torch.float16)": 1} for c in counts.values()), counts
 
 
 def test_fuse_serves_autocast_inputs():

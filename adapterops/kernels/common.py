@@ -11,8 +11,12 @@ def mma(a, b, acc, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     interpreter only: there (triton 3.8 and 3.9) `tl.dot` on bf16 tiles returns garbage
     (relative error ~1e10) while fp32 is exact, so the cast keeps bf16 testable on a CPU.
     INPUT_PRECISION ("ieee" or "tf32") follows torch's fp32 matmul setting; it only matters
-    for fp32 tiles on a GPU.
+    for fp32 tiles on a GPU. Tiles of two dtypes (a 16-bit x or dY against fp32 adapter
+    weights, PEFT's default on a 16-bit base) are multiplied in fp32: the 16-bit one is
+    converted in registers as it is used, so x and dY are read once, in their own dtype.
     """
+    if a.dtype != b.dtype:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=INPUT_PRECISION)
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)

@@ -488,21 +488,22 @@ def lowrank_grad_pass_finish_kernel(
 
 
 @triton.jit(do_not_specialize=["M", "R", "rows_per_split", "stride_gsm"])
-def lowrank_dropout_da_kernel(
+def lowrank_grad_a_kernel(
     x_ptr, gs_ptr, da_ptr, seed_ptr,
     M, K, R, rows_per_split, threshold, keep_scale,
     stride_xm, stride_xk, stride_gsm, stride_dar,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """dA += (g S)^T x_d for one BLOCK_K-column tile of x and one range of rows (program
-    (k, m) of a grid of column tiles x row splits), with x_d = x * kept * keep_scale
-    regenerated from the seed (`dropout_keep`) as each x tile is loaded: the LoRA-mode dA of a
-    layer with adapter dropout, where no x_d exists to hand to a GEMM library.
+    """dA += (g S)^T x for one BLOCK_K-column tile of x and one range of rows (program (k, m)
+    of a grid of column tiles x row splits), x read in its own dtype; with DROPOUT, x_d = x *
+    kept * keep_scale regenerated from the seed (`dropout_keep`) as each x tile is loaded. The
+    LoRA-mode dA where no GEMM library serves: with dropout (no x_d exists to hand one) or with
+    fp32 adapters on a 16-bit x (a library would need an fp32 copy of x).
 
     The programs of one column tile sum into dA (R x K, fp32) with relaxed fp32 reductions,
-    as the grad pass sums dB: splits x R x K adds next to a read of x. Without dropout dA is a
-    cuBLAS GEMM (g S)^T x instead.
+    as the grad pass sums dB: splits x R x K adds next to a read of x. Otherwise dA is a
+    cuBLAS GEMM (g S)^T x.
     """
     offs_k = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
@@ -510,7 +511,8 @@ def lowrank_dropout_da_kernel(
     mask_r = offs_r < R
     row_start = tl.program_id(1).to(tl.int64) * rows_per_split
     row_end = tl.minimum(M, row_start + rows_per_split)
-    seed = tl.load(seed_ptr)
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
     for m0 in range(row_start, row_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -520,7 +522,11 @@ def lowrank_dropout_da_kernel(
                       mask=mask_r[:, None] & mask_m[None, :], other=0.0)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        keep = dropout_keep(seed, threshold, offs_m, tl.program_id(0) * BLOCK_K, BLOCK_K)
-        acc = mma(gst, tl.where(keep, x, 0.0), acc, UPCAST, INPUT_PRECISION)
-    tl.atomic_add(da_ptr + offs_r[:, None] * stride_dar + offs_k[None, :], acc * keep_scale,
+        if DROPOUT:
+            keep = dropout_keep(seed, threshold, offs_m, tl.program_id(0) * BLOCK_K, BLOCK_K)
+            x = tl.where(keep, x, 0.0)
+        acc = mma(gst, x, acc, UPCAST, INPUT_PRECISION)
+    if DROPOUT:
+        acc = acc * keep_scale
+    tl.atomic_add(da_ptr + offs_r[:, None] * stride_dar + offs_k[None, :], acc,
                   mask=mask_r[:, None] & mask_k[None, :], sem="relaxed")

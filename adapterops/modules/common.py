@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import dispatch
+from ..ops.checks import SIXTEEN_BIT
 
 
 def check_layer_args(*, dropout: float, alpha: float, **positive_ints) -> None:
@@ -128,6 +129,29 @@ def check_adapter_state(layer_name: str, expected: dict[str, Tensor], state: dic
                          + (f", shapes: {'; '.join(shapes)}" if shapes else ""))
 
 
+DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+               "float64": torch.float64}
+
+
+def resolve_adapter_dtype(adapter_dtype, base_dtype: Optional[torch.dtype]) -> torch.dtype:
+    """The adapter's dtype on a base of `base_dtype` (None: torch's default dtype):
+    `adapter_dtype` when given (a torch dtype or its name, "float32"), else fp32 on a 16-bit
+    base, as PEFT keeps it (the optimizer then updates fp32 adapters with no master copy), and
+    the base's dtype otherwise. The fused ops take the adapter in the base's dtype, or in fp32
+    on a 16-bit base: anything else is a ValueError naming both."""
+    base = base_dtype or torch.get_default_dtype()
+    if adapter_dtype is None:
+        return torch.float32 if base in SIXTEEN_BIT else base
+    dtype = DTYPE_NAMES.get(adapter_dtype.removeprefix("torch.")) if isinstance(adapter_dtype, str) else adapter_dtype
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"adapter_dtype must be None, a torch dtype or one of "
+                         f"{', '.join(DTYPE_NAMES)}, got {adapter_dtype!r}")
+    if dtype != base and not (dtype == torch.float32 and base in SIXTEEN_BIT):
+        raise ValueError(f"adapter_dtype {dtype} on a {base} base: the adapter takes the base's "
+                         "dtype, or float32 on a float16 or bfloat16 base")
+    return dtype
+
+
 class AdapterLayer(nn.Module):
     """What the model-level API (config, inject, saving, peft) asks of every adapter layer: the
     attributes and hooks below, and the frozen base `weight` (out x in), `bias` (or None),
@@ -141,15 +165,16 @@ class AdapterLayer(nn.Module):
     adapters_disabled: bool = False  # set by disable_adapters: forward runs `base_forward`
 
     def _init_base(self, in_features: int, out_features: int, rank: int, alpha: float, bias: bool,
-                   backend: Optional[str], device, dtype) -> dict:
+                   backend: Optional[str], device, dtype, adapter_dtype=None) -> dict:
         """What every layer's __init__ sets after its own checks: the sizes, alpha and scaling
-        = alpha / rank, the backend (checked), the frozen base and lora_A (rank x in, empty).
-        Returns the factory arguments for the rest."""
+        = alpha / rank, the backend (checked), the frozen base (in `dtype`) and lora_A (rank x
+        in, empty, in `adapter_dtype`, None: the base's). Returns the factory arguments for the
+        rest of the adapter."""
         dispatch.check_backend_name(backend)
         self.in_features, self.out_features, self.rank, self.alpha = in_features, out_features, rank, alpha
         self.scaling, self.backend = alpha / rank, backend
-        factory = {"device": device, "dtype": dtype}
-        self.weight, self.bias = frozen_base(in_features, out_features, bias, **factory)
+        self.weight, self.bias = frozen_base(in_features, out_features, bias, device=device, dtype=dtype)
+        factory = {"device": device, "dtype": adapter_dtype or self.weight.dtype}
         self.lora_A = nn.Parameter(torch.empty(rank, in_features, **factory))
         return factory
 

@@ -23,7 +23,7 @@ from ..lamda import svd_factors
 from ..ops import lowrank_linear
 from ..pissa import factor_dtype, pissa_factors, residual_weight
 from .common import (AdapterLayer, base_features, check_adapter_state, check_layer_args, check_linear, copy_base,
-                     make_base, module_tensors, zero_gradient_for)
+                     make_base, module_tensors, resolve_adapter_dtype, zero_gradient_for)
 
 
 class _FusedLowRankLinear(AdapterLayer):
@@ -32,17 +32,18 @@ class _FusedLowRankLinear(AdapterLayer):
 
     INITS: tuple[str, ...] = ()
     has_S = False
-    OPTIONS = {"init": "lora", "dropout": 0.0}
+    OPTIONS = {"init": "lora", "dropout": 0.0, "adapter_dtype": None}
 
     def __init__(self, in_features: int, out_features: int, rank: int, alpha: float,
                  bias: bool = True, init: str = "lora", dropout: float = 0.0,
                  device=None, dtype=None, backend: Optional[str] = None, *,
-                 initialise: bool = True):
+                 adapter_dtype=None, initialise: bool = True):
         super().__init__()
         check_layer_args(in_features=in_features, out_features=out_features, rank=rank,
                          alpha=alpha, dropout=dropout)
         self._parse_init(init, rank, in_features, out_features)
-        factory = self._init_base(in_features, out_features, rank, alpha, bias, backend, device, dtype)
+        factory = self._init_base(in_features, out_features, rank, alpha, bias, backend, device,
+                                  dtype, resolve_adapter_dtype(adapter_dtype, dtype))
         self.init = init
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         self.lora_S = nn.Parameter(torch.empty(rank, rank, **factory)) if self.has_S else None
@@ -78,15 +79,17 @@ class _FusedLowRankLinear(AdapterLayer):
     @classmethod
     def from_linear(cls, linear, rank: int, alpha: float, init: str = "lora",
                     dropout: float = 0.0, backend: Optional[str] = None, *,
-                    initialise: bool = True):
+                    adapter_dtype=None, initialise: bool = True):
         """A layer computing `linear` (an nn.Linear or a transformers Conv1D) plus an adapter
-        initialised with `init`; `linear` itself is left untouched (its weight is copied).
-        initialise=False leaves the adapter uninitialised, for `load_adapter_state`."""
+        initialised with `init`, in `adapter_dtype` (None: fp32 on a 16-bit base, else the
+        base's; see `resolve_adapter_dtype`); `linear` itself is left untouched (its weight is
+        copied). initialise=False leaves the adapter uninitialised, for `load_adapter_state`."""
         check_linear(linear)
         in_features, out_features = base_features(linear)
         layer = cls(in_features, out_features, rank, alpha, bias=linear.bias is not None,
                     init="lora", dropout=dropout, device=linear.weight.device,
-                    dtype=linear.weight.dtype, backend=backend, initialise=False)
+                    dtype=linear.weight.dtype, backend=backend, adapter_dtype=adapter_dtype,
+                    initialise=False)
         layer._parse_init(init, rank, in_features, out_features)
         layer.init = init
         layer._register_initial_factors()
@@ -97,7 +100,8 @@ class _FusedLowRankLinear(AdapterLayer):
 
     def layer_options(self) -> dict:
         return {"rank": self.rank, "alpha": self.alpha, "init": self.init,
-                "dropout": self.dropout.p if self.dropout is not None else 0.0}
+                "dropout": self.dropout.p if self.dropout is not None else 0.0,
+                "adapter_dtype": str(self.lora_A.dtype).removeprefix("torch.")}
 
     def reset_adapter(self) -> None:
         """Initialises the adapter per `self.init`; inits that rewrite the frozen weight keep
@@ -186,7 +190,7 @@ class FusedLoRALinear(_FusedLowRankLinear):
             raise ValueError(f"init {self.init!r} factors the original weight, and this layer's "
                              "weight is already a residual")
         niter = int(self.init.rsplit("_", 1)[1]) if self.init.startswith("pissa_niter_") else None
-        A, B, w_res = pissa_factors(self.weight, self.rank, self.scaling, niter)
+        A, B, w_res = pissa_factors(self.weight, self.rank, self.scaling, niter, self.lora_A.dtype)
         for name, tensor in (("lora_A", A), ("lora_A0", A), ("lora_B", B), ("lora_B0", B)):
             getattr(self, name).copy_(tensor)
         self.weight.copy_(w_res)
@@ -219,7 +223,7 @@ class FusedLaMDALinear(_FusedLowRankLinear):
         if self.weight_holds_residual:
             raise ValueError("init 'svd' factors the original weight, and this layer's weight "
                              "is already a residual")
-        A, S, B, w_res = svd_factors(self.weight, self.rank, self.scaling)
+        A, S, B, w_res = svd_factors(self.weight, self.rank, self.scaling, self.lora_A.dtype)
         for name, tensor in (("lora_A", A), ("lora_A0", A), ("lora_S", S), ("lora_S0", S),
                              ("lora_B", B), ("lora_B0", B)):
             getattr(self, name).copy_(tensor)

@@ -67,17 +67,34 @@ def check_dim(name: str, t: Tensor, dim: int, expected: int, what: str) -> None:
                          f"must equal {what} = {expected}")
 
 
-def check_base_and_A(x, weight, bias, lora_A, **adapter) -> tuple[int, int, int]:
+SIXTEEN_BIT = (torch.float16, torch.bfloat16)
+
+
+def fp32_adapter_on(x, lora_A) -> bool:
+    """Whether the adapter is in fp32 on a 16-bit x (PEFT's default on a 16-bit base): the ops
+    that allow it compute the low-rank path in fp32, as PEFT does."""
+    return lora_A.dtype == torch.float32 and x.dtype in SIXTEEN_BIT
+
+
+def check_base_and_A(x, weight, bias, lora_A, *, fp32_adapter_allowed: bool = False,
+                     **adapter) -> tuple[int, int, int]:
     """Checks x (..., in), the base layer (weight (out, in), bias (out,) or None) and lora_A
     (r, in), and that they and the tensors in `adapter` (already checked with `check_tensor`
-    by the caller, None skipped) share x's dtype and device. Returns (out, in, r)."""
+    by the caller, None skipped) share x's dtype and device; with `fp32_adapter_allowed`,
+    lora_A and `adapter` may instead share fp32 on a 16-bit x. Returns (out, in, r)."""
     check_tensor("x", x)
     if x.dim() < 1:
         raise ValueError(f"x must have at least 1 dimension (..., in_features), got shape {tuple(x.shape)}")
     check_tensor("weight", weight, ndim=2)
     check_tensor("bias", bias, ndim=1, optional=True)
     check_tensor("lora_A", lora_A, ndim=2)
-    check_same_dtype_and_device("x", x, weight=weight, bias=bias, lora_A=lora_A, **adapter)
+    check_same_dtype_and_device("x", x, weight=weight, bias=bias)
+    if fp32_adapter_allowed and fp32_adapter_on(x, lora_A):
+        if lora_A.device != x.device:
+            raise ValueError(f"lora_A is on {lora_A.device} but x is on {x.device}")
+        check_same_dtype_and_device("lora_A", lora_A, **adapter)
+    else:
+        check_same_dtype_and_device("x", x, lora_A=lora_A, **adapter)
     out_features, in_features = weight.shape
     check_dim("x", x, -1, in_features, "weight's in_features (weight.shape[1])")
     rank = lora_A.shape[0]

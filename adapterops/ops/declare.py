@@ -114,11 +114,13 @@ class DeclaredOp:
         gradients_or_empty.__doc__ = gradients.__doc__
 
         def fake_gradients(*args):
-            def shape(n):  # x's gradient: tokens x in_features
-                return ((args[0].shape[0], args[weight_index].shape[1]) if n == "x"
-                        else args[shape_index[n]].shape)
+            def like(n):  # x's gradient: tokens x in_features, in dY's dtype
+                return ((args[0].shape[0], args[weight_index].shape[1]), args[0].dtype) if n == "x" \
+                    else (args[shape_index[n]].shape, args[shape_index[n]].dtype)
             needs = args[-1 - len(trained):-1]
-            return tuple(args[0].new_empty(shape(n) if need else 0) for n, need in zip(trained, needs))
+            # Each gradient in its input's dtype (fp32 adapters on a 16-bit x get fp32 ones).
+            return tuple(args[0].new_empty(like(n)[0], dtype=like(n)[1]) if need
+                         else args[0].new_empty(0) for n, need in zip(trained, needs))
 
         def forward_or_empty(*inputs):
             output = forward(*inputs)

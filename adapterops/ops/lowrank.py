@@ -7,6 +7,12 @@
 x is (..., in) and is flattened to M = prod(leading dims) tokens; y is (..., out) in x's
 dtype (fp32, fp16 or bf16; every backend accumulates in fp32).
 
+Adapters in fp32 on a 16-bit base (PEFT's default, `autocast_adapter_dtype=True`): lora_A,
+lora_B and lora_S may share fp32 while x, weight and bias share fp16 or bf16. The low-rank path
+is then computed as PEFT computes it, in fp32 (x cast to fp32 as it is read; h1, h2 and g S in
+fp32; the term added to the base product in fp32 and the sum rounded once to x's dtype), and
+the gradients of A, B and S are fp32; dx is in x's dtype.
+
 Dropout (`dropout` = p > 0, PEFT's semantics: on the adapter's input only, the base GEMM sees
 x): x_d = x * kept / (1 - p) replaces x in h1 = x_d A^T, dA = (g S)^T x_d and dx's low-rank
 term, dx = dY W + kept * ((g S) A) / (1 - p). The mask is a pure function of (seed, row,
@@ -43,8 +49,8 @@ from .declare import DeclaredOp
 
 
 def _backend(backend, x, lora_A):
-    # What the backends' reasons depend on: device, dtype, rank.
-    signature = (x.device, x.dtype, lora_A.shape[0])
+    # What the backends' reasons depend on: device, dtypes, rank.
+    signature = (x.device, x.dtype, lora_A.dtype, lora_A.shape[0])
     return (dispatch.cached("lowrank", backend, signature)
             or dispatch.select("lowrank", backend, signature=signature, x=x, lora_A=lora_A))
 
@@ -80,8 +86,9 @@ def _save(inputs, output, needs) -> tuple:
 
 def _fake(x, weight, bias, lora_A, lora_B, lora_S, scaling, dropout, dropout_seed, backend):
     M, r = x.shape[0], lora_A.shape[0]
-    return (x.new_empty((M, weight.shape[0])), x.new_empty((M, r)),
-            x.new_empty((M, r)) if lora_S is not None else x.new_empty(0))
+    # h1 and h2 in the adapter's dtype (fp32 adapters on a 16-bit x: fp32).
+    return (x.new_empty((M, weight.shape[0])), lora_A.new_empty((M, r)),
+            lora_A.new_empty((M, r)) if lora_S is not None else lora_A.new_empty(0))
 
 
 _lowrank_op = DeclaredOp("lowrank_linear", forward=_forward, gradients=_gradients, save=_save,
@@ -109,7 +116,7 @@ def check_lowrank_args(x, weight, bias, lora_A, lora_B, scaling, lora_S) -> floa
     check_tensor("lora_B", lora_B, ndim=2)
     check_tensor("lora_S", lora_S, ndim=2, optional=True)
     out_features, in_features, rank = check_base_and_A(x, weight, bias, lora_A, lora_B=lora_B,
-                                                       lora_S=lora_S)
+                                                       lora_S=lora_S, fp32_adapter_allowed=True)
     check_dim("lora_B", lora_B, 0, out_features, "out_features (weight.shape[0])")
     check_dim("lora_B", lora_B, 1, rank, "the rank (lora_A.shape[0])")
     if lora_S is not None:

@@ -4,7 +4,8 @@
     g = s dY B,  dB = s dY^T h2,  dS = g^T h1,  dx = dY W + (g S) A,  dA = (g S)^T x
 
 With dropout p > 0, x_d (`dropout.dropped`: the kernels' mask) replaces x in h1 and dA, and
-dx = dY W + kept * ((g S) A) / (1 - p).
+dx = dY W + kept * ((g S) A) / (1 - p). With fp32 adapters on a 16-bit x the low-rank path runs
+in fp32 (PEFT's math), the base products in x's dtype.
 """
 from typing import Optional
 
@@ -30,10 +31,14 @@ def add_scaled_product(base: Tensor, a: Tensor, b: Tensor, scale: float) -> Tens
 def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
             lora_S: Optional[Tensor], scaling: float, dropout: float,
             dropout_seed: Optional[Tensor]):
-    """Returns (y, h1, h2); h2 is None when there is no S (then h2 = h1)."""
-    h1 = F.linear(dropped(x, dropout_seed, dropout) if dropout > 0 else x, lora_A)
+    """Returns (y, h1, h2); h2 is None when there is no S (then h2 = h1). Adapters in another
+    dtype than x (fp32 on a 16-bit base) compute as PEFT does: x cast to their dtype, the base
+    output (rounded to x's dtype) plus the term in their dtype, rounded to x's dtype."""
+    x_adapter = x.to(lora_A.dtype)
+    h1 = F.linear(dropped(x_adapter, dropout_seed, dropout) if dropout > 0 else x_adapter, lora_A)
     h2 = F.linear(h1, lora_S) if lora_S is not None else h1
-    y = add_scaled_product(F.linear(x, weight, bias), h2, lora_B.t(), scaling)
+    base = F.linear(x, weight, bias)
+    y = add_scaled_product(base.to(h2.dtype), h2, lora_B.t(), scaling).to(x.dtype)
     return y, h1, (h2 if lora_S is not None else None)
 
 
@@ -45,15 +50,18 @@ def backward(grad_y: Tensor, x: Optional[Tensor], h1: Optional[Tensor], h2: Opti
 
     Needs x for dA, h2 (h1 without S) for dB and h1 for dS; the caller saves only those.
     """
-    g = torch.mm(grad_y, lora_B).mul_(scaling)
-    dB = torch.mm(grad_y.t(), h2).mul_(scaling) if need_B else None
+    dy = grad_y.to(lora_B.dtype)  # the adapter's dtype (fp32 adapters on a 16-bit base)
+    g = torch.mm(dy, lora_B).mul_(scaling)
+    dB = torch.mm(dy.t(), h2).mul_(scaling) if need_B else None
     dS = torch.mm(g.t(), h1) if need_S else None
     gS = torch.mm(g, lora_S) if lora_S is not None else g
+    x_adapter = x.to(lora_A.dtype) if need_A else None
     if dropout > 0:
-        dx = (torch.mm(grad_y, weight) + dropped(torch.mm(gS, lora_A), dropout_seed, dropout)
-              if need_x else None)
-        dA = torch.mm(gS.t(), dropped(x, dropout_seed, dropout)) if need_A else None
+        dx = (torch.mm(grad_y, weight).to(gS.dtype)
+              + dropped(torch.mm(gS, lora_A), dropout_seed, dropout)).to(grad_y.dtype) if need_x else None
+        dA = torch.mm(gS.t(), dropped(x_adapter, dropout_seed, dropout)) if need_A else None
         return dx, dA, dB, dS
-    dx = torch.addmm(torch.mm(grad_y, weight), gS, lora_A) if need_x else None
-    dA = torch.mm(gS.t(), x) if need_A else None
+    dx = (torch.addmm(torch.mm(grad_y, weight).to(gS.dtype), gS, lora_A).to(grad_y.dtype)
+          if need_x else None)
+    dA = torch.mm(gS.t(), x_adapter) if need_A else None
     return dx, dA, dB, dS

@@ -146,10 +146,10 @@ GRAD_PASS_CONFIGS = {
              (128, {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3}),
              (256, {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 8, "num_stages": 3})),
 }
-# The dropout dA pass (LoRA mode with dropout): a [BLOCK_R, BLOCK_K] fp32 accumulator per
+# The streamed dA pass (LoRA mode with dropout or fp32 adapters on a 16-bit x): a [BLOCK_R, BLOCK_K] fp32 accumulator per
 # program, contracted over BLOCK_M rows of x per step (the full-fp32 FMA path holds that
 # contraction in registers, hence its small BLOCK_M); same table form as the two passes.
-DROPOUT_DA_CONFIGS = {
+GRAD_A_CONFIGS = {
     "16bit": ((64, {"BLOCK_M": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}),
               (128, {"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3})),
     "tf32": ((64, {"BLOCK_M": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}),
@@ -168,7 +168,7 @@ INTERPRETER_CONFIGS = {
     "gemm": {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4},
     "shrink": {"BLOCK_M": 32, "BLOCK_K": 32},
     "grad_pass": {"BLOCK_M": 32, "BLOCK_N": 32},
-    "dropout_da": {"BLOCK_M": 32, "BLOCK_K": 32},
+    "grad_a": {"BLOCK_M": 32, "BLOCK_K": 32},
 }
 
 
@@ -243,6 +243,8 @@ def gemm_lowrank(a: Tensor, b: Tensor, h: Tensor, c: Tensor, bias: Optional[Tens
     if M == 0 or N == 0:
         return out
     flags = numerics_flags(a.dtype, K.gemm_lowrank_kernel)
+    if h.dtype != a.dtype:  # fp32 adapters on a 16-bit GEMM: the term's fp32 numerics
+        flags["INPUT_PRECISION"] = numerics_flags(h.dtype, K.gemm_lowrank_kernel)["INPUT_PRECISION"]
     # The kernels read bias with unit stride; a strided view (a column of a matrix) is copied.
     bias = bias.contiguous() if bias is not None else None
     bias_arg = bias if bias is not None else out  # a valid pointer; unread without HAS_BIAS
@@ -330,13 +332,16 @@ def shrink(x: Tensor, lora_A: Tensor, lora_S: Optional[Tensor], dropout: float =
     when the row blocks are too few for the GPU."""
     M, Kdim = x.shape
     R = lora_A.shape[0]
-    h1 = torch.empty((M, R), dtype=x.dtype, device=x.device)
-    h2 = torch.empty((M, R), dtype=x.dtype, device=x.device) if lora_S is not None else x.new_empty(0)
+    # h1 and h2 in the adapter's dtype; with fp32 adapters on a 16-bit x the pass computes in
+    # fp32 (its numerics and tiles are fp32's), x converted in registers.
+    h1 = torch.empty((M, R), dtype=lora_A.dtype, device=x.device)
+    h2 = (torch.empty((M, R), dtype=lora_A.dtype, device=x.device) if lora_S is not None
+          else h1.new_empty(0))
     if M > 0:
         kernel = K.lowrank_shrink_kernel
         block_r = rank_block(R)
         has_dropout = dropout > 0
-        flags, config = pass_config(kernel, x.dtype,
+        flags, config = pass_config(kernel, lora_A.dtype,
                                     DROPOUT_SHRINK_CONFIGS if has_dropout else SHRINK_CONFIGS,
                                     block_r, INTERPRETER_CONFIGS["shrink"])
         row_blocks = triton.cdiv(M, config["BLOCK_M"])
@@ -383,12 +388,13 @@ def grad_pass(grad_y: Tensor, lora_B: Tensor, h1: Optional[Tensor], h2: Optional
     R = lora_B.shape[1]
     block_r = rank_block(R)
     device = grad_y.device
-    gS = torch.empty((M, R), dtype=grad_y.dtype, device=device)
+    # gS in the adapter's dtype (fp32 adapters on a 16-bit dY: the pass computes in fp32).
+    gS = torch.empty((M, R), dtype=lora_B.dtype, device=device)
     dB = torch.zeros((N, block_r), dtype=torch.float32, device=device) if need_B else None
     dS = torch.zeros((R, block_r), dtype=torch.float32, device=device) if need_S else None
     if M > 0:
         kernel = K.lowrank_grad_pass_kernel
-        flags, config = pass_config(kernel, grad_y.dtype, GRAD_PASS_CONFIGS, block_r,
+        flags, config = pass_config(kernel, lora_B.dtype, GRAD_PASS_CONFIGS, block_r,
                                     INTERPRETER_CONFIGS["grad_pass"])
         row_blocks = triton.cdiv(M, config["BLOCK_M"])
         splits, n_per_split = split_loop(kernel, device, row_blocks, N, config["BLOCK_N"])
@@ -424,8 +430,8 @@ def backward(grad_y: Tensor, x: Optional[Tensor], h1: Optional[Tensor], h2: Opti
     gS, dB, dS = grad_pass(grad_y, lora_B, h1, h2, lora_S, scaling, need_B, need_S)
     dx = (gemm_lowrank(grad_y, weight, gS, lora_A, None, keep_scale(dropout), dropout,
                        dropout_seed) if need_x else None)
-    if need_A and dropout > 0:
-        dA = dropout_grad_A(gS, x, dropout, dropout_seed).to(lora_A.dtype)
+    if need_A and (dropout > 0 or x.dtype != gS.dtype):
+        dA = streamed_grad_A(gS, x, dropout, dropout_seed).to(lora_A.dtype)
     else:
         dA = torch.mm(gS.t(), x) if need_A else None
     return (dx, dA,
@@ -433,25 +439,28 @@ def backward(grad_y: Tensor, x: Optional[Tensor], h1: Optional[Tensor], h2: Opti
             dS.to(lora_S.dtype) if dS is not None else None)
 
 
-def dropout_grad_A(gS: Tensor, x: Tensor, dropout: float, dropout_seed: Tensor) -> Tensor:
-    """dA = (g S)^T x_d in fp32 (R x K), x_d regenerated from the seed as x is read
-    (`lowrank_dropout_da_kernel`): a grid of K tiles x row splits, the splits as many as give
-    every SM a program (but at least SPLIT_MIN_STEPS row blocks each)."""
+def streamed_grad_A(gS: Tensor, x: Tensor, dropout: float, dropout_seed: Optional[Tensor]) -> Tensor:
+    """dA = (g S)^T x in fp32 (R x K), x read in its own dtype and, with dropout p > 0, x_d
+    regenerated from the seed as x is read (`lowrank_grad_a_kernel`): a grid of K tiles x row
+    splits, the splits as many as give every SM a program (but at least SPLIT_MIN_STEPS row
+    blocks each)."""
     M, Kdim = x.shape
     R = gS.shape[1]
     dA = torch.zeros((R, Kdim), dtype=torch.float32, device=x.device)
     if M == 0 or Kdim == 0:
         return dA
-    kernel = K.lowrank_dropout_da_kernel
+    kernel = K.lowrank_grad_a_kernel
     block_r = rank_block(R)
-    flags, config = pass_config(kernel, x.dtype, DROPOUT_DA_CONFIGS, block_r,
-                                INTERPRETER_CONFIGS["dropout_da"])
+    # The numerics of the product's wider operand (gS: fp32 adapters on a 16-bit x).
+    flags, config = pass_config(kernel, gS.dtype, GRAD_A_CONFIGS, block_r,
+                                INTERPRETER_CONFIGS["grad_a"])
     column_tiles = triton.cdiv(Kdim, config["BLOCK_K"])
     splits, rows_per_split = split_loop(kernel, x.device, column_tiles, M, config["BLOCK_M"])
+    has_dropout = dropout > 0
     launch(kernel, (column_tiles, splits),
-           (x, gS, dA, dropout_seed, M, Kdim, R, rows_per_split, threshold(dropout),
-            keep_scale(dropout), x.stride(0), x.stride(1), R, Kdim),
-           config, BLOCK_R=block_r, **flags)
+           (x, gS, dA, dropout_seed if has_dropout else dA, M, Kdim, R, rows_per_split,
+            threshold(dropout), keep_scale(dropout), x.stride(0), x.stride(1), R, Kdim),
+           config, DROPOUT=has_dropout, BLOCK_R=block_r, **flags)
     return dA
 
 
@@ -471,7 +480,7 @@ UNIT_STRIDES = {
     "shrink": ("stride_xk", "stride_ak", "stride_sj"),
     "grad_pass": ("stride_dyn", "stride_br", "stride_sj"),
     "finish": ("stride_sj",),
-    "dropout_da": ("stride_xk",),
+    "grad_a": ("stride_xk",),
 }
 
 
@@ -550,10 +559,90 @@ def kernel_configurations() -> list[KernelConfig]:
                         fp32_ptrs=("ds_ptr", "part_ptr"), loop="partials", COMPUTE_DS=compute_ds,
                         **shapes)
             if block_r < WIDE_RANK_BLOCK:
-                # (Its contraction runs over rows, not the rank: no R_CHUNK.)
+                # (Its contraction runs over rows, not the rank: no R_CHUNK.) Same dtypes, it
+                # serves dropout only (cuBLAS takes dA otherwise).
                 configs.append(kernel_config(
-                    K.lowrank_dropout_da_kernel, f"{d} R{block_r}",
-                    bucket_config(DROPOUT_DA_CONFIGS, numerics, block_r), True, dtype,
-                    precision, UNIT_STRIDES["dropout_da"], fp32_ptrs=("da_ptr",), loop="stream",
-                    BLOCK_R=block_r))
+                    K.lowrank_grad_a_kernel, f"{d} R{block_r} dropout",
+                    bucket_config(GRAD_A_CONFIGS, numerics, block_r), True, dtype,
+                    precision, UNIT_STRIDES["grad_a"], fp32_ptrs=("da_ptr",), loop="stream",
+                    DROPOUT=True, BLOCK_R=block_r))
+    return configs + fp32_adapter_configurations()
+
+
+# fp32 adapters on a 16-bit x (PEFT's default on a 16-bit base): the pointers that hold the
+# adapter's dtype, per kernel (x, dY, W, bias and the outputs y and dx keep x's dtype).
+FP32_ADAPTER_PTRS = {
+    "shrink": ("a_ptr", "s_ptr", "h1_ptr", "h2_ptr"),
+    "grad_pass": ("b_ptr", "h1_ptr", "h2_ptr", "s_ptr", "gs_ptr"),
+    "gemm": ("h_ptr", "c_ptr"),
+    "grad_a": ("gs_ptr",),
+}
+
+
+def fp32_adapter_configurations() -> list[KernelConfig]:
+    """The configurations launched with fp32 adapters on a bf16 x: the GEMMs (a 16-bit main
+    loop, the fp32 term in the epilogue) at both fp32 precisions (the term's), and the passes
+    that read x or dY (shrink, grad pass, dA) in full fp32, torch's default precision, on fp32
+    tiles. Their finishing kernels see fp32 tensors only (the fp32 variants compile them); fp16
+    and the TF32 passes differ from these in a load's dtype or an instruction's precision and
+    are not compiled here (nor in CI)."""
+    dtype, adapter = torch.bfloat16, torch.float32
+    configs = []
+    for precision in ("ieee", "tf32"):
+        d = f"bf16+fp32-{precision}"
+        numerics = numerics_class(adapter, {"INPUT_PRECISION": precision})
+
+        def add(fn, label, config, default, unit_strides, pointers, fp32_ptrs=(), **flags):
+            configs.append(kernel_config(
+                fn, f"{d} {label}", config, default, dtype, precision, unit_strides, fp32_ptrs,
+                pointer_dtypes=dict.fromkeys(FP32_ADAPTER_PTRS[pointers], adapter), **flags))
+
+        gemm_paths = (("fwd", True, False), ("fwd", False, False), ("bwd", False, False),
+                      ("bwd", False, True))
+        for path, has_bias, dropout in gemm_paths:
+            table = DROPOUT_GEMM_CONFIGS if dropout else GEMM_CONFIGS
+            for i, config in enumerate(table[2]):
+                tiles = f"{config['BLOCK_M']}x{config['BLOCK_N']}x{config['BLOCK_K']}"
+                add(K.gemm_lowrank_kernel,
+                    f"{path} {tiles} bias={has_bias}" + (" dropout" if dropout else ""), config,
+                    i == 0, UNIT_STRIDES[f"gemm {path}"], "gemm", HAS_BIAS=has_bias,
+                    DROPOUT=dropout, R_CHUNK=RANK_CHUNK)
+            tma_table = DROPOUT_TMA_GEMM_CONFIGS if dropout else TMA_GEMM_CONFIGS
+            for i, config in enumerate(tma_table["16bit"]):
+                bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+                transposed = path == "fwd"
+                configs.append(kernel_config(
+                    K.gemm_lowrank_tma_kernel,
+                    f"{d} {path} {bm}x{bn}x{bk} bias={has_bias}" + (" dropout" if dropout else ""),
+                    config, i == 0, dtype, precision, UNIT_STRIDES[f"tma {path}"],
+                    pointer_dtypes=dict.fromkeys(FP32_ADAPTER_PTRS["gemm"], adapter),
+                    descriptor_blocks={"a_desc": (bm, bk), "out_desc": (bm, bn),
+                                       "b_desc": (bn, bk) if transposed else (bk, bn)},
+                    B_TRANSPOSED=transposed, HAS_BIAS=has_bias, DROPOUT=dropout,
+                    R_CHUNK=RANK_CHUNK))
+        if precision != "ieee":
+            continue
+        for block_r in (16, 32, 64, 128):
+            for has_s in (True, False):
+                shapes = dict(HAS_S=has_s, BLOCK_R=block_r)
+                for dropout, table in ((False, SHRINK_CONFIGS), (True, DROPOUT_SHRINK_CONFIGS)):
+                    add(K.lowrank_shrink_kernel,
+                        f"R{block_r} S={has_s}" + (" dropout" if dropout else ""),
+                        bucket_config(table, numerics, block_r), True, UNIT_STRIDES["shrink"],
+                        "shrink", fp32_ptrs=("part_ptr",), loop="stream", DROPOUT=dropout,
+                        R_CHUNK=RANK_CHUNK, **shapes)
+                for compute_ds in ((True, False) if has_s else (False,)):
+                    for compute_db in (True, False):
+                        add(K.lowrank_grad_pass_kernel,
+                            f"R{block_r} S={has_s} dB={compute_db} dS={compute_ds}",
+                            bucket_config(GRAD_PASS_CONFIGS, numerics, block_r), True,
+                            UNIT_STRIDES["grad_pass"], "grad_pass",
+                            fp32_ptrs=("db_ptr", "ds_ptr", "part_ptr"), loop="stream",
+                            COMPUTE_DB=compute_db, COMPUTE_DS=compute_ds, R_CHUNK=RANK_CHUNK,
+                            **shapes)
+            for dropout in (False, True):
+                add(K.lowrank_grad_a_kernel, f"R{block_r}" + (" dropout" if dropout else ""),
+                    bucket_config(GRAD_A_CONFIGS, numerics, block_r), True,
+                    UNIT_STRIDES["grad_a"], "grad_a", fp32_ptrs=("da_ptr",), loop="stream",
+                    DROPOUT=dropout, BLOCK_R=block_r)
     return configs
