@@ -8,8 +8,6 @@ import math
 from fractions import Fraction
 from typing import Iterable, Mapping, Optional, Union
 
-from typing import Optional
-
 import torch
 from torch import Tensor, nn
 

@@ -146,9 +146,10 @@ GRAD_PASS_CONFIGS = {
              (128, {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3}),
              (256, {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 8, "num_stages": 3})),
 }
-# The streamed dA pass (LoRA mode with dropout or fp32 adapters on a 16-bit x): a [BLOCK_R, BLOCK_K] fp32 accumulator per
-# program, contracted over BLOCK_M rows of x per step (the full-fp32 FMA path holds that
-# contraction in registers, hence its small BLOCK_M); same table form as the two passes.
+# The streamed dA pass (LoRA mode with dropout, or fp32 adapters on a 16-bit x): a
+# [BLOCK_R, BLOCK_K] fp32 accumulator per program, contracted over BLOCK_M rows of x per step
+# (the full-fp32 FMA path holds that contraction in registers, hence its small BLOCK_M); same
+# table form as the two passes.
 GRAD_A_CONFIGS = {
     "16bit": ((64, {"BLOCK_M": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}),
               (128, {"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3})),
@@ -592,9 +593,10 @@ def fp32_adapter_configurations() -> list[KernelConfig]:
         d = f"bf16+fp32-{precision}"
         numerics = numerics_class(adapter, {"INPUT_PRECISION": precision})
 
+        # Called only within this iteration, so the loop variables it reads are current.
         def add(fn, label, config, default, unit_strides, pointers, fp32_ptrs=(), **flags):
             configs.append(kernel_config(
-                fn, f"{d} {label}", config, default, dtype, precision, unit_strides, fp32_ptrs,
+                fn, f"{d} {label}", config, default, dtype, precision, unit_strides, fp32_ptrs,  # noqa: B023
                 pointer_dtypes=dict.fromkeys(FP32_ADAPTER_PTRS[pointers], adapter), **flags))
 
         gemm_paths = (("fwd", True, False), ("fwd", False, False), ("bwd", False, False),
