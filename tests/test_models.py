@@ -18,6 +18,7 @@ import math
 import re
 import shutil
 import time
+import unittest.mock
 import warnings
 
 import pytest
@@ -317,6 +318,36 @@ def test_gradient_checkpointing_replays_the_adapter_dropout(case):
     for name, g in grads.items():
         assert_close_fp32(f"{case}: gradient of {name} with checkpointing", grads_ckpt[name], g,
                           ulps=16)
+
+
+@pytest.mark.parametrize("case", ["lora", "lamda_svd"])
+def test_a_bf16_model_gets_fp32_adapters_that_train_fused_and_survive_saving(case, tmp_path):
+    """adapter_dtype=None: fp32 adapters on a bf16 base, as PEFT keeps them; every adapted
+    call runs the fused op, the adapters' gradients are fp32, and save/load restores the
+    dtype. A forced dtype is kept too."""
+    model = adapterops.inject(build("llama", num_hidden_layers=1).to(torch.bfloat16), config_for(case))
+    layers = adapter_layers(model)
+    assert layers and all(layer.weight.dtype == torch.bfloat16 and layer.lora_A.dtype == torch.float32
+                          and layer.lora_B.dtype == torch.float32 for _, layer in layers)
+    perturb_adapters(model)
+    calls = []
+    real = adapterops.modules.lowrank.lowrank_linear
+    with unittest.mock.patch.object(adapterops.modules.lowrank, "lowrank_linear",
+                                    lambda *a, **k: calls.append(1) or real(*a, **k)):
+        grads = trainable_grads(model, training_loss(model))
+    assert len(calls) == len(layers)
+    assert grads and all(g.dtype == torch.float32 and g.abs().max() > 0 for g in grads.values())
+    adapterops.save_adapters(model, tmp_path)
+    again = adapterops.load_adapters(build("llama", num_hidden_layers=1).to(torch.bfloat16), tmp_path)
+    for (name, layer), (_, loaded) in zip(layers, adapter_layers(again)):
+        for key, tensor in layer.adapter_state().items():
+            assert torch.equal(getattr(loaded, key), tensor), f"{name}.{key}"
+    assert torch.equal(logits_of(again), logits_of(model))
+    forced = adapterops.inject(build("llama", num_hidden_layers=1).to(torch.bfloat16),
+                               config_for(case, adapter_dtype=torch.bfloat16))
+    assert all(layer.lora_A.dtype == torch.bfloat16 for _, layer in adapter_layers(forced))
+    with pytest.raises(ValueError, match="adapter_dtype torch.bfloat16 on a torch.float32 base"):
+        adapterops.inject(build("llama", num_hidden_layers=1), config_for(case, adapter_dtype="bfloat16"))
 
 
 # --- 2. save_adapters / load_adapters ---------------------------------------------------------
