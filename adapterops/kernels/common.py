@@ -15,11 +15,13 @@ def mma(a, b, acc, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     weights, PEFT's default on a 16-bit base) are multiplied in fp32: the 16-bit one is
     converted in registers as it is used, so x and dY are read once, in their own dtype.
     """
-    if a.dtype != b.dtype:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=INPUT_PRECISION)
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    if tl.constexpr(a.dtype != b.dtype):  # (a compile-time branch: both arms must not be built)
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=INPUT_PRECISION)
+    elif UPCAST:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    return acc
 
 
 @triton.jit

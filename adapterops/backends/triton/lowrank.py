@@ -91,6 +91,30 @@ DROPOUT_TMA_GEMM_CONFIGS = {
         {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4},
     ],
 }
+# The GEMMs with fp32 adapters on a 16-bit x: a 16-bit main loop and an fp32 term in the
+# epilogue, whose full-fp32 FMAs hold operand rows in registers (sm_90 kernel report, triton
+# 3.9): the 128x256 and 256x128 tiles spilled 184-360 bytes and overflowed shared memory
+# (245,760 bytes), and with dropout's second accumulator every 128-row tile spilled (44-64
+# bytes) and 64x128 too (36-112). These spill nowhere, at either precision of the term.
+FP32_ADAPTER_GEMM_CONFIGS = {
+    "pointer": [
+        {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 4},
+        {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4},
+    ],
+    "tma": [
+        {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 4},
+        {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
+        {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4},
+    ],
+    "dropout pointer": [
+        {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
+        {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 3},
+    ],
+    "dropout tma": [
+        {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 4},
+        {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4},
+    ],
+}
 TMA_MIN_CAPABILITY = (9, 0)
 # Under the interpreter the persistent loop runs on a few programs, so each walks several
 # tiles (as on a GPU with more tiles than SMs) and the last ones fewer.
@@ -256,9 +280,13 @@ def gemm_lowrank(a: Tensor, b: Tensor, h: Tensor, c: Tensor, bias: Optional[Tens
     numerics = numerics_class(a.dtype, flags)
     b_transposed = tma_layout(a, b, out, numerics, K.gemm_lowrank_tma_kernel)
 
+    fp32_term = h.dtype != a.dtype
     if b_transposed is None:
         kernel = K.gemm_lowrank_kernel
-        configs = (DROPOUT_GEMM_CONFIGS if has_dropout else GEMM_CONFIGS)[element_size(a.dtype)]
+        if fp32_term:
+            configs = FP32_ADAPTER_GEMM_CONFIGS["dropout pointer" if has_dropout else "pointer"]
+        else:
+            configs = (DROPOUT_GEMM_CONFIGS if has_dropout else GEMM_CONFIGS)[element_size(a.dtype)]
         args = (a, b, h, c, bias_arg, out, seed_arg, M, N, Kdim, R, scale, drop_threshold,
                 a.stride(0), a.stride(1), b.stride(0), b.stride(1), h.stride(0), h.stride(1),
                 c.stride(0), c.stride(1), out.stride(0), out.stride(1))
@@ -268,7 +296,10 @@ def gemm_lowrank(a: Tensor, b: Tensor, h: Tensor, c: Tensor, bias: Optional[Tens
             launch(kernel, grid, args, config, **constexprs)
     else:
         kernel = K.gemm_lowrank_tma_kernel
-        configs = (DROPOUT_TMA_GEMM_CONFIGS if has_dropout else TMA_GEMM_CONFIGS)[numerics]
+        if fp32_term:
+            configs = FP32_ADAPTER_GEMM_CONFIGS["dropout tma" if has_dropout else "tma"]
+        else:
+            configs = (DROPOUT_TMA_GEMM_CONFIGS if has_dropout else TMA_GEMM_CONFIGS)[numerics]
         programs = (INTERPRETER_PROGRAMS if interpreting(kernel)
                     else _programs_and_tma(a.device)[0])
         b_stored = b.t() if b_transposed else b
@@ -288,8 +319,8 @@ def gemm_lowrank(a: Tensor, b: Tensor, h: Tensor, c: Tensor, bias: Optional[Tens
     if interpreting(kernel):
         config = INTERPRETER_CONFIGS["gemm"]
     else:
-        key = (kernel.__name__, b_transposed, bucket(M), N, Kdim, a.dtype, bias is not None,
-               has_dropout, a.device)
+        key = (kernel.__name__, b_transposed, bucket(M), N, Kdim, a.dtype, h.dtype,
+               bias is not None, has_dropout, a.device)
         config = pick_config(key, configs, configs[0], launch_with, kernel)
     launch_with(config)
     return out
@@ -602,15 +633,16 @@ def fp32_adapter_configurations() -> list[KernelConfig]:
         gemm_paths = (("fwd", True, False), ("fwd", False, False), ("bwd", False, False),
                       ("bwd", False, True))
         for path, has_bias, dropout in gemm_paths:
-            table = DROPOUT_GEMM_CONFIGS if dropout else GEMM_CONFIGS
-            for i, config in enumerate(table[2]):
+            if dropout and precision == "tf32":
+                continue  # the masked term runs in full fp32 whatever the precision: as ieee's
+            prefix = "dropout " if dropout else ""
+            for i, config in enumerate(FP32_ADAPTER_GEMM_CONFIGS[prefix + "pointer"]):
                 tiles = f"{config['BLOCK_M']}x{config['BLOCK_N']}x{config['BLOCK_K']}"
                 add(K.gemm_lowrank_kernel,
                     f"{path} {tiles} bias={has_bias}" + (" dropout" if dropout else ""), config,
                     i == 0, UNIT_STRIDES[f"gemm {path}"], "gemm", HAS_BIAS=has_bias,
                     DROPOUT=dropout, R_CHUNK=RANK_CHUNK)
-            tma_table = DROPOUT_TMA_GEMM_CONFIGS if dropout else TMA_GEMM_CONFIGS
-            for i, config in enumerate(tma_table["16bit"]):
+            for i, config in enumerate(FP32_ADAPTER_GEMM_CONFIGS[prefix + "tma"]):
                 bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
                 transposed = path == "fwd"
                 configs.append(kernel_config(
