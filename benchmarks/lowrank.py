@@ -7,6 +7,10 @@
   `F.dropout` to the adapter's input, PEFT its own `lora_dropout`, adapterops `dropout=0.1`.
   `triton_p0` is the fused op without dropout in the same run: the target is the fused op with
   dropout within 5% of it ("triton vs triton_p0" >= 0.95x).
+- `lamda_fp32_adapter`, `lora_fp32_adapter`: A, S and B in fp32 on the run's 16-bit x and W
+  (PEFT's default, `autocast_adapter_dtype=True`): the compositions compute as PEFT does (x cast
+  to fp32 for the adapter, the base output plus the fp32 term, rounded to x's dtype), PEFT is
+  its own default layer. (In an fp32 run they are the plain ops.)
 
 x requires a gradient in both (a layer inside a network passes dx on). W and bias are frozen.
 
@@ -50,8 +54,9 @@ from .harness import Case, OpBenchmark, Workload, make_tensor
 
 PROVIDERS = {"lamda": ("floor", "torch_eager", "addmm", "torch", "triton", "cuda"),
              "lora": ("floor", "torch_eager", "addmm", "peft", "torch", "triton", "cuda")}
-PROVIDERS.update({f"{name}_dropout": providers + ("triton_p0",)
-                  for name, providers in PROVIDERS.items()})
+PROVIDERS.update({f"{name}_{variant}": providers + (("triton_p0",) if variant == "dropout" else ())
+                  for name, providers in list(PROVIDERS.items())
+                  for variant in ("dropout", "fp32_adapter")})
 SCALING = 0.5
 DROPOUT = 0.1
 # (in, out) of LLaMA-7B-like projections: square attention, MLP up, MLP down.
@@ -86,17 +91,21 @@ def _flops(case: Case, provider: str, lamda: bool) -> tuple[float, float]:
     return forward, backward
 
 
-def _bytes(case: Case, provider: str, lamda: bool, element_size: int) -> tuple[float, float]:
+def _bytes(case: Case, provider: str, lamda: bool, element_size: int,
+           adapter_size: int) -> tuple[float, float]:
+    """(forward, backward) bytes: x, W, bias, y, dY, dX and a LoRA's saved x in
+    `element_size`; the adapter, its gradients and its M x r activations in `adapter_size`."""
     M, K, N, r = case.M, case.K, case.N, case.r
     x, y, W = M * K, M * N, N * K
     if provider == "floor":
         return (x + W + N + y) * element_size, (y + W + x) * element_size
     adapter = r * K + N * r + (r * r if lamda else 0)        # A, B and S: read once
-    saved = 2 * M * r if lamda else x + M * r                 # lamda: h1, h2; lora: x, h1
+    saved_h = 2 * M * r if lamda else M * r                   # lamda: h1, h2; lora: h1 (and x)
     grads = r * r + N * r if lamda else r * K + N * r         # dS, dB or dA, dB
-    forward = x + W + N + adapter + y
-    backward = y + W + adapter + saved + x + grads
-    return forward * element_size, backward * element_size
+    forward = (x + W + N + y) * element_size + adapter * adapter_size
+    backward = ((y + W + x + (0 if lamda else x)) * element_size
+                + (adapter + saved_h + grads) * adapter_size)
+    return forward, backward
 
 
 def _peft_layer(weight, bias, lora_A, lora_B, dropout: float):
@@ -124,20 +133,23 @@ def _peft_layer(weight, bias, lora_A, lora_B, dropout: float):
 
 
 def workload(provider: str, case: Case, dtype: torch.dtype, device: torch.device, *,
-             lamda: bool, dropout: float = 0.0) -> Workload:
+             lamda: bool, dropout: float = 0.0, fp32_adapter: bool = False) -> Workload:
     """Fresh tensors for `case` and the provider's forward on them (with adapter dropout
-    `dropout` in training)."""
+    `dropout` in training; with `fp32_adapter`, the adapter in fp32)."""
     M, K, N, r = case.M, case.K, case.N, case.r
     make = functools.partial(make_tensor, dtype=dtype, device=device)
+    make_adapter = functools.partial(make_tensor, dtype=torch.float32 if fp32_adapter else dtype,
+                                     device=device)
     x = make(M, K, fan_in=1, trainable=True)
     weight, bias = make(N, K, fan_in=K), make(N, fan_in=1)
-    lora_A = make(r, K, fan_in=K, trainable=not lamda)
-    lora_S = make(r, r, fan_in=r, trainable=True) if lamda else None
-    lora_B = make(N, r, fan_in=r, trainable=True)
+    lora_A = make_adapter(r, K, fan_in=K, trainable=not lamda)
+    lora_S = make_adapter(r, r, fan_in=r, trainable=True) if lamda else None
+    lora_B = make_adapter(N, r, fan_in=r, trainable=True)
     adapter = tuple(t for t in (lora_A, lora_S, lora_B) if t is not None)
 
     def shrink():
-        h = F.linear(F.dropout(x, dropout) if dropout else x, lora_A)
+        x_adapter = x.to(lora_A.dtype)  # PEFT's cast (x itself when the dtypes agree)
+        h = F.linear(F.dropout(x_adapter, dropout) if dropout else x_adapter, lora_A)
         return F.linear(h, lora_S) if lamda else h
 
     def fused(backend: str, p: float = dropout):
@@ -146,8 +158,9 @@ def workload(provider: str, case: Case, dtype: torch.dtype, device: torch.device
 
     forwards = {
         "floor": lambda: F.linear(x, weight, bias),
-        "torch_eager": lambda: F.linear(x, weight, bias) + F.linear(shrink(), lora_B) * SCALING,
-        "addmm": lambda: F.linear(x, weight, bias).addmm_(shrink(), lora_B.t(), alpha=SCALING),
+        "torch_eager": lambda: (F.linear(x, weight, bias) + F.linear(shrink(), lora_B) * SCALING).to(x.dtype),
+        "addmm": lambda: F.linear(x, weight, bias).to(lora_B.dtype).addmm_(
+            shrink(), lora_B.t(), alpha=SCALING).to(x.dtype),
         "torch": fused("torch"), "triton": fused("triton"), "cuda": fused("cuda"),
         "triton_p0": fused("triton", 0.0),
     }
@@ -158,7 +171,7 @@ def workload(provider: str, case: Case, dtype: torch.dtype, device: torch.device
         forwards["peft"] = lambda: layer(x)
     uses_adapter = provider != "floor"
     fwd_flops, bwd_flops = _flops(case, provider, lamda)
-    fwd_bytes, bwd_bytes = _bytes(case, provider, lamda, x.element_size())
+    fwd_bytes, bwd_bytes = _bytes(case, provider, lamda, x.element_size(), lora_B.element_size())
     return Workload(
         forward=forwards[provider],
         grad_inputs=(x,) + (tuple(t for t in adapter if t.requires_grad) if uses_adapter else ()),
@@ -169,11 +182,12 @@ def workload(provider: str, case: Case, dtype: torch.dtype, device: torch.device
 BENCHMARKS = tuple(
     OpBenchmark(name=name, cases=cases, headline=headline, providers=PROVIDERS[name],
                 workload=functools.partial(workload, lamda=name.startswith("lamda"),
-                                           dropout=DROPOUT if name.endswith("_dropout") else 0.0),
+                                           dropout=DROPOUT if name.endswith("_dropout") else 0.0,
+                                           fp32_adapter=name.endswith("_fp32_adapter")),
                 baseline="floor",
                 # ("triton", "cuda"): the cuda fallback's time over triton's (target <= 1.2).
                 speedups=(("triton", "torch_eager"), ("triton", "addmm"), ("triton", "cuda"),
                           ("cuda", "torch_eager"))
                 + ((("triton", "peft"),) if "peft" in PROVIDERS[name] else ())
                 + ((("triton", "triton_p0"),) if "triton_p0" in PROVIDERS[name] else ()))
-    for name in ("lamda", "lora", "lamda_dropout", "lora_dropout"))
+    for name in PROVIDERS)

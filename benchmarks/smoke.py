@@ -7,7 +7,8 @@ output gradient) against the torch backend on float64 copies of the same inputs,
 of the unit tests (tests/utils.py): the backend's max abs error may be at most twice the torch
 backend's own error in the same dtype, plus one unit of the dtype's rounding at the
 reference's scale. Cases: `lamda` and `lora` (`lowrank_linear`, bf16, M = 8192, in = out = 4096,
-r = 16; `_dropout`: with adapter dropout 0.1 and a fixed seed), `hydra` and `hydra_top2`
+r = 16; `_dropout`: with adapter dropout 0.1 and a fixed seed; `_fp32_adapter`: the adapter in
+fp32 on the bf16 x and W), `hydra` and `hydra_top2`
 (`routed_lowrank_linear`, r = 8, E = 4, dense and top-2),
 `hdpissa` (`hdpissa_linear`, r = 16), `update_highest` and `update_high` (`lowrank_update_`,
 fp32 W 4096 x 4096, inner size 2 K r = 256 for K = 8 ranks, a bf16 copy; at both fp32 matmul
@@ -58,19 +59,21 @@ def _sizes(device_type: str) -> dict:
 # **options) -> (inputs, run(inputs, backend) -> {output name: tensor}), the inputs leaves of
 # `dtype` scaled by their fan-in, `sizes` holding M, K (in), N (out), r, E (heads), P (inner).
 def lowrank_inputs(s: dict, dtype, device, lamda: bool = False, transposed_x: bool = False,
-                   dropout: float = 0.0):
+                   dropout: float = 0.0, fp32_adapter: bool = False):
     """`lowrank_linear`: LaMDA (`lamda`: A frozen, S trained) or LoRA; x transposed (column
     stride M) when `transposed_x`; adapter dropout `dropout` with a fixed seed (so that every
-    backend, the float64 reference included, draws the same mask)."""
+    backend, the float64 reference included, draws the same mask); the adapter in fp32 on the
+    16-bit x and W with `fp32_adapter` (its float64 reference: every tensor in float64)."""
     M, K, N, r = s["M"], s["K"], s["N"], s["r"]
     t = dict(dtype=dtype, device=device)
+    a = dict(dtype=torch.float32 if fp32_adapter else dtype, device=device)
     x = random_tensor(K, M, fan_in=1, **t).t() if transposed_x else random_tensor(M, K, fan_in=1, **t)
     inputs = {"x": x.requires_grad_(True), "weight": random_tensor(N, K, fan_in=K, **t),
               "bias": random_tensor(N, fan_in=1, **t),
-              "lora_A": random_tensor(r, K, fan_in=K, grad=not lamda, **t),
-              "lora_B": random_tensor(N, r, fan_in=r, grad=True, **t)}
+              "lora_A": random_tensor(r, K, fan_in=K, grad=not lamda, **a),
+              "lora_B": random_tensor(N, r, fan_in=r, grad=True, **a)}
     if lamda:
-        inputs["lora_S"] = random_tensor(r, r, fan_in=r, grad=True, **t)
+        inputs["lora_S"] = random_tensor(r, r, fan_in=r, grad=True, **a)
 
     seed = torch.tensor([20261207], device=device) if dropout else None
 
@@ -154,6 +157,8 @@ CASES: dict[str, tuple[Callable, Optional[str]]] = {
     "lora": (_case("lowrank"), None),
     "lamda_dropout": (_case("lowrank", lamda=True, dropout=0.1), None),
     "lora_dropout": (_case("lowrank", dropout=0.1), None),
+    "lamda_fp32_adapter": (_case("lowrank", lamda=True, fp32_adapter=True), None),
+    "lora_fp32_adapter": (_case("lowrank", fp32_adapter=True), None),
     "hydra": (_case("routed", sizes=dict(r=8)), None),
     "hydra_top2": (_case("routed", sizes=dict(r=8), top_k=2), None),
     "hdpissa": (_case("hdpissa"), None),

@@ -17,6 +17,7 @@ from benchmarks import harness, hdpissa, lowrank, routed  # noqa: E402
 
 CASE = harness.Case(M=16, K=64, N=32, r=16)
 CASES = {"lamda": CASE, "lora": CASE, "lamda_dropout": CASE, "lora_dropout": CASE,
+         "lamda_fp32_adapter": CASE, "lora_fp32_adapter": CASE,
          "hydra": harness.Case(M=16, K=64, N=32, r=8, heads=4),
          "hdpissa": harness.Case(M=16, K=64, N=32, r=8),
          "hdpissa_update": harness.Case(M=None, K=64, N=32, r=4, world=2)}
