@@ -17,12 +17,12 @@ TORCH_LIBRARY(adapterops, m) {
         "float scaling, float dropout, bool need_x, bool need_A, bool need_B, bool need_S) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("routed_lowrank_linear_fwd_cuda(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, "
-        "Tensor lora_B, Tensor router_weight, float scaling, SymInt? top_k) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "Tensor lora_B, Tensor router_weight, float scaling, SymInt? top_k, float dropout, "
+        "Tensor? dropout_seed) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("routed_lowrank_linear_bwd_cuda(Tensor grad_y, Tensor grad_probs, Tensor? x, Tensor? h, "
         "Tensor? hg, Tensor? probs, Tensor? gates, Tensor weight, Tensor lora_A, Tensor lora_B, "
-        "Tensor router_weight, float scaling, bool need_x, bool need_A, bool need_B, "
-        "bool need_router) -> (Tensor, Tensor, Tensor, Tensor)");
+        "Tensor router_weight, Tensor? dropout_seed, float scaling, float dropout, bool need_x, "
+        "bool need_A, bool need_B, bool need_router) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("hdpissa_linear_fwd_cuda(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, "
         "Tensor lora_B, float scaling, bool need_h) -> (Tensor, Tensor)");
   m.def("hdpissa_linear_bwd_cuda(Tensor grad_y, Tensor? x, Tensor? h, Tensor weight, "

@@ -12,6 +12,15 @@
 //     [dA; dWg] = seed^T x                  one GEMM, one read of x
 //
 // Bcat and [A; Wg] are per-call copies of the adapter's weights (E r (in + out) elements).
+//
+// Adapter dropout (dropout = p > 0, on A's input only, ONE mask shared by every head; the router
+// and the base GEMM see x): with x_d = x * kept / (1 - p) (dropout_apply, the mask of dropout.h
+// drawn from dropout_seed),
+//     [h | logits] = [x_d A^T | x Wg^T]    two GEMMs (x_d is not x)
+//     dx = kept * (dh A) / (1 - p);  dx += dlogits Wg;  dx += dY W    beta = 1
+//     dA = dh^T x_d,  dWg = dlogits^T x
+// x_d is a transient of each pass, regenerated from the seed, never returned or saved; dx's
+// low-rank term is masked before the router's and the base GEMM's terms accumulate onto it.
 #include "common.h"
 
 namespace adapterops {
@@ -31,7 +40,8 @@ at::Tensor heads_side_by_side(const at::Tensor& lora_B) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_lowrank_linear_fwd(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& router_weight,
-    double scaling, std::optional<int64_t> top_k) {
+    double scaling, std::optional<int64_t> top_k, double dropout,
+    const std::optional<at::Tensor>& dropout_seed) {
   check_args(kForward, {{"x", x}, {"weight", weight}, {"bias", or_undefined(bias), 1},
                         {"lora_A", lora_A}, {"lora_B", lora_B, 3},
                         {"router_weight", router_weight}});
@@ -41,7 +51,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_lo
               router_weight.sizes(), " must agree on E >= 1 heads of rank r");
   TORCH_CHECK(!top_k.has_value() || (*top_k >= 1 && *top_k <= heads), kForward, ": top_k=",
               top_k.value_or(0), " must be in [1, ", heads, "] (lora_B.shape[0] heads)");
-  at::Tensor hl = at::mm(x, at::cat({lora_A, router_weight}).t()).contiguous();
+  TORCH_CHECK(dropout <= 0 || dropout_seed.has_value(), kForward, ": dropout is ", dropout,
+              " but dropout_seed is None");
+  at::Tensor hl = dropout > 0
+                      ? at::cat({at::mm(dropout_apply(x, *dropout_seed, dropout), lora_A.t()),
+                                 at::mm(x, router_weight.t())},
+                                1)
+                      : at::mm(x, at::cat({lora_A, router_weight}).t()).contiguous();
   at::Tensor h = at::empty({tokens, rank}, x.options());
   at::Tensor hg = at::empty({tokens, heads * rank}, x.options());
   at::Tensor probs = at::empty({tokens, heads}, x.options().dtype(probs_dtype(x)));
@@ -57,8 +73,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_lowrank_linear
     const std::optional<at::Tensor>& h, const std::optional<at::Tensor>& hg,
     const std::optional<at::Tensor>& probs, const std::optional<at::Tensor>& gates,
     const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
-    const at::Tensor& router_weight, double scaling, bool need_x, bool need_A, bool need_B,
-    bool need_router) {
+    const at::Tensor& router_weight, const std::optional<at::Tensor>& dropout_seed,
+    double scaling, double dropout, bool need_x, bool need_A, bool need_B, bool need_router) {
   check_args(kBackward, {{"grad_y", grad_y}, {"x", or_undefined(x)}, {"h", or_undefined(h)},
                          {"hg", or_undefined(hg)}, {"weight", weight}, {"lora_A", lora_A},
                          {"lora_B", lora_B, 3}, {"router_weight", router_weight}});
@@ -68,6 +84,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_lowrank_linear
   TORCH_CHECK(!need_gate_grads || (h.has_value() && probs.has_value()), kBackward,
               ": dx, dA or dWg was asked for but h or probs is None");
   TORCH_CHECK(!need_B || hg.has_value(), kBackward, ": dB was asked for but hg is None");
+  const bool has_dropout = dropout > 0;
+  TORCH_CHECK(!has_dropout || dropout_seed.has_value(), kBackward, ": dropout is ", dropout,
+              " but dropout_seed is None");
   const int64_t tokens = grad_y.size(0), heads = lora_B.size(0), out = lora_B.size(1),
                 rank = lora_B.size(2);
   // A gradient not asked for: an empty tensor, a new one each (outputs may not alias).
@@ -94,6 +113,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_lowrank_linear
   const at::Tensor gates_or_probs = has_top_k ? gates->contiguous() : probs->contiguous();
   routed_gates_backward(u, h->contiguous(), probs->contiguous(), gates_or_probs, has_top_k,
                         grad_probs.contiguous(), seed);
+  if (has_dropout) {
+    const at::Tensor dh = seed.narrow(1, 0, rank), dlogits = seed.narrow(1, rank, heads);
+    if (need_x) {
+      dx = dropout_apply(at::mm(dh, lora_A), *dropout_seed, dropout);
+      dx.addmm_(dlogits, router_weight);
+      dx.addmm_(grad_y, weight);
+    }
+    if (need_A) dA = at::mm(dh.t(), dropout_apply(*x, *dropout_seed, dropout));
+    if (need_router) dWg = at::mm(dlogits.t(), *x);
+    return {dx, dA, dB, dWg};
+  }
   if (need_x) {
     dx = at::mm(seed, at::cat({lora_A, router_weight}));
     dx.addmm_(grad_y, weight);

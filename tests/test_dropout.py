@@ -12,6 +12,9 @@
    checkpointing, reentrant and not, gives exactly the gradients of a run without it.
 5. torch.compile(fullgraph=True) through the custom ops, equal to the eager door.
 6. Bad dropout arguments raise before any kernel.
+7. HydraLoRA (`routed_lowrank_linear(..., dropout=p)`, FusedHydraLoRALinear): one mask on A's
+   input for every head, the router and base layer undropped; against float64 with the same
+   mask (dense and top-2), the saved tensors, checkpointing, compile, the module's fused path.
 """
 import pytest
 import torch
@@ -19,7 +22,7 @@ import triton
 import triton.language as tl
 from torch.utils.checkpoint import checkpoint
 
-from adapterops import lowrank_linear
+from adapterops import lowrank_linear, routed_lowrank_linear
 from adapterops.backends.reference import dropout as host_dropout
 from adapterops.kernels.common import dropout_keep
 from utils import assert_close_to_reference, forbid_backend_calls
@@ -265,3 +268,219 @@ def test_bad_dropout_arguments_raise_before_any_kernel(kwargs, error, words, mon
     with pytest.raises(error) as info:
         lowrank_linear(t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], 1.0, **kwargs)
     assert words in str(info.value)
+
+
+# 7. HydraLoRA: `routed_lowrank_linear(..., dropout=p)` and FusedHydraLoRALinear. One mask on
+# A's input shared by every head; the router and the base GEMM see x.
+
+def _hydra_inputs(dtype, device, lead=(3, 13), K=40, N=24, r=5, E=4, top_k=None):
+    """Inputs in `dtype` (float64 draws rounded), every adapter tensor trained, and the output
+    gradients (of y and of the probabilities). With top_k, tokens are redrawn until the k-th and
+    (k+1)-th logits differ by >= 0.1 in bf16, so every dtype routes to the same heads."""
+    g = torch.Generator().manual_seed(8)
+
+    def p(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+
+    t = dict(weight=p(N, K, scale=K ** -0.5), bias=p(N), lora_A=p(r, K, scale=K ** -0.5),
+             lora_B=p(E, N, r, scale=r ** -0.5), router_weight=p(E, K, scale=2 * K ** -0.5))
+    x = p(*lead, K)
+    if top_k is not None:
+        wg = t["router_weight"].to(torch.bfloat16).double()
+        for _ in range(100):
+            top = (x.to(torch.bfloat16).double() @ wg.t()).topk(top_k + 1, dim=-1).values
+            small = top[..., top_k - 1] - top[..., top_k] < 0.1
+            if not small.any():
+                break
+            x[small] = p(int(small.sum()), K)
+        assert not small.any()
+    t["x"] = x
+    t = {k: v.to(dtype).to(device) for k, v in t.items()}
+    for name in ("x", "lora_A", "lora_B", "router_weight"):
+        t[name].requires_grad_()
+    return t, p(*lead, N).to(dtype).to(device), p(*lead, E).to(device)
+
+
+def _hydra_run(t: dict, grad_y, grad_probs, backend, p: float, seed, top_k, dtype=None):
+    """(y, probs, {name: grad}) of routed_lowrank_linear with dropout p and `seed`, inputs cast
+    to dtype; the loss is <y, grad_y> + <probs, grad_probs>."""
+    leaves = {k: v.detach().to(dtype or v.dtype).requires_grad_(v.requires_grad)
+              for k, v in t.items()}
+    y, probs = routed_lowrank_linear(
+        leaves["x"], leaves["weight"], leaves["bias"], leaves["lora_A"], leaves["lora_B"],
+        leaves["router_weight"], 0.75, top_k=top_k, return_router_probs=True, dropout=p,
+        dropout_seed=seed, backend=backend)
+    ((y * grad_y.to(y.dtype)).sum() + (probs * grad_probs.to(probs.dtype)).sum()).backward()
+    return y, probs, {k: v.grad for k, v in leaves.items() if v.grad is not None}
+
+
+@pytest.mark.parametrize("top_k", [None, 2], ids=["dense", "top2"])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_hydra_matches_float64_reference_with_the_same_mask(backend, dtype, top_k, device):
+    """Dense: 39 tokens (the Triton shrink splits K under the interpreter); top-2: 100 tokens
+    (unsplit)."""
+    lead = (3, 13) if top_k is None else (100,)
+    t, grad_y, grad_probs = _hydra_inputs(dtype, device, lead=lead, top_k=top_k)
+    seed = torch.tensor([987654321], device=device)
+    ref = _hydra_run(t, grad_y, grad_probs, "torch", 0.2, seed, top_k, torch.float64)
+    base = _hydra_run(t, grad_y, grad_probs, "torch", 0.2, seed, top_k)
+    y, probs, grads = _hydra_run(t, grad_y, grad_probs, backend, 0.2, seed, top_k)
+    assert_close_to_reference(f"{backend} y", y, ref[0], base[0])
+    assert_close_to_reference(f"{backend} probs", probs, ref[1], base[1])
+    assert set(grads) == set(ref[2]) == {"x", "lora_A", "lora_B", "router_weight"}
+    for name in grads:
+        assert_close_to_reference(f"{backend} d{name}", grads[name], ref[2][name], base[2][name])
+
+
+def test_hydra_backends_draw_the_same_mask(device):
+    """In fp32 the backends differ by rounding only; another seed differs by O(1)."""
+    t, grad_y, grad_probs = _hydra_inputs(torch.float32, device, top_k=2)
+    seed = torch.tensor([42], device=device)
+    results = {b: _hydra_run(t, grad_y, grad_probs, b, 0.5, seed, 2) for b in BACKENDS}
+    for backend in ("triton", "cuda"):
+        y, probs, grads = results[backend]
+        torch.testing.assert_close(y, results["torch"][0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(probs, results["torch"][1], rtol=1e-5, atol=1e-5)
+        for name, g in grads.items():
+            torch.testing.assert_close(g, results["torch"][2][name], rtol=1e-5, atol=1e-4)
+    other = _hydra_run(t, grad_y, grad_probs, "torch", 0.5, torch.tensor([43], device=device), 2)
+    assert (other[0] - results["torch"][0]).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hydra_dropout_spares_the_router_and_the_base_layer(backend, device):
+    """The probabilities are those without dropout (the router sees x; to rounding: the cuda
+    backend's logits are then their own GEMM, not columns of x [A; Wg]^T; a dropped x would
+    move them by O(1)), and with every head B_e = 0 y is the base layer's, whatever is
+    dropped."""
+    t, _, _ = _hydra_inputs(torch.float32, device, top_k=2)
+    args = [t[n].detach() for n in ("x", "weight", "bias", "lora_A", "lora_B", "router_weight")]
+    _, plain = routed_lowrank_linear(*args, 1.0, top_k=2, return_router_probs=True,
+                                     backend=backend)
+    y, dropped = routed_lowrank_linear(*args, 1.0, top_k=2, return_router_probs=True,
+                                       dropout=0.9, backend=backend)
+    torch.testing.assert_close(dropped, plain)
+    args[4] = torch.zeros_like(args[4])
+    y = routed_lowrank_linear(*args, 1.0, top_k=2, dropout=0.9, backend=backend)
+    torch.testing.assert_close(y, torch.nn.functional.linear(args[0], args[1], args[2]))
+
+
+def _hydra_saved(backend, device, top_k, dropout):
+    """Sorted shapes of the activations the op saves (the parameters left out), all trained."""
+    t, grad_y, _ = _hydra_inputs(torch.float32, device, lead=(64,), K=48, N=40, r=4, E=3)
+    params = {v.data_ptr() for k, v in t.items() if k != "x"}
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda s: s):
+        y = routed_lowrank_linear(t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"],
+                                  t["router_weight"], 0.5, top_k=top_k, dropout=dropout,
+                                  backend=backend)
+    y.backward(grad_y)
+    return sorted(tuple(s.shape) for s in saved if s.data_ptr() not in params)
+
+
+@pytest.mark.parametrize("top_k", [None, 2], ids=["dense", "top2"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hydra_nothing_mask_sized_is_saved(backend, top_k, device):
+    """With dropout: what the contract saves without it (x, h, hg, p and the gates with top-k)
+    plus the 1-element seed; no x_d, no mask."""
+    M, K, r, E = 64, 48, 4, 3
+    without = _hydra_saved(backend, device, top_k, 0.0)
+    assert without == sorted([(M, K), (M, r), (M, E * r), (M, E)]
+                             + ([(M, E)] if top_k is not None else []))
+    assert _hydra_saved(backend, device, top_k, 0.1) == sorted(without + [(1,)])
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hydra_checkpointing_replays_the_mask(backend, use_reentrant, device):
+    t, _, _ = _hydra_inputs(torch.float32, device)
+    N = t["weight"].shape[0]
+
+    def layer(x, lora_A, lora_B, router_weight):
+        """Two routed layers, each drawing its own seed."""
+        h = routed_lowrank_linear(x, t["weight"], t["bias"], lora_A, lora_B, router_weight, 0.5,
+                                  top_k=2, dropout=0.3, backend=backend)
+        return routed_lowrank_linear(h, t["weight"][:, :N], None, lora_A[:, :N], lora_B,
+                                     router_weight[:, :N], 0.5, dropout=0.3, backend=backend)
+
+    def run(checkpointed: bool):
+        leaves = [t[n].detach().clone().requires_grad_()
+                  for n in ("x", "lora_A", "lora_B", "router_weight")]
+        torch.manual_seed(11)
+        if checkpointed:
+            y = checkpoint(layer, *leaves, use_reentrant=use_reentrant)
+        else:
+            y = layer(*leaves)
+        y.backward(torch.ones_like(y))
+        return [y] + [leaf.grad for leaf in leaves]
+
+    for a, b in zip(run(False), run(True)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hydra_compiled_equals_eager(backend, device):
+    t, grad_y, grad_probs = _hydra_inputs(torch.float32, device, top_k=2)
+    seed = torch.tensor([5], device=device)
+    names = ("x", "weight", "bias", "lora_A", "lora_B", "router_weight")
+
+    def f(x, weight, bias, lora_A, lora_B, router_weight):
+        return routed_lowrank_linear(x, weight, bias, lora_A, lora_B, router_weight, 0.5,
+                                     top_k=2, return_router_probs=True, dropout=0.25,
+                                     dropout_seed=seed, backend=backend)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (f, compiled):
+        leaves = {n: t[n].detach().clone().requires_grad_(t[n].requires_grad) for n in names}
+        y, probs = fn(*leaves.values())
+        ((y * grad_y).sum() + (probs * grad_probs.float()).sum()).backward()
+        results.append([y, probs] + [leaves[n].grad for n in names if leaves[n].requires_grad])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_hydra_module_runs_the_fused_op_with_dropout(monkeypatch, device):
+    """FusedHydraLoRALinear(dropout=0.1) in training calls the fused op with dropout=0.1 (the
+    seed drawn from torch's generator, as a direct call draws it); in eval mode it passes no
+    dropout and is deterministic."""
+    from adapterops import FusedHydraLoRALinear
+    from adapterops.backends import BACKENDS as ALL_BACKENDS
+
+    layer = FusedHydraLoRALinear(40, 24, rank=5, num_heads=4, alpha=10.0, top_k=2, dropout=0.1,
+                                 device=device)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    assert isinstance(layer.dropout, torch.nn.Dropout) and layer.dropout.p == 0.1
+    calls = []
+    for backend in ALL_BACKENDS.values():
+        def counting(*args, _forward=backend.routed_forward, _name=backend.name):
+            calls.append((_name, args[8], args[9]))  # (backend, dropout, dropout_seed)
+            return _forward(*args)
+        monkeypatch.setattr(backend, "routed_forward", counting)
+    x = torch.randn(2, 9, 40, device=device, requires_grad=True)
+    layer.train()
+    torch.manual_seed(3)
+    y = layer(x)
+    y.sum().backward()
+    assert len(calls) == 1 and calls[0][1] == 0.1 and calls[0][2].shape == (1,)
+    assert x.grad is not None and layer.lora_A.grad is not None and layer.lora_router.grad is not None
+    args = (x.detach(), layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.lora_router,
+            layer.scaling)
+    torch.manual_seed(3)
+    assert torch.equal(y, routed_lowrank_linear(*args, top_k=2, dropout=0.1))
+    layer.eval()
+    calls.clear()
+    with torch.no_grad():
+        first, second = layer(x), layer(x)
+    assert [c[1:] for c in calls] == [(0.0, None), (0.0, None)]
+    assert torch.equal(first, second)
+    assert torch.equal(first, routed_lowrank_linear(*args, top_k=2))
+    assert not torch.equal(first, y.detach())

@@ -336,8 +336,10 @@ def test_hydra_dropout_path_shares_one_mask(device):
     x = torch.randn(5, 24, device=device)
     torch.manual_seed(1)
     y = layer(x)
+    # The fused op's seed, drawn from torch's generator, and its mask (the host replica).
     torch.manual_seed(1)
-    h = nn.functional.dropout(x, 0.5, training=True) @ layer.lora_A.t()
+    seed = torch.randint(0, 2 ** 63 - 1, (1,), dtype=torch.int64, device=device)
+    h = host_dropout.dropped(x, seed, 0.5) @ layer.lora_A.t()
     probs = torch.softmax(x @ layer.lora_router.t(), dim=-1)  # the router sees x undropped
     keep = torch.zeros_like(probs).scatter_(-1, probs.topk(2, -1).indices, 1.0)
     gates = probs * keep

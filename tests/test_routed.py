@@ -12,7 +12,7 @@
    sizes, 1 token, 3-D and non-contiguous x, a loss on the returned probabilities.
 3. Top-k semantics: k kept, the rest exactly zero, no renormalisation, ties to the lower head.
 4. The memory contract (saved_tensors_hooks), frozen heads, zero tokens.
-5. opcheck and torch.compile(fullgraph=True); autocast.
+5. opcheck (with and without adapter dropout) and torch.compile(fullgraph=True); autocast.
 6. Bad input raises before any backend runs, naming the argument and the sizes; beyond the
    Triton path's limits (heads, rank, E r) the dispatcher gives the reason and the cuda backend
    serves, checked against the float64 loop up to 40 heads and rank 200.
@@ -446,10 +446,20 @@ def _op_samples(device, top_k):
     return p(M, K), p(N, K) / K ** 0.5, p(N), p(r, K) / K ** 0.5, p(E, N, r), p(E, K) / K ** 0.5
 
 
-@pytest.mark.parametrize("backend,top_k", [("torch", None), ("triton", 2), ("cuda", None)])
-def test_eager_door_and_custom_op_agree_bit_for_bit(backend, top_k, device):
+def _dropout_args(dropout: float, device) -> tuple:
+    """(dropout, dropout_seed) as the custom ops take them."""
+    return (dropout, torch.tensor([20261207], device=device) if dropout else None)
+
+
+@pytest.mark.parametrize("backend,top_k,dropout", [
+    ("torch", None, 0.0), ("triton", 2, 0.0), ("cuda", None, 0.0), ("torch", 2, 0.25),
+    ("triton", None, 0.25), ("cuda", 2, 0.25)])
+def test_eager_door_and_custom_op_agree_bit_for_bit(backend, top_k, dropout, device):
     """Eagerly the op runs a torch.autograd.Function, under torch.compile the custom ops: the
-    same functions behind two doors, so y, the probabilities and every gradient are identical."""
+    same functions behind two doors, so y, the probabilities and every gradient are identical
+    (with dropout: given the same seed)."""
+    drop = _dropout_args(dropout, device)
+
     def run(door):
         x, W, b, A, B, Wg = _op_samples(device, top_k)
         for t in (x, A, B, Wg):
@@ -461,30 +471,34 @@ def test_eager_door_and_custom_op_agree_bit_for_bit(backend, top_k, device):
         return [y, probs, x.grad, A.grad, B.grad, Wg.grad]
 
     eager = run(lambda *t: routed_lowrank_linear(*t, 0.5, top_k=top_k, return_router_probs=True,
+                                                 dropout=drop[0], dropout_seed=drop[1],
                                                  backend=backend))
     custom = run(lambda *t: itemgetter(0, 3)(torch.ops.adapterops.routed_lowrank_linear_fwd(
-        *t, 0.5, top_k, backend)))
+        *t, 0.5, top_k, *drop, backend)))
     for i, (a, b) in enumerate(zip(eager, custom)):
         assert torch.equal(a, b), f"{backend} output/grad {i}: max difference {(a - b).abs().max()}"
 
 
-@pytest.mark.parametrize("backend,top_k", [("torch", None), ("torch", 2), ("triton", None),
-                                           ("triton", 1), ("cuda", None), ("cuda", 2)])
-def test_opcheck(backend, top_k, device):
+@pytest.mark.parametrize("backend,top_k,dropout", [
+    ("torch", None, 0.0), ("torch", 2, 0.0), ("torch", 2, 0.25), ("triton", None, 0.0),
+    ("triton", 1, 0.0), ("triton", 2, 0.25), ("cuda", None, 0.0), ("cuda", 2, 0.0),
+    ("cuda", None, 0.25)])
+def test_opcheck(backend, top_k, dropout, device):
     x, W, b, A, B, Wg = _op_samples(device, top_k)
+    drop = _dropout_args(dropout, device)
     for t in (x, A, B, Wg):
         t.requires_grad_()
     torch.library.opcheck(torch.ops.adapterops.routed_lowrank_linear_fwd.default,
-                          (x, W, b, A, B, Wg, 0.5, top_k, backend))
+                          (x, W, b, A, B, Wg, 0.5, top_k, *drop, backend))
     with torch.no_grad():
         _, h, hg, probs, gates = torch.ops.adapterops.routed_lowrank_linear_fwd(
-            x, W, b, A, B, Wg, 0.5, top_k, "torch")
+            x, W, b, A, B, Wg, 0.5, top_k, *drop, "torch")
     grad_y = torch.randn(x.shape[0], W.shape[0], device=device)
     grad_probs = torch.randn_like(probs)
     torch.library.opcheck(torch.ops.adapterops.routed_lowrank_linear_bwd.default,
                           (grad_y, grad_probs, x.detach(), h, hg, probs,
                            gates if top_k is not None else None, W, A.detach(), B.detach(),
-                           Wg.detach(), 0.5, True, True, True, True, backend))
+                           Wg.detach(), drop[1], 0.5, drop[0], True, True, True, True, backend))
 
 
 class _Hydra(torch.nn.Module):

@@ -16,6 +16,9 @@ Backward: `lowrank_grad_pass_kernel` with B = Bcat, h2 = hg and no S (one pass o
 u = s dY Bcat, whose block e is s dY B_e, and dBcat = s dY^T hg, i.e. dB_e = s (g_e dY)^T h for
 every head), then `routed_gate_grad_kernel` (per token, from u: the gate gradients and dh),
 then the GEMM of `kernels.lowrank` once more for dx = dY W + [dh | dlogits] [A; Wg].
+With adapter dropout (one mask for every head, on A's input only) the shrink masks the x tile
+for the h product alone, and the launcher splits dx's low-rank term in two (the GEMM's
+epilogue masks its whole term, the router's must not be): see `backends.triton.routed`.
 
 The head count E and the rank r are runtime sizes, like the token count: the epilogues loop
 over heads, so only BLOCK_R (r padded) and BLOCK_E (E padded to a power of two >= 16, the
@@ -24,23 +27,29 @@ smallest `tl.dot` tile a GPU takes) are compile-time.
 import triton
 import triton.language as tl
 
-from .common import mma, store_partial, sum_partials
+from .common import dropout_keep, mma, store_partial, sum_partials
 
 
 @triton.jit(do_not_specialize=["M", "R", "E", "top_k", "num_splits", "stride_hm", "stride_hgm",
                                "stride_pm"])
 def routed_shrink_kernel(
     x_ptr, a_ptr, wg_ptr, h_ptr, hg_ptr, probs_ptr, gates_ptr, part_h_ptr, part_logits_ptr,
-    M, K, R, E, top_k, num_splits, k_per_split,
+    seed_ptr,
+    M, K, R, E, top_k, num_splits, k_per_split, threshold, keep_scale,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_we, stride_wk, stride_hm, stride_hgm,
     stride_pm,
-    HAS_TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_TOP_K: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     """For one block of BLOCK_M tokens: h = x A^T and the router logits x Wg^T from one read
     of x, then p = softmax(logits) (stored, fp32), the gates g (stored with top_k, fp32) and
     hg = [g_0 h | ... | g_{E-1} h] (stored in x's dtype).
+
+    With DROPOUT, h = x_d A^T with x_d = x * kept * keep_scale (one mask for every head, as the
+    low-rank shrink draws it: `dropout_keep` regenerated from the seed at seed_ptr, threshold =
+    round(p 2^16)): each x tile is loaded once, masked for the h product only (the logits take
+    x as loaded), and h's fp32 accumulator takes keep_scale once at the end.
 
     Split over K (num_splits > 1, for few row blocks, as the low-rank shrink: see
     `kernels.lowrank`, "Few tokens"): program (m, k) reads columns [k k_per_split,
@@ -65,6 +74,8 @@ def routed_shrink_kernel(
     # A^T and Wg^T tiles: element (k, j) = A[j, k], Wg[j, k].
     at_ptrs = a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar
     wgt_ptrs = wg_ptr + offs_k[:, None] * stride_wk + offs_e[None, :] * stride_we
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
     acc_h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     acc_logits = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
     for k0 in range(0, k_len, BLOCK_K):
@@ -72,11 +83,23 @@ def routed_shrink_kernel(
         x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         at = tl.load(at_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
         wgt = tl.load(wgt_ptrs, mask=mask_k[:, None] & mask_e[None, :], other=0.0)
-        acc_h = mma(x, at, acc_h, UPCAST, INPUT_PRECISION)
-        acc_logits = mma(x, wgt, acc_logits, UPCAST, INPUT_PRECISION)
+        if DROPOUT:
+            # The logits' product first, from x as loaded (in shared memory on sm_90), then the
+            # masked tile's (x_d in registers): issued the other way round, ptxas serialized
+            # every wgmma of the loop (C7514, "non wgmma instructions reading accumulator
+            # registers ... between start and end of the pipeline stage"; sm_90 kernel report,
+            # triton 3.9, every 16-bit and TF32 configuration).
+            acc_logits = mma(x, wgt, acc_logits, UPCAST, INPUT_PRECISION)
+            x_d = tl.where(dropout_keep(seed, threshold, offs_m, k_start + k0, BLOCK_K), x, 0.0)
+            acc_h = mma(x_d, at, acc_h, UPCAST, INPUT_PRECISION)
+        else:
+            acc_h = mma(x, at, acc_h, UPCAST, INPUT_PRECISION)
+            acc_logits = mma(x, wgt, acc_logits, UPCAST, INPUT_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         at_ptrs += BLOCK_K * stride_ak
         wgt_ptrs += BLOCK_K * stride_wk
+    if DROPOUT:
+        acc_h = acc_h * keep_scale
     if num_splits > 1:
         store_partial(part_h_ptr, acc_h, tl.program_id(1), offs_m, mask_m, M, BLOCK_R)
         store_partial(part_logits_ptr, acc_logits, tl.program_id(1), offs_m, mask_m, M, BLOCK_E)

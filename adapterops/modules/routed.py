@@ -10,8 +10,10 @@ head B_e = 0, so the layer starts as its base layer. No merge: the gates depend 
 
 Dropout (`dropout > 0`, training mode only) applies to the adapter's input of A, with ONE mask
 shared by all heads **[ours; the official code draws one per head]**; the router sees x
-undropped, as in the official code. That path is NOT fused: it runs the plain PyTorch
-composition.
+undropped, as in the official code. It is fused into the kernels (`routed_lowrank_linear`'s
+`dropout`): the mask is drawn from a per-call seed and regenerated in backward, so nothing
+mask-sized is saved; it is not `nn.Dropout`'s mask bit for bit, but the same distribution.
+`layer.dropout` stays the `nn.Dropout` holding p (None without dropout).
 
 Balance loss (`balance_loss_weight > 0`, training mode only): each forward stores
 `balance_loss_weight * adapterops.hydra.balance_loss(p, top_k)` in `last_balance_loss` for a
@@ -21,13 +23,11 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..hydra import balance_loss
 from ..ops import routed_lowrank_linear
 from ..ops.checks import check_top_k
-from ..ops.routed import check_routed_args, heads_side_by_side, router_probs, top_k_gates
 from .common import (REQUIRED, AdapterLayer, check_layer_args, check_linear, copy_base, is_conv1d, module_tensors)
 
 
@@ -37,7 +37,7 @@ class FusedHydraLoRALinear(AdapterLayer):
     Args: in_features, out_features, rank (r), num_heads (E), alpha (scaling = alpha / rank),
     bias, top_k (None: dense routing; k: keep the k largest gates, not renormalised), dropout,
     balance_loss_weight, device, dtype, backend (None: dispatch picks; "triton"/"cuda"/"torch" forces
-    the backend of the fused path; training with dropout > 0 runs plain PyTorch whatever it is).
+    one).
     """
 
     method = "hydra"
@@ -114,29 +114,18 @@ class FusedHydraLoRALinear(AdapterLayer):
         self.last_balance_loss = None
         if self.adapters_disabled:
             return self.base_forward(x)
+        tensors = module_tensors(self, "weight", "bias", "lora_A", "lora_B", "lora_router")
         if self.dropout is None or not self.training:
-            out = routed_lowrank_linear(x, *module_tensors(self, "weight", "bias", "lora_A",
-                                                           "lora_B", "lora_router"),
-                                        self.scaling, top_k=self.top_k,
+            out = routed_lowrank_linear(x, *tensors, self.scaling, top_k=self.top_k,
                                         return_router_probs=want_loss, backend=self.backend)
-            y, probs = out if want_loss else (out, None)
         else:
-            y, probs = self._unfused_dropout_forward(x)
+            out = routed_lowrank_linear(x, *tensors, self.scaling, top_k=self.top_k,
+                                        return_router_probs=want_loss, dropout=self.dropout.p,
+                                        backend=self.backend)
+        y, probs = out if want_loss else (out, None)
         if want_loss and probs.numel() > 0:  # an empty batch has no routing to balance
             self.last_balance_loss = self.balance_loss_weight * balance_loss(probs, self.top_k)
         return y
-
-    def _unfused_dropout_forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(y, p) with dropout on A's input (see the module docstring), as plain PyTorch ops,
-        with the same argument checks as the fused op."""
-        check_routed_args(x, self.weight, self.bias, self.lora_A, self.lora_B, self.lora_router,
-                          self.scaling, self.top_k)
-        h = F.linear(self.dropout(x), self.lora_A)
-        probs = router_probs(x, self.lora_router)
-        gates = top_k_gates(probs, self.top_k) if self.top_k is not None else probs
-        hg = (gates[..., :, None] * h[..., None, :].to(gates.dtype)).to(x.dtype).flatten(-2)
-        y = F.linear(x, self.weight, self.bias) + self.scaling * F.linear(hg, heads_side_by_side(self.lora_B))
-        return y, probs
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "

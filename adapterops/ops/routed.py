@@ -16,6 +16,15 @@ for float64 inputs). Gradients (u_e = s dY B_e):
     dlogits = p * (dp - <p, dp>),  dp = dg on the kept heads + the gradient of the returned p,
     dWg = dlogits^T x,  dx = dY W + dh A + dlogits Wg,  dW = dY^T x,  dbias = Σ_tokens dY
 
+Dropout (`dropout` = p > 0, PEFT's semantics: on the adapter's input only, ONE mask shared by
+every head **[ours; the official code draws one per head]**; the router and the base GEMM see
+x): x_d = x * kept / (1 - p) replaces x in h = x_d A^T and dA = dh^T x_d, and masks dx's
+low-rank term alone: dx = dY W + kept * (dh A) / (1 - p) + dlogits Wg, dWg = dlogits^T x.
+The mask is a pure function of (seed, row, column) (`adapterops.backends.reference.dropout`),
+which every backend draws the same and regenerates where it needs it: nothing mask- or
+x_d-sized is saved, only the 1-element seed. The seed is drawn from torch's generator per call
+unless `dropout_seed` is given.
+
 Router logits **[ours]**: the Triton kernels accumulate x Wg^T in fp32 and apply the softmax to
 that accumulator; the torch backend takes the logits from F.linear in x's dtype (as the
 official code does). In fp32 they agree; in fp16/bf16 the Triton probabilities are the more
@@ -24,7 +33,8 @@ within the dtype's rounding (ties at equal values go to the lower head index in 
 
 Memory contract (decided here): backward saves x only when lora_A, router_weight or weight
 needs a gradient (HydraLoRA trains A and Wg, so in training it does), hg = [g_e h] (M x E r)
-only for dB, and h (M x r) with p (M x E, plus the gates with top-k) for everything else.
+only for dB, and h (M x r) with p (M x E, plus the gates with top-k) for everything else; with
+dropout, the 1-element seed (the mask is regenerated from it).
 
 Backends: `triton` (CUDA sm_80+, or CPU under TRITON_INTERPRET=1; fp32, fp16, bf16; r <= 128,
 E <= 16, E r <= 256), `cuda` (the compiled C++ of csrc/: CUDA tensors in fp32, fp16, bf16, any
@@ -43,7 +53,7 @@ from torch import Tensor
 from .. import dispatch
 from ..backends.reference.routed import heads_side_by_side, router_probs, top_k_gates
 from .checks import (all_plain, autocast_on, cast_for_autocast, check_base_and_A, check_dim,
-                     check_scaling, check_tensor, check_top_k, plain_scaling)
+                     check_dropout, check_scaling, check_tensor, check_top_k, plain_scaling)
 from .declare import DeclaredOp
 
 # The router math, defined once by the oracle, for the layers above (which reach it through
@@ -60,38 +70,42 @@ def _backend(backend, x, lora_B):
 
 
 def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
-             router_weight: Tensor, scaling: float, top_k: Optional[int],
+             router_weight: Tensor, scaling: float, top_k: Optional[int], dropout: float,
+             dropout_seed: Optional[Tensor],
              backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(y, h, hg, probs, gates) for 2-D x; gates is None or empty for dense routing (gates = probs)."""
     return _backend(backend, x, lora_B).routed_forward(x, weight, bias, lora_A, lora_B,
-                                                       router_weight, scaling, top_k)
+                                                       router_weight, scaling, top_k, dropout,
+                                                       dropout_seed)
 
 
 def _gradients(grad_y: Tensor, grad_probs: Tensor, x: Optional[Tensor], h: Optional[Tensor],
                hg: Optional[Tensor], probs: Optional[Tensor], gates: Optional[Tensor],
                weight: Tensor, lora_A: Tensor, lora_B: Tensor, router_weight: Tensor,
-               scaling: float, need_x: bool, need_A: bool, need_B: bool, need_router: bool,
-               backend: Optional[str]) -> tuple:
+               dropout_seed: Optional[Tensor], scaling: float, dropout: float, need_x: bool,
+               need_A: bool, need_B: bool, need_router: bool, backend: Optional[str]) -> tuple:
     """(dx, dA, dB, dWg), None where not asked for; gates is None for dense routing."""
     return _backend(backend, grad_y, lora_B).routed_backward(
-        grad_y, grad_probs, x, h, hg, probs, gates, weight, lora_A, lora_B, router_weight, scaling,
-        need_x, need_A, need_B, need_router)
+        grad_y, grad_probs, x, h, hg, probs, gates, weight, lora_A, lora_B, router_weight,
+        dropout_seed, scaling, dropout, need_x, need_A, need_B, need_router)
 
 
 def _save(inputs, output, needs) -> tuple:
     """The memory contract: x only for dA, dWg or dW; hg only for dB; h, p (and the gates with
-    top-k) for the gate gradients that dx, dA and dWg need."""
-    x, weight, bias, lora_A, lora_B, router_weight, scaling, top_k, backend = inputs
+    top-k) for the gate gradients that dx, dA and dWg need; with dropout, the 1-element seed
+    (the mask is regenerated from it)."""
+    x, weight, bias, lora_A, lora_B, router_weight, scaling, top_k, dropout, dropout_seed = inputs[:10]
     _, h, hg, probs, gates = output
     need_x, need_W, _, need_A, need_B, need_router = needs[:6]
     need_gate_grads = need_x or need_A or need_router
     return (x if (need_A or need_router or need_W) else None, h if need_gate_grads else None,
             hg if need_B else None, probs if need_gate_grads else None,
             gates if (need_gate_grads and top_k is not None) else None,
-            weight, lora_A, lora_B, router_weight)
+            weight, lora_A, lora_B, router_weight, dropout_seed)
 
 
-def _fake(x, weight, bias, lora_A, lora_B, router_weight, scaling, top_k, backend):
+def _fake(x, weight, bias, lora_A, lora_B, router_weight, scaling, top_k, dropout, dropout_seed,
+          backend):
     M = x.shape[0]
     E, N, r = lora_B.shape
     probs_dtype = torch.promote_types(x.dtype, torch.float32)
@@ -105,7 +119,7 @@ _routed_op = DeclaredOp("routed_lowrank_linear", forward=_forward, gradients=_gr
                         save=_save, fake=_fake, trained=("x", "lora_A", "lora_B", "router_weight"),
                         reads={"x": ("h", "probs"), "lora_A": ("x", "h", "probs"), "lora_B": ("hg",),
                                "router_weight": ("x", "h", "probs")},
-                        differentiable_outputs=(0, 3))
+                        differentiable_outputs=(0, 3), options=("scaling", "dropout"))
 
 
 def _plain_args(x, weight, bias, lora_A, lora_B, router_weight, scaling, top_k) -> bool:
@@ -146,13 +160,19 @@ def check_routed_args(x, weight, bias, lora_A, lora_B, router_weight, scaling,
 def routed_lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
                           lora_B: Tensor, router_weight: Tensor, scaling: float, *,
                           top_k: Optional[int] = None, return_router_probs: bool = False,
+                          dropout: float = 0.0, dropout_seed: Optional[Tensor] = None,
                           backend: Optional[str] = None):
-    """y = x W^T + bias + scaling * Σ_e g_e (x A^T) B_e^T with g = softmax(x Wg^T) (top_k: its
+    """y = x W^T + bias + scaling * Σ_e g_e (x_d A^T) B_e^T with g = softmax(x Wg^T) (top_k: its
     k largest entries); see this module's docstring.
 
     return_router_probs: also return the per-token softmax probabilities p (..., E) (before
     top-k; fp32, float64 for float64 inputs; differentiable), e.g. for
     `adapterops.hydra.balance_loss`.
+    dropout: the probability p of dropping an element of the adapter's input x_d (one mask for
+    every head; the router and the base GEMM see x); pass it in training only, as `nn.Dropout`
+    drops in training only. dropout_seed: a 1-element int64 tensor on x's device that fixes the
+    mask; None draws one per call from torch's generator.
+
     backend: None picks the first backend that supports the input (`ADAPTEROPS_BACKEND`
     overrides); "triton", "cuda" or "torch" forces one, and raises ValueError if it cannot serve.
     """
@@ -163,6 +183,9 @@ def routed_lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lor
                                        top_k)
     if not isinstance(return_router_probs, bool):
         raise TypeError(f"return_router_probs must be a bool, got {type(return_router_probs).__name__}")
+    if not (type(dropout) is float and dropout == 0.0 and dropout_seed is None):
+        dropout, dropout_seed = check_dropout(dropout, dropout_seed, x)
     # (A bad backend name raises in dispatch, before any kernel.)
-    y, probs = _routed_op(x, weight, bias, lora_A, lora_B, router_weight, scaling, top_k, backend)
+    y, probs = _routed_op(x, weight, bias, lora_A, lora_B, router_weight, scaling, top_k, dropout,
+                          dropout_seed, backend)
     return (y, probs) if return_router_probs else y

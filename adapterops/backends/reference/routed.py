@@ -6,6 +6,10 @@ and the router math every layer above shares (re-exported by `adapterops.ops.rou
     u = s dY Bcat (block e: s dY B_e),  dBcat = s dY^T hg,  dg_e = <u_e, h>,  dh = Σ_e g_e u_e,
     dlogits = p * (dp - <p, dp>) with dp = dg (kept heads only) + dprobs,
     dx = dY W + [dh | dlogits] [A; Wg],  [dA; dWg] = [dh | dlogits]^T x
+
+With dropout p > 0, x_d (`dropout.dropped`: the kernels' mask, one for every head) replaces x
+in h and dA, and masks dx's low-rank term alone: dx = dY W + kept * (dh A) / (1 - p) +
+dlogits Wg, dWg = dlogits^T x (the router sees x).
 """
 from typing import Optional
 
@@ -14,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..base import Limits
+from .dropout import dropped
 from .lowrank import add_scaled_product
 
 LIMITS = Limits()
@@ -44,12 +49,13 @@ def router_probs(x: Tensor, router_weight: Tensor) -> Tensor:
 
 
 def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
-            router_weight: Tensor, scaling: float, top_k: Optional[int]):
+            router_weight: Tensor, scaling: float, top_k: Optional[int], dropout: float,
+            dropout_seed: Optional[Tensor]):
     """Returns (y, h, hg, probs, gates); gates is None for dense routing (then the
     gates are probs)."""
     M = x.shape[0]
     E, _, r = lora_B.shape
-    h = F.linear(x, lora_A)
+    h = F.linear(dropped(x, dropout_seed, dropout) if dropout > 0 else x, lora_A)
     probs = router_probs(x, router_weight)
     gates = top_k_gates(probs, top_k) if top_k is not None else probs
     hg = (gates.unsqueeze(2) * h.unsqueeze(1).to(gates.dtype)).to(x.dtype).reshape(M, E * r)
@@ -59,8 +65,9 @@ def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, l
 
 def backward(grad_y: Tensor, grad_probs: Tensor, x: Optional[Tensor], h: Optional[Tensor],
              hg: Optional[Tensor], probs: Optional[Tensor], gates: Optional[Tensor], weight: Tensor,
-             lora_A: Tensor, lora_B: Tensor, router_weight: Tensor, scaling: float, need_x: bool,
-             need_A: bool, need_B: bool, need_router: bool):
+             lora_A: Tensor, lora_B: Tensor, router_weight: Tensor, dropout_seed: Optional[Tensor],
+             scaling: float, dropout: float, need_x: bool, need_A: bool, need_B: bool,
+             need_router: bool):
     """Returns (dx, dA, dB, dWg), each None when not asked for. gates is None for dense routing.
 
     Needs hg for dB; h and probs (and gates with top-k) for everything else; x for dA and dWg.
@@ -84,6 +91,16 @@ def backward(grad_y: Tensor, grad_probs: Tensor, x: Optional[Tensor], h: Optiona
         dp = dg + grad_probs.to(compute_dtype)
         dlogits = probs * (dp - (probs * dp).sum(-1, keepdim=True))
         dh_dlogits = torch.cat([dh, dlogits], 1).to(grad_y.dtype)
+        if dropout > 0:
+            dh, dlogits = dh_dlogits[:, :r], dh_dlogits[:, r:]
+            if need_x:
+                dx = torch.addmm(torch.mm(grad_y, weight), dlogits, router_weight)
+                dx += dropped(torch.mm(dh, lora_A), dropout_seed, dropout)
+            if need_A:
+                dA = torch.mm(dh.t(), dropped(x, dropout_seed, dropout))
+            if need_router:
+                dWg = torch.mm(dlogits.t(), x)
+            return dx, dA, dB, dWg
         if need_x:
             dx = torch.addmm(torch.mm(grad_y, weight), dh_dlogits,
                              torch.cat([lora_A, router_weight]))

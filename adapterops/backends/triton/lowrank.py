@@ -475,7 +475,8 @@ def streamed_grad_A(gS: Tensor, x: Tensor, dropout: float, dropout_seed: Optiona
     """dA = (g S)^T x in fp32 (R x K), x read in its own dtype and, with dropout p > 0, x_d
     regenerated from the seed as x is read (`lowrank_grad_a_kernel`): a grid of K tiles x row
     splits, the splits as many as give every SM a program (but at least SPLIT_MIN_STEPS row
-    blocks each)."""
+    blocks each). gS may be a column slice (unit column stride, any row stride: the routed
+    backward's dh)."""
     M, Kdim = x.shape
     R = gS.shape[1]
     dA = torch.zeros((R, Kdim), dtype=torch.float32, device=x.device)
@@ -491,7 +492,7 @@ def streamed_grad_A(gS: Tensor, x: Tensor, dropout: float, dropout_seed: Optiona
     has_dropout = dropout > 0
     launch(kernel, (column_tiles, splits),
            (x, gS, dA, dropout_seed if has_dropout else dA, M, Kdim, R, rows_per_split,
-            threshold(dropout), keep_scale(dropout), x.stride(0), x.stride(1), R, Kdim),
+            threshold(dropout), keep_scale(dropout), x.stride(0), x.stride(1), gS.stride(0), Kdim),
            config, DROPOUT=has_dropout, BLOCK_R=block_r, **flags)
     return dA
 

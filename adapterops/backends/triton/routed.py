@@ -9,6 +9,12 @@ read of dY), `routed_gate_grad_kernel` ([dh | dlogits]), the dx GEMM with
 Bcat (out x E r) and [A; Wg] ((r + E) x in) are built per call: copies of the adapter's
 weights, which are small next to x and dY (E r (in + out) elements).
 
+Adapter dropout (p > 0; one mask for every head, on A's input only): the shrink masks each x
+tile for the h product as it loads it (the logits take x); backward splits the GEMM's
+low-rank term, dx = dY W + kept * (dh A) / (1 - p) in the GEMM (its epilogue masks its whole
+term), then dx += dlogits Wg (the router saw x: its term is not masked), and dA = dh^T x_d
+regenerates x_d in `lowrank.streamed_grad_A`; dWg = dlogits^T x is a cuBLAS/ATen GEMM.
+
 Limits of this backend: rank r <= 128, E <= 16 heads and E r <= 256; beyond them the
 dispatcher falls back to the torch backend with the reason.
 """
@@ -20,6 +26,7 @@ from torch import Tensor
 
 from ...kernels import routed as K
 from ..base import Limits
+from ..reference.dropout import keep_scale, threshold
 from ..reference.routed import heads_side_by_side
 from . import lowrank
 from .common import (DTYPES, VARIANTS, KernelConfig, device_guard, device_reasons, interpreting,
@@ -35,6 +42,16 @@ LIMITS = Limits(dtypes=DTYPES, max_rank=lowrank.MAX_RANK, max_heads=MAX_HEADS,
 # top-k, the per-head stores of g_e h) from spilling, as 4 did (176-196 bytes).
 # The gate gradient kernel is elementwise (no `tl.dot`): one configuration for every dtype.
 SHRINK_CONFIGS = lowrank.SHRINK_CONFIGS
+# The shrink with dropout, where it needs other tiles than SHRINK_CONFIGS: the full-fp32 one
+# holds x and its masked copy, and at rank bucket 128 its 32-row, 8-warp tile spilled 24 bytes
+# (48 with top-k), the low-rank dropout shrink's 16 rows on 8 warps still 12 (without top-k);
+# 32 rows on 4 warps spill nowhere (168 registers at 128; sm_90 kernel report, triton 3.9) and
+# keep the row blocks of the shrink without dropout. The 16-bit and TF32 tiles are the
+# shrink's own.
+DROPOUT_SHRINK_CONFIGS = {
+    **SHRINK_CONFIGS,
+    "ieee": ((128, {"BLOCK_M": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 3}),),
+}
 GATE_GRAD_CONFIG = {"BLOCK_M": 16, "num_warps": 4, "num_stages": 1}
 INTERPRETER_GATE_GRAD_CONFIG = {"BLOCK_M": 32}
 
@@ -51,8 +68,11 @@ def head_block(num_heads: int) -> int:
 
 @device_guard
 def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
-            router_weight: Tensor, scaling: float, top_k: Optional[int]):
-    """(y, h, hg, probs, gates) for 2-D x; gates is empty for dense routing."""
+            router_weight: Tensor, scaling: float, top_k: Optional[int], dropout: float,
+            dropout_seed: Optional[Tensor]):
+    """(y, h, hg, probs, gates) for 2-D x; gates is empty for dense routing. With dropout
+    p > 0, h = x_d A^T (the shrink draws the mask as it reads x); the logits and the base GEMM
+    take x."""
     M, Kdim = x.shape
     E, _, R = lora_B.shape
     h = torch.empty((M, R), dtype=x.dtype, device=x.device)
@@ -62,8 +82,10 @@ def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, l
     if M > 0:
         kernel = K.routed_shrink_kernel
         block_r, block_e = rank_block(R), head_block(E)
-        flags, config = lowrank.pass_config(kernel, x.dtype, SHRINK_CONFIGS, block_r,
-                                            lowrank.INTERPRETER_CONFIGS["shrink"])
+        has_dropout = dropout > 0
+        flags, config = lowrank.pass_config(kernel, x.dtype,
+                                            DROPOUT_SHRINK_CONFIGS if has_dropout else SHRINK_CONFIGS,
+                                            block_r, lowrank.INTERPRETER_CONFIGS["shrink"])
         row_blocks = triton.cdiv(M, config["BLOCK_M"])
         splits, k_per_split = lowrank.split_loop(kernel, x.device, row_blocks, Kdim,
                                                  config["BLOCK_K"])
@@ -73,10 +95,12 @@ def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, l
         shapes = dict(HAS_TOP_K=top_k is not None, BLOCK_R=block_r, BLOCK_E=block_e)
         launch(kernel, (row_blocks, splits),
                (x, lora_A, router_weight, h, hg, probs, gates_arg, part_h, part_logits,
-                M, Kdim, R, E, top_k or 0, splits, k_per_split, x.stride(0), x.stride(1),
+                dropout_seed if has_dropout else h,  # a valid pointer; unread without DROPOUT
+                M, Kdim, R, E, top_k or 0, splits, k_per_split, threshold(dropout),
+                keep_scale(dropout), x.stride(0), x.stride(1),
                 lora_A.stride(0), lora_A.stride(1), router_weight.stride(0),
                 router_weight.stride(1), R, E * R, E),
-               config, **shapes, **flags)
+               config, DROPOUT=has_dropout, **shapes, **flags)
         if splits > 1:
             launch(K.routed_shrink_finish_kernel, (row_blocks,),
                    (part_h, part_logits, h, hg, probs, gates_arg, M, R, E, top_k or 0, splits,
@@ -90,8 +114,16 @@ def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, l
 def backward(grad_y: Tensor, grad_probs: Tensor, x: Optional[Tensor], h: Optional[Tensor],
              hg: Optional[Tensor], probs: Optional[Tensor], gates: Optional[Tensor],
              weight: Tensor, lora_A: Tensor, lora_B: Tensor, router_weight: Tensor,
-             scaling: float, need_x: bool, need_A: bool, need_B: bool, need_router: bool):
-    """(dx, dA, dB, dWg), None where not asked for; gates is None for dense routing."""
+             dropout_seed: Optional[Tensor], scaling: float, dropout: float, need_x: bool,
+             need_A: bool, need_B: bool, need_router: bool):
+    """(dx, dA, dB, dWg), None where not asked for; gates is None for dense routing.
+
+    With dropout p > 0: dx = dY W + kept * (dh A) / (1 - p) from the GEMM, whose epilogue
+    masks its whole low-rank term, then dx += dlogits Wg, unmasked (the router saw x). That
+    costs one more pass over dx (a read and a write of M x in, with an inner size of only E)
+    next to the fused [dh | dlogits] [A; Wg] term without dropout; a second, unmasked term in
+    the GEMM's epilogue would need a third accumulator tile there. dA = dh^T x_d regenerates
+    x_d from the seed (`lowrank.streamed_grad_A`); dWg = dlogits^T x."""
     M, N = grad_y.shape
     E, _, R = lora_B.shape
     u, dB_cat, _ = lowrank.grad_pass(grad_y, heads_side_by_side(lora_B), None, hg, None, scaling,
@@ -112,6 +144,17 @@ def backward(grad_y: Tensor, grad_probs: Tensor, x: Optional[Tensor], h: Optiona
                     grad_probs.stride(1), dh_dlogits.stride(0)),
                    config, HAS_TOP_K=gates is not None, BLOCK_R=rank_block(R),
                    BLOCK_E=head_block(E))
+        if dropout > 0:
+            dh, dlogits = dh_dlogits[:, :R], dh_dlogits[:, R:]
+            if need_x:
+                dx = lowrank.gemm_lowrank(grad_y, weight, dh, lora_A, None, keep_scale(dropout),
+                                          dropout, dropout_seed)
+                dx.addmm_(dlogits, router_weight)
+            if need_A:  # dh: a column slice of [dh | dlogits], read in place
+                dA = lowrank.streamed_grad_A(dh, x, dropout, dropout_seed).to(lora_A.dtype)
+            if need_router:
+                dWg = torch.mm(dlogits.t(), x)
+            return dx, dA, dB, dWg
         if need_x:
             dx = lowrank.gemm_lowrank(grad_y, weight, dh_dlogits,
                                       torch.cat([lora_A, router_weight]), None, 1.0)
@@ -143,22 +186,30 @@ def kernel_configurations() -> list[KernelConfig]:
         for block_r in (16, 32, 64, 128):
             for has_top_k in (False, True):
                 flags = dict(HAS_TOP_K=has_top_k, BLOCK_R=block_r, BLOCK_E=head_block(MAX_HEADS))
-                shrink_config = lowrank.bucket_config(SHRINK_CONFIGS, numerics, block_r)
-                configs.append(kernel_config(
-                    K.routed_shrink_kernel, f"{d} R{block_r} E16 top_k={has_top_k}", shrink_config,
-                    True, dtype, precision, UNIT_STRIDES["shrink"],
-                    fp32_ptrs=("probs_ptr", "gates_ptr", "part_h_ptr", "part_logits_ptr"),
-                    loop="stream", **flags))
+                finishes = []  # the finishing kernel runs on its shrink's rows and warps
+                for dropout, table in ((False, SHRINK_CONFIGS), (True, DROPOUT_SHRINK_CONFIGS)):
+                    shrink_config = lowrank.bucket_config(table, numerics, block_r)
+                    configs.append(kernel_config(
+                        K.routed_shrink_kernel,
+                        f"{d} R{block_r} E16 top_k={has_top_k}" + (" dropout" if dropout else ""),
+                        shrink_config, True, dtype, precision, UNIT_STRIDES["shrink"],
+                        fp32_ptrs=("probs_ptr", "gates_ptr", "part_h_ptr", "part_logits_ptr"),
+                        loop="stream", DROPOUT=dropout, **flags))
+                    if lowrank.finish_config(shrink_config) not in finishes:
+                        finishes.append(lowrank.finish_config(shrink_config))
                 # No dots below (the finishing kernel routes, the gate gradients are
                 # elementwise): the fp32 matmul precision does not apply, one fp32 variant
                 # suffices.
                 if precision == "tf32" and dtype == torch.float32:
                     continue
-                configs.append(kernel_config(
-                    K.routed_shrink_finish_kernel, f"{d} R{block_r} E16 top_k={has_top_k}",
-                    lowrank.finish_config(shrink_config), True, dtype, precision,
-                    fp32_ptrs=("probs_ptr", "gates_ptr", "part_h_ptr", "part_logits_ptr"),
-                    loop="partials", **flags))
+                for i, finish in enumerate(finishes):
+                    configs.append(kernel_config(
+                        K.routed_shrink_finish_kernel,
+                        f"{d} R{block_r} E16 top_k={has_top_k}"
+                        + (f" BLOCK_M={finish['BLOCK_M']}" if i else ""),
+                        finish, True, dtype, precision,
+                        fp32_ptrs=("probs_ptr", "gates_ptr", "part_h_ptr", "part_logits_ptr"),
+                        loop="partials", **flags))
                 configs.append(kernel_config(
                     K.routed_gate_grad_kernel, f"{d} R{block_r} E16 top_k={has_top_k}",
                     GATE_GRAD_CONFIG, True, dtype, precision, UNIT_STRIDES["gate_grad"],
