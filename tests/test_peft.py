@@ -1,6 +1,7 @@
 """adapterops.peft against PEFT itself, on config-built tiny LLaMA and GPT-2 (Conv1D) models:
 export loaded by PEFT, PEFT adapters loaded into our layers, and `fuse` of a PEFT model, each
 compared with PEFT's own path (outputs and gradients), plus the options we refuse."""
+import contextlib
 import copy
 import json
 from unittest import mock
@@ -251,6 +252,30 @@ def test_fuse_runs_peft_lora_dropout_fused():
     assert grads and all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads.values())
 
 
+def _fused_matches_peft_against_float64(reference, targets, where: str, context=contextlib.nullcontext):
+    """fuse a copy of the PEFT model `reference`, run both on a training batch (inside
+    `context()`), check that every LoRA call ran fused, and judge the fused logits and LoRA
+    gradients by the 2x-error rule of PEFT's own run against a float64 copy. Returns the
+    fused model's LoRA gradients."""
+    _perturb_trainable(reference)
+    fused, exact = copy.deepcopy(reference), copy.deepcopy(reference).double()
+    assert ap.fuse(fused) == {}
+    outs, calls, real = {}, [], ap.lowrank_linear
+    with mock.patch.object(ap, "lowrank_linear", lambda *a, **k: calls.append(1) or real(*a, **k)):
+        for name, model in (("peft", reference), ("fused", fused)):
+            with context():
+                outs[name] = model(IDS, labels=IDS)
+            outs[name].loss.backward()
+    assert len(calls) == 2 * len(targets) and ap.fallbacks(fused) == {}
+    out64 = exact(IDS, labels=IDS)
+    out64.loss.backward()
+    assert_close_to_reference(f"{where} logits", outs["fused"].logits, out64.logits, outs["peft"].logits)
+    fused_grads, peft_grads = _grads(fused, "lora_"), _grads(reference, "lora_")
+    for name, grad64 in _grads(exact, "lora_").items():
+        assert_close_to_reference(f"{where} grad {name}", fused_grads[name], grad64, peft_grads[name])
+    return fused_grads
+
+
 def test_fuse_runs_peft_fp32_adapters_on_a_bf16_base():
     """PEFT keeps a 16-bit base's adapters in fp32 (autocast_adapter_dtype=True, its default):
     every call runs fused, the low-rank path in fp32 as PEFT computes it, within the 2x-error
@@ -259,23 +284,8 @@ def test_fuse_runs_peft_fp32_adapters_on_a_bf16_base():
                                     peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS["llama"]))
     layer = reference.base_model.model.model.layers[0].self_attn.q_proj
     assert layer.lora_A["default"].weight.dtype == torch.float32
-    _perturb_trainable(reference)
-    fused, exact = copy.deepcopy(reference), copy.deepcopy(reference).double()
-    assert ap.fuse(fused) == {}
-    outs, calls, real = {}, [], ap.lowrank_linear
-    with mock.patch.object(ap, "lowrank_linear", lambda *a, **k: calls.append(1) or real(*a, **k)):
-        for name, model in (("peft", reference), ("fused", fused)):
-            outs[name] = model(IDS, labels=IDS)
-            outs[name].loss.backward()
-    assert len(calls) == 2 * len(TARGETS["llama"]) and ap.fallbacks(fused) == {}
-    out64 = exact(IDS, labels=IDS)
-    out64.loss.backward()
-    assert_close_to_reference("bf16 base logits", outs["fused"].logits, out64.logits,
-                              outs["peft"].logits)
-    fused_grads, peft_grads = _grads(fused, "lora_"), _grads(reference, "lora_")
-    for name, grad64 in _grads(exact, "lora_").items():
-        assert fused_grads[name].dtype == torch.float32, name
-        assert_close_to_reference(f"bf16 base grad {name}", fused_grads[name], grad64, peft_grads[name])
+    grads = _fused_matches_peft_against_float64(reference, TARGETS["llama"], "bf16 base")
+    assert all(g.dtype == torch.float32 for g in grads.values())
 
 
 def test_fuse_reports_adapters_in_a_dtype_the_op_does_not_take_and_counts_their_calls():
@@ -303,19 +313,5 @@ def test_fuse_serves_autocast_inputs():
     call runs fused, within the 2x-error rule of PEFT's own autocast run against float64."""
     targets = ["q_proj", "o_proj", "down_proj"]
     reference = peft.get_peft_model(tiny("llama"), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
-    _perturb_trainable(reference)
-    fused, exact = copy.deepcopy(reference), copy.deepcopy(reference).double()
-    assert ap.fuse(fused) == {}
-    outs, calls, real = {}, [], ap.lowrank_linear
-    with mock.patch.object(ap, "lowrank_linear", lambda *a, **k: calls.append(1) or real(*a, **k)):
-        for name, model in (("peft", reference), ("fused", fused)):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                outs[name] = model(IDS, labels=IDS)
-            outs[name].loss.backward()
-    assert len(calls) == 2 * len(targets) and ap.fallbacks(fused) == {}
-    out64 = exact(IDS, labels=IDS)
-    out64.loss.backward()
-    assert_close_to_reference("autocast logits", outs["fused"].logits, out64.logits, outs["peft"].logits)
-    fused_grads, peft_grads = _grads(fused, "lora_"), _grads(reference, "lora_")
-    for name, grad64 in _grads(exact, "lora_").items():
-        assert_close_to_reference(f"autocast grad {name}", fused_grads[name], grad64, peft_grads[name])
+    _fused_matches_peft_against_float64(reference, targets, "autocast",
+                                        lambda: torch.autocast("cpu", dtype=torch.bfloat16))
