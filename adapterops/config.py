@@ -12,7 +12,7 @@ the methods' own options, each taken only by the methods that have it:
 |---|---|---|
 | init | lora ("lora", "pissa", "pissa_niter_K"), lamda ("lora", "svd") | "lora" |
 | dropout | lora, lamda, hydra | 0.0 |
-| adapter_dtype | lora, lamda | None: fp32 on a 16-bit base (as PEFT), else the base's |
+| adapter_dtype | lora, lamda, hydra | None: fp32 on a 16-bit base (as PEFT), else the base's |
 | num_heads, top_k, balance_loss_weight | hydra | required, None, 0.0 |
 | world_size, rank_index, svd, niter | hdpissa | the process group's, "full", 8 |
 | backend | every method | None (dispatch picks) |

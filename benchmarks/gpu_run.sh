@@ -168,7 +168,7 @@ step kernel_check "$KERNEL_CHECK_LIMIT_S" "$PY" -m benchmarks.kernel_check --dev
   --out "$OUT/kernel_check"
 step smoke "$SMOKE_LIMIT_S" "$PY" -m benchmarks.smoke --device "$DEVICE" --backends triton \
   --out "$OUT/smoke"
-step headline 200 "$PY" -m benchmarks --headline --profile --fp32-precision highest \
+step headline 240 "$PY" -m benchmarks --headline --profile --fp32-precision highest \
   --providers "$HEADLINE_PROVIDERS" "${DEVICE_ARGS[@]}" --out "$OUT/headline"
 step headline-high 60 "$PY" -m benchmarks --headline --profile --fp32-precision high \
   --ops hdpissa_update --providers "$HEADLINE_PROVIDERS" "${DEVICE_ARGS[@]}" \

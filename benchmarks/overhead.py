@@ -258,7 +258,7 @@ def _counts(op: str, case: Case, provider: str, element_size: int) -> tuple:
     model = "floor" if provider == "linear" else "torch"
     if op in ("lora", "lamda"):
         flops = lowrank._flops(case, model, op == "lamda")
-        io = lowrank._bytes(case, model, op == "lamda", element_size)
+        io = lowrank._bytes(case, model, op == "lamda", element_size, element_size)
     elif op == "hydra":
         flops, io = routed._flops(case, model), routed._bytes(case, model, element_size)
     else:

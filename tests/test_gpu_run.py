@@ -16,7 +16,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 STEPS = ("preflight", "kernel_check", "smoke", "headline", "headline-high", "tests-triton",
          "cuda_build", "smoke-cuda", "headline-cuda", "tests", "sweep")
-HEADLINE_OPS = {"lamda", "lora", "hydra", "hdpissa", "hdpissa_update"}
+HEADLINE_OPS = {"lamda", "lora", "lamda_dropout", "lora_dropout", "hydra", "hdpissa",
+                "hdpissa_update"}
 
 # The dry runs take minutes: slow, so not in `make quick` (pyproject.toml's `slow` marker).
 pytestmark = pytest.mark.slow
@@ -58,7 +59,8 @@ def test_smoke_checked_every_op_and_passed(dry_run):
         assert {row["backend"] for row in rows} == {backend}
         assert {row["status"] for row in rows} == {"ok"}, rows
         cases = {row["case"] for row in rows}
-        assert cases == {"lamda", "lora", "hydra", "hydra_top2", "hdpissa", "update_highest",
+        assert cases == {"lamda", "lora", "lamda_dropout", "lora_dropout", "lamda_fp32_adapter",
+                         "lora_fp32_adapter", "hydra", "hydra_top2", "hdpissa", "update_highest",
                          "update_high"}, cases
         # forward and every gradient: LaMDA trains x's consumer, S and B.
         assert {row["tensor"] for row in rows if row["case"] == "lamda"} == {

@@ -646,7 +646,7 @@ def test_adapter_config_rejects(fields, match):
 
 def test_adapter_config_from_dict_rejects():
     good = config_for("hydra").to_dict()
-    with pytest.raises(ValueError, match=r"unknown field\(s\) lora_dropout, r; known: alpha"):
+    with pytest.raises(ValueError, match=r"unknown field\(s\) lora_dropout, r; known: adapter_dtype, alpha"):
         adapterops.AdapterConfig.from_dict({**good, "r": 8, "lora_dropout": 0.1})
     without = {k: v for k, v in good.items() if k != "rank"}
     with pytest.raises(ValueError, match=r"missing field\(s\) rank"):

@@ -353,6 +353,62 @@ def test_hydra_dropout_path_shares_one_mask(device):
     torch.testing.assert_close(layer(x), expected_eval, rtol=1e-5, atol=1e-5)
 
 
+def test_hydra_fp32_adapters_on_a_bf16_base_train_fused(monkeypatch, device):
+    """adapter_dtype=None: from_linear on a bf16 nn.Linear keeps A, the heads and the router in
+    fp32 (PEFT's default); training (with dropout) runs the fused op on the mixed dtypes at
+    every call, the gradients are fp32 and the loss falls. layer_options records the dtype
+    (from_linear with it rebuilds the same layer, as load_adapters does); adapter_dtype
+    "bfloat16" forces bf16, and a pairing the op does not take is refused by name."""
+    from adapterops.backends import BACKENDS
+
+    x, shift, _ = _two_regime_task(device, n=64)
+    linear = nn.Linear(16, 12, device=device, dtype=torch.bfloat16)
+    layer = adapterops.FusedHydraLoRALinear.from_linear(linear, rank=4, num_heads=2, alpha=4.0,
+                                                        top_k=1, dropout=0.1)
+    assert layer.weight.dtype == layer.bias.dtype == torch.bfloat16
+    adapter = {n: getattr(layer, n) for n in ("lora_A", "lora_B", "lora_router")}
+    assert all(t.dtype == torch.float32 for t in adapter.values()), {n: t.dtype for n, t in adapter.items()}
+    assert layer.layer_options()["adapter_dtype"] == "float32"
+    served = []
+    for backend in BACKENDS.values():
+        def spy(*args, _forward=backend.routed_forward, _name=backend.name):
+            served.append((_name, args[0].dtype, args[3].dtype, args[8]))  # x, lora_A, dropout
+            return _forward(*args)
+        monkeypatch.setattr(backend, "routed_forward", spy)
+    x = x.to(torch.bfloat16)
+    target = (linear(x).float() + shift).detach()
+    opt = torch.optim.Adam(adapter.values(), lr=5e-2)
+    losses = []
+    for _ in range(10):
+        loss = F.mse_loss(layer(x).float(), target)
+        opt.zero_grad()
+        loss.backward()
+        for name, t in adapter.items():
+            # Every head starts at 0: at the first step only the heads' gradient is non-zero.
+            assert t.grad.dtype == torch.float32, name
+            assert t.grad.abs().max() > 0 or (name != "lora_B" and not losses), name
+        opt.step()
+        losses.append(loss.item())
+    assert len(served) == 10 and served[0][0] != "torch", served
+    assert set(served) == {(served[0][0], torch.bfloat16, torch.float32, 0.1)}, served
+    assert losses[-1] < 0.8 * losses[0], losses
+    rebuilt = adapterops.FusedHydraLoRALinear.from_linear(linear, **layer.layer_options(),
+                                                          initialise=False)
+    rebuilt.load_adapter_state(layer.adapter_state())
+    layer.eval(), rebuilt.eval()
+    assert rebuilt.lora_B.dtype == torch.float32 and torch.equal(rebuilt(x), layer(x))
+    forced = adapterops.FusedHydraLoRALinear.from_linear(linear, rank=4, num_heads=2, alpha=4.0,
+                                                         adapter_dtype="bfloat16")
+    assert all(getattr(forced, n).dtype == torch.bfloat16 for n in adapter)
+    assert forced.layer_options()["adapter_dtype"] == "bfloat16"
+    config = adapterops.AdapterConfig(method="hydra", rank=4, alpha=4.0, num_heads=2,
+                                      adapter_dtype=torch.bfloat16)
+    assert config.options_for(adapterops.FusedHydraLoRALinear)["adapter_dtype"] == "bfloat16"
+    with pytest.raises(ValueError, match="adapter_dtype torch.float16 on a torch.bfloat16 base"):
+        adapterops.FusedHydraLoRALinear.from_linear(linear, rank=4, num_heads=2, alpha=4.0,
+                                                    adapter_dtype=torch.float16)
+
+
 @pytest.mark.parametrize("kwargs,error,match", [
     (dict(num_heads=0), ValueError, "num_heads must be a positive int"),
     (dict(rank=0), ValueError, "rank must be a positive int"),

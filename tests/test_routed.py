@@ -641,3 +641,134 @@ def test_triton_declines_beyond_its_limits(E, r, why, device):
                            lora_A=args["lora_A"], lora_B=args["lora_B"]).name == "cuda"
     auto = routed_lowrank_linear(**args)
     torch.testing.assert_close(auto, routed_lowrank_linear(**args, backend="torch"))
+
+
+# 7. fp32 adapters on a 16-bit base (PEFT's default): the adapter path in fp32, as PEFT computes
+# it, against a float64 reference of that math (the torch backend on float64 copies of the
+# inputs as each run sees them: x, W and bias rounded to the 16-bit dtype, the adapter to fp32)
+# by the rule in tests/utils.py, whose baseline is the torch backend on the same mixed dtypes.
+
+BASE_LEAVES = ("x", "weight", "bias")
+MIXED_TRAINED = ("x", "lora_A", "lora_B", "router_weight")
+
+
+def _mixed_dtypes(inputs: dict, base_dtype: torch.dtype, adapter_dtype: torch.dtype) -> dict:
+    """The dtype each input of a mixed run has: x, W, bias (and dY) in the base's, the adapter
+    (and the probabilities' gradient) in the adapter's."""
+    return {k: base_dtype if k in BASE_LEAVES + ("grad_y",) else adapter_dtype for k in inputs}
+
+
+def _run_mixed(inputs: dict, dtypes: dict, device: str, backend: str, top_k, dropout: float):
+    """(y, probs, {name: grad}) of the op on `inputs` cast to `dtypes`; the loss is <y, dY> +
+    <probs, dprobs>, with dropout p and a fixed seed."""
+    leaves = {n: (inputs[n].to(device=device, dtype=dtypes[n], copy=True)
+                  if inputs[n] is not None else None) for n in LEAVES}
+    for name in MIXED_TRAINED:
+        leaves[name].requires_grad_()
+    y, probs = routed_lowrank_linear(
+        *(leaves[n] for n in LEAVES), 0.75, top_k=top_k, return_router_probs=True,
+        dropout=dropout, dropout_seed=torch.tensor([11], device=device), backend=backend)
+    loss = ((y * inputs["grad_y"].to(device=device, dtype=y.dtype)).sum()
+            + (probs * inputs["grad_probs"].to(device=device, dtype=probs.dtype)).sum())
+    grads = torch.autograd.grad(loss, [leaves[n] for n in MIXED_TRAINED])
+    return y.detach(), probs.detach(), dict(zip(MIXED_TRAINED, grads))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+@pytest.mark.parametrize("top_k", [None, 2], ids=["dense", "top2"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_fp32_adapters_on_a_16bit_base(backend, dtype, top_k, dropout, device):
+    """Dense: 39 tokens (the Triton shrink splits K under the interpreter); top-2: 70 tokens
+    (unsplit). The router sees the top-k margin of make_inputs."""
+    case = Case("fp32-adapter", (3, 13) if top_k is None else (70,), 45, 29, 6, 4, top_k=top_k,
+                probs_loss=True, seed=31)
+    inputs = make_inputs(case)
+    dtypes = _mixed_dtypes(inputs, dtype, torch.float32)
+    rounded = {k: (v.to(dtypes[k]).double() if v is not None else None) for k, v in inputs.items()}
+    ref_y, ref_p, ref_grads = _run_mixed(rounded, dict.fromkeys(dtypes, torch.float64), device,
+                                         "torch", top_k, dropout)
+    base_y, base_p, base_grads = _run_mixed(inputs, dtypes, device, "torch", top_k, dropout)
+    y, p, grads = _run_mixed(inputs, dtypes, device, backend, top_k, dropout)
+    where = f"{backend} {DTYPE_IDS[dtype]}+fp32 top_k={top_k} p={dropout}"
+    assert y.dtype == dtype and p.dtype == torch.float32 and grads["x"].dtype == dtype
+    assert all(grads[n].dtype == torch.float32 for n in MIXED_TRAINED[1:])
+    assert_close_to_reference(f"{where} y", y, ref_y, base_y)
+    assert_close_to_reference(f"{where} probs", p, ref_p, base_p)
+    for name in MIXED_TRAINED:
+        assert_close_to_reference(f"{where} d{name}", grads[name], ref_grads[name],
+                                  base_grads[name])
+
+
+def _mixed_op_samples(device):
+    """_op_samples with x, W and bias in bf16, the adapter in fp32."""
+    x, W, b, A, B, Wg = _op_samples(device, None)
+    return (*(t.to(torch.bfloat16) for t in (x, W, b)), A, B, Wg)
+
+
+@pytest.mark.parametrize("backend,top_k,dropout", [
+    ("torch", None, 0.0), ("torch", 2, 0.25), ("triton", None, 0.0), ("triton", 2, 0.25),
+    ("cuda", 2, 0.0), ("cuda", None, 0.25)])
+def test_fp32_adapters_opcheck(backend, top_k, dropout, device):
+    """The custom ops' fakes give h and hg in fp32 and the adapter's gradients in fp32 (dx in
+    x's dtype), as each backend returns them."""
+    x, W, b, A, B, Wg = _mixed_op_samples(device)
+    drop = _dropout_args(dropout, device)
+    for t in (x, A, B, Wg):
+        t.requires_grad_()
+    torch.library.opcheck(torch.ops.adapterops.routed_lowrank_linear_fwd.default,
+                          (x, W, b, A, B, Wg, 0.5, top_k, *drop, backend))
+    with torch.no_grad():
+        y, h, hg, probs, gates = torch.ops.adapterops.routed_lowrank_linear_fwd(
+            x, W, b, A, B, Wg, 0.5, top_k, *drop, backend)
+    assert y.dtype == torch.bfloat16
+    assert h.dtype == hg.dtype == probs.dtype == torch.float32
+    grad_y = torch.randn(x.shape[0], W.shape[0], device=device).to(torch.bfloat16)
+    grad_probs = torch.randn_like(probs)
+    args = (grad_y, grad_probs, x.detach(), h, hg, probs, gates if top_k is not None else None,
+            W, A.detach(), B.detach(), Wg.detach(), drop[1], 0.5, drop[0], True, True, True, True,
+            backend)
+    torch.library.opcheck(torch.ops.adapterops.routed_lowrank_linear_bwd.default, args)
+    dx, dA, dB, dWg = torch.ops.adapterops.routed_lowrank_linear_bwd(*args)
+    assert dx.dtype == torch.bfloat16 and dA.dtype == dB.dtype == dWg.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
+def test_fp32_adapters_compiled_equals_eager(backend, device):
+    """torch.compile(fullgraph=True) runs the custom ops on the mixed dtypes and gives what the
+    eager door gives, bit for bit (top-2, dropout with a fixed seed)."""
+    x, W, b, A, B, Wg = _mixed_op_samples(device)
+    seed = torch.tensor([7], device=device)
+    grad_y = torch.randn(x.shape[0], W.shape[0], device=device).to(torch.bfloat16)
+    grad_p = torch.randn(x.shape[0], B.shape[0], device=device)
+
+    def f(x, lora_A, lora_B, router_weight):
+        return routed_lowrank_linear(x, W, b, lora_A, lora_B, router_weight, 0.5, top_k=2,
+                                     return_router_probs=True, dropout=0.25, dropout_seed=seed,
+                                     backend=backend)
+
+    torch._dynamo.reset()
+    results = []
+    for fn in (f, torch.compile(f, fullgraph=True, backend="aot_eager")):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, A, B, Wg)]
+        y, probs = fn(*leaves)
+        ((y * grad_y).sum() + (probs * grad_p).sum()).backward()
+        results.append([y, probs] + [leaf.grad for leaf in leaves])
+    assert [r.dtype for r in results[0]] == [torch.bfloat16, torch.float32, torch.bfloat16,
+                                             torch.float32, torch.float32, torch.float32]
+    for a, b_ in zip(*results):
+        assert a.dtype == b_.dtype and torch.equal(a, b_)
+
+
+@pytest.mark.parametrize("lora_dtype", [torch.float16, torch.float64])
+def test_fp32_adapters_only_on_a_16bit_base(lora_dtype, no_kernels):
+    """The op takes the adapter in x's dtype or in fp32 on a 16-bit x; any other pairing is
+    refused by name before any backend runs."""
+    x, W, b, A, B, Wg = _mixed_op_samples("cpu")
+    with pytest.raises(TypeError, match=f"lora_A has dtype {lora_dtype}"):
+        routed_lowrank_linear(x, W, b, A.to(lora_dtype), B.to(lora_dtype), Wg.to(lora_dtype), 0.5)
+    with pytest.raises(TypeError, match="router_weight has dtype torch.bfloat16 but lora_A has"):
+        routed_lowrank_linear(x, W, b, A, B, Wg.to(torch.bfloat16), 0.5)
+    x32, W32, b32 = (t.float() for t in (x, W, b))
+    with pytest.raises(TypeError, match="lora_A has dtype torch.float16 but x has torch.float32"):
+        routed_lowrank_linear(x32, W32, b32, A.half(), B.half(), Wg.half(), 0.5)

@@ -513,20 +513,39 @@ def lowrank_grad_a_kernel(
     row_end = tl.minimum(M, row_start + rows_per_split)
     if DROPOUT:
         seed = tl.load(seed_ptr)
-    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    # 16-bit operands: dA^T = x^T (g S), [BLOCK_K, BLOCK_R] per program, whose BLOCK_K (>= 64)
+    # rows take wgmma on sm_90 (the R-row form fell back to mma.sync at rank buckets 16 and
+    # 32: a wgmma needs 64 rows). fp32 ones keep the R-row form dA = (g S)^T x: transposed, the
+    # TF32 wgmma serialized (it reads its B operand K-major only) and the fp32-adapter FMAs
+    # spilled at rank bucket 64 (sm_90 kernel report, triton 3.9).
+    SIXTEEN_BIT: tl.constexpr = (x_ptr.dtype.element_ty != tl.float32
+                                 and gs_ptr.dtype.element_ty != tl.float32)
+    if SIXTEEN_BIT:
+        acc = tl.zeros((BLOCK_K, BLOCK_R), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
     for m0 in range(row_start, row_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < row_end
-        # (g S)^T tile: element (r, m) = gS[m, r].
-        gst = tl.load(gs_ptr + offs_m[None, :] * stride_gsm + offs_r[:, None],
-                      mask=mask_r[:, None] & mask_m[None, :], other=0.0)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if DROPOUT:
             keep = dropout_keep(seed, threshold, offs_m, tl.program_id(0) * BLOCK_K, BLOCK_K)
             x = tl.where(keep, x, 0.0)
-        acc = mma(gst, x, acc, UPCAST, INPUT_PRECISION)
+        if SIXTEEN_BIT:
+            gs = tl.load(gs_ptr + offs_m[:, None] * stride_gsm + offs_r[None, :],
+                         mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+            acc = mma(tl.trans(x), gs, acc, UPCAST, INPUT_PRECISION)
+        else:
+            # (g S)^T tile: element (r, m) = gS[m, r].
+            gst = tl.load(gs_ptr + offs_m[None, :] * stride_gsm + offs_r[:, None],
+                          mask=mask_r[:, None] & mask_m[None, :], other=0.0)
+            acc = mma(gst, x, acc, UPCAST, INPUT_PRECISION)
     if DROPOUT:
         acc = acc * keep_scale
-    tl.atomic_add(da_ptr + offs_r[:, None] * stride_dar + offs_k[None, :], acc,
-                  mask=mask_r[:, None] & mask_k[None, :], sem="relaxed")
+    if SIXTEEN_BIT:
+        tl.atomic_add(da_ptr + offs_r[None, :] * stride_dar + offs_k[:, None], acc,
+                      mask=mask_k[:, None] & mask_r[None, :], sem="relaxed")
+    else:
+        tl.atomic_add(da_ptr + offs_r[:, None] * stride_dar + offs_k[None, :], acc,
+                      mask=mask_r[:, None] & mask_k[None, :], sem="relaxed")

@@ -15,6 +15,11 @@ undropped, as in the official code. It is fused into the kernels (`routed_lowran
 mask-sized is saved; it is not `nn.Dropout`'s mask bit for bit, but the same distribution.
 `layer.dropout` stays the `nn.Dropout` holding p (None without dropout).
 
+Adapter dtype (`adapter_dtype`, as the low-rank modules): None keeps A, the heads and the
+router in fp32 on a 16-bit base (PEFT's default; the op then computes the adapter path in
+fp32) and in the base's dtype otherwise; a dtype (or its name) forces one the op takes: the
+base's, or fp32 on a 16-bit base.
+
 Balance loss (`balance_loss_weight > 0`, training mode only): each forward stores
 `balance_loss_weight * adapterops.hydra.balance_loss(p, top_k)` in `last_balance_loss` for a
 trainer to add to its loss with `adapterops.hydra.collect_balance_loss(model)`.
@@ -28,7 +33,8 @@ from torch import Tensor, nn
 from ..hydra import balance_loss
 from ..ops import routed_lowrank_linear
 from ..ops.checks import check_top_k
-from .common import (REQUIRED, AdapterLayer, check_layer_args, check_linear, copy_base, is_conv1d, module_tensors)
+from .common import (REQUIRED, AdapterLayer, check_layer_args, check_linear, copy_base, is_conv1d, module_tensors,
+                     resolve_adapter_dtype)
 
 
 class FusedHydraLoRALinear(AdapterLayer):
@@ -37,17 +43,19 @@ class FusedHydraLoRALinear(AdapterLayer):
     Args: in_features, out_features, rank (r), num_heads (E), alpha (scaling = alpha / rank),
     bias, top_k (None: dense routing; k: keep the k largest gates, not renormalised), dropout,
     balance_loss_weight, device, dtype, backend (None: dispatch picks; "triton"/"cuda"/"torch" forces
-    one).
+    one), adapter_dtype (None: fp32 on a 16-bit base, else the base's; see
+    `resolve_adapter_dtype`).
     """
 
     method = "hydra"
-    OPTIONS = {"num_heads": REQUIRED, "top_k": None, "dropout": 0.0, "balance_loss_weight": 0.0}
+    OPTIONS = {"num_heads": REQUIRED, "top_k": None, "dropout": 0.0, "balance_loss_weight": 0.0,
+               "adapter_dtype": None}
     mergeable = False   # the gates depend on the token
 
     def __init__(self, in_features: int, out_features: int, rank: int, num_heads: int,
                  alpha: float, bias: bool = True, top_k: Optional[int] = None,
                  dropout: float = 0.0, balance_loss_weight: float = 0.0, device=None, dtype=None,
-                 backend: Optional[str] = None, *, initialise: bool = True):
+                 backend: Optional[str] = None, *, adapter_dtype=None, initialise: bool = True):
         super().__init__()
         check_layer_args(in_features=in_features, out_features=out_features, rank=rank,
                          num_heads=num_heads, alpha=alpha, dropout=dropout)
@@ -55,7 +63,8 @@ class FusedHydraLoRALinear(AdapterLayer):
         if (isinstance(balance_loss_weight, bool) or not isinstance(balance_loss_weight, (int, float))
                 or not math.isfinite(balance_loss_weight) or balance_loss_weight < 0):
             raise ValueError(f"balance_loss_weight must be a finite number >= 0, got {balance_loss_weight!r}")
-        factory = self._init_base(in_features, out_features, rank, alpha, bias, backend, device, dtype)
+        factory = self._init_base(in_features, out_features, rank, alpha, bias, backend, device,
+                                  dtype, resolve_adapter_dtype(adapter_dtype, dtype))
         self.num_heads, self.top_k = num_heads, top_k
         self.balance_loss_weight = float(balance_loss_weight)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
@@ -69,11 +78,13 @@ class FusedHydraLoRALinear(AdapterLayer):
     def from_linear(cls, linear: nn.Linear, rank: int, num_heads: int, alpha: float,
                     top_k: Optional[int] = None, dropout: float = 0.0,
                     balance_loss_weight: float = 0.0, backend: Optional[str] = None, *,
-                    initialise: bool = True):
-        """A layer computing `linear` plus a freshly initialised HydraLoRA adapter; `linear`
-        itself is left untouched (its weight is copied). initialise=False leaves the adapter
-        uninitialised, for `load_adapter_state`. Only nn.Linear: a transformers Conv1D (GPT-2)
-        is refused **[ours]**, as HydraLoRA is defined and evaluated on LLaMA-style projections."""
+                    adapter_dtype=None, initialise: bool = True):
+        """A layer computing `linear` plus a freshly initialised HydraLoRA adapter in
+        `adapter_dtype` (None: fp32 on a 16-bit base, else the base's; see
+        `resolve_adapter_dtype`); `linear` itself is left untouched (its weight is copied).
+        initialise=False leaves the adapter uninitialised, for `load_adapter_state`. Only
+        nn.Linear: a transformers Conv1D (GPT-2) is refused **[ours]**, as HydraLoRA is defined
+        and evaluated on LLaMA-style projections."""
         if is_conv1d(linear):
             raise TypeError("FusedHydraLoRALinear takes an nn.Linear; transformers Conv1D layers "
                             "(GPT-2 and kin) are not supported by HydraLoRA here")
@@ -81,14 +92,16 @@ class FusedHydraLoRALinear(AdapterLayer):
         layer = cls(linear.in_features, linear.out_features, rank, num_heads, alpha,
                     bias=linear.bias is not None, top_k=top_k, dropout=dropout,
                     balance_loss_weight=balance_loss_weight, device=linear.weight.device,
-                    dtype=linear.weight.dtype, backend=backend, initialise=initialise)
+                    dtype=linear.weight.dtype, backend=backend, adapter_dtype=adapter_dtype,
+                    initialise=initialise)
         copy_base(layer, linear)
         return layer
 
     def layer_options(self) -> dict:
         return {"rank": self.rank, "num_heads": self.num_heads, "alpha": self.alpha,
                 "top_k": self.top_k, "dropout": self.dropout.p if self.dropout is not None else 0.0,
-                "balance_loss_weight": self.balance_loss_weight}
+                "balance_loss_weight": self.balance_loss_weight,
+                "adapter_dtype": str(self.lora_A.dtype).removeprefix("torch.")}
 
     def merge(self) -> nn.Module:
         raise ValueError("a HydraLoRA layer cannot be merged into its weight: its gates depend "

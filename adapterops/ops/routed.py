@@ -25,6 +25,15 @@ which every backend draws the same and regenerates where it needs it: nothing ma
 x_d-sized is saved, only the 1-element seed. The seed is drawn from torch's generator per call
 unless `dropout_seed` is given.
 
+Adapters in fp32 on a 16-bit base (PEFT's default, `autocast_adapter_dtype=True`): lora_A,
+lora_B and router_weight may share fp32 while x, weight and bias share fp16 or bf16. The
+adapter path is then computed in fp32, as PEFT computes it: x cast to fp32 as it is read for
+h = x_d A^T and for the router logits x Wg^T (the softmax in fp32 as always); h, hg and every
+adapter-side gradient (u = s dY B_e from dY cast to fp32, dh, dlogits, dA, dB, dWg) in fp32;
+the base product in x's dtype, its sum with the fp32 term s hg Bcat^T rounded once to x's
+dtype (y), and dx = dY W (x's dtype) + dh A (masked with dropout) + dlogits Wg, in fp32 and
+rounded to x's dtype. The gradients of A, B and Wg are fp32; dx is in x's dtype.
+
 Router logits **[ours]**: the Triton kernels accumulate x Wg^T in fp32 and apply the softmax to
 that accumulator; the torch backend takes the logits from F.linear in x's dtype (as the
 official code does). In fp32 they agree; in fp16/bf16 the Triton probabilities are the more
@@ -63,8 +72,9 @@ __all__ = ["routed_lowrank_linear", "check_routed_args", "heads_side_by_side", "
 
 
 def _backend(backend, x, lora_B):
-    # What the backends' reasons depend on: device, dtype, heads and rank.
-    signature = (x.device, x.dtype, lora_B.shape)
+    # What the backends' reasons depend on: device, dtypes (x's and the adapter's), heads and
+    # rank.
+    signature = (x.device, x.dtype, lora_B.dtype, lora_B.shape)
     return (dispatch.cached("routed", backend, signature)
             or dispatch.select("routed", backend, signature=signature, x=x, lora_B=lora_B))
 
@@ -109,7 +119,8 @@ def _fake(x, weight, bias, lora_A, lora_B, router_weight, scaling, top_k, dropou
     M = x.shape[0]
     E, N, r = lora_B.shape
     probs_dtype = torch.promote_types(x.dtype, torch.float32)
-    return (x.new_empty((M, N)), x.new_empty((M, r)), x.new_empty((M, E * r)),
+    # h and hg in the adapter's dtype (fp32 adapters on a 16-bit x: fp32); p in fp32 or better.
+    return (x.new_empty((M, N)), lora_A.new_empty((M, r)), lora_A.new_empty((M, E * r)),
             x.new_empty((M, E), dtype=probs_dtype),
             x.new_empty((M, E) if top_k is not None else 0, dtype=probs_dtype))
 
@@ -144,7 +155,8 @@ def check_routed_args(x, weight, bias, lora_A, lora_B, router_weight, scaling,
     check_tensor("lora_B", lora_B, ndim=3)
     check_tensor("router_weight", router_weight, ndim=2)
     out_features, in_features, rank = check_base_and_A(x, weight, bias, lora_A, lora_B=lora_B,
-                                                       router_weight=router_weight)
+                                                       router_weight=router_weight,
+                                                       fp32_adapter_allowed=True)
     num_heads = lora_B.shape[0]
     if num_heads == 0:
         raise ValueError(f"lora_B has shape {tuple(lora_B.shape)}: the head count (lora_B.shape[0]) "

@@ -10,6 +10,12 @@ and the router math every layer above shares (re-exported by `adapterops.ops.rou
 With dropout p > 0, x_d (`dropout.dropped`: the kernels' mask, one for every head) replaces x
 in h and dA, and masks dx's low-rank term alone: dx = dY W + kept * (dh A) / (1 - p) +
 dlogits Wg, dWg = dlogits^T x (the router sees x).
+
+With fp32 adapters on a 16-bit x (lora_A, lora_B, router_weight fp32; PEFT's math) the adapter
+path runs in fp32: x cast to fp32 for h and the logits, hg in fp32, y = (x W^T + bias, in x's
+dtype, then in fp32 + s hg Bcat^T) rounded to x's dtype; backward from dY cast to fp32 (u, dB,
+dh, dlogits, dA, dWg fp32), dx = (dY W in x's dtype) + [dh | dlogits] [A; Wg] in fp32, rounded
+to x's dtype. When every tensor shares x's dtype the casts are no-ops: the same results.
 """
 from typing import Optional
 
@@ -55,11 +61,14 @@ def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, l
     gates are probs)."""
     M = x.shape[0]
     E, _, r = lora_B.shape
-    h = F.linear(dropped(x, dropout_seed, dropout) if dropout > 0 else x, lora_A)
-    probs = router_probs(x, router_weight)
+    x_adapter = x.to(lora_A.dtype)  # x itself unless the adapter is fp32 on a 16-bit x
+    h = F.linear(dropped(x_adapter, dropout_seed, dropout) if dropout > 0 else x_adapter, lora_A)
+    probs = router_probs(x_adapter, router_weight)
     gates = top_k_gates(probs, top_k) if top_k is not None else probs
-    hg = (gates.unsqueeze(2) * h.unsqueeze(1).to(gates.dtype)).to(x.dtype).reshape(M, E * r)
-    y = add_scaled_product(F.linear(x, weight, bias), hg, heads_side_by_side(lora_B).t(), scaling)
+    hg = (gates.unsqueeze(2) * h.unsqueeze(1).to(gates.dtype)).to(h.dtype).reshape(M, E * r)
+    base = F.linear(x, weight, bias)
+    y = add_scaled_product(base.to(hg.dtype), hg, heads_side_by_side(lora_B).t(),
+                           scaling).to(x.dtype)
     return y, h, hg, probs, (gates if top_k is not None else None)
 
 
@@ -74,12 +83,13 @@ def backward(grad_y: Tensor, grad_probs: Tensor, x: Optional[Tensor], h: Optiona
     """
     M = grad_y.shape[0]
     E, N, r = lora_B.shape
+    dy = grad_y.to(lora_B.dtype)  # the adapter's dtype (fp32 adapters on a 16-bit base)
     dB = None
     if need_B:
-        dB = torch.mm(grad_y.t(), hg).mul_(scaling).view(N, E, r).permute(1, 0, 2).contiguous()
+        dB = torch.mm(dy.t(), hg).mul_(scaling).view(N, E, r).permute(1, 0, 2).contiguous()
     dx = dA = dWg = None
     if need_x or need_A or need_router:
-        u = torch.mm(grad_y, heads_side_by_side(lora_B)).mul_(scaling)
+        u = torch.mm(dy, heads_side_by_side(lora_B)).mul_(scaling)
         compute_dtype = probs.dtype
         u_heads = u.view(M, E, r).to(compute_dtype)
         g = gates if gates is not None else probs
@@ -90,22 +100,25 @@ def backward(grad_y: Tensor, grad_probs: Tensor, x: Optional[Tensor], h: Optiona
             dg = torch.where(gates != 0, dg, 0.0)  # dropped heads: constant zero gates
         dp = dg + grad_probs.to(compute_dtype)
         dlogits = probs * (dp - (probs * dp).sum(-1, keepdim=True))
-        dh_dlogits = torch.cat([dh, dlogits], 1).to(grad_y.dtype)
+        dh_dlogits = torch.cat([dh, dlogits], 1).to(lora_A.dtype)
+        # The base product in x's dtype, then the adapter's terms in the adapter's dtype.
+        base = torch.mm(grad_y, weight).to(lora_A.dtype) if need_x else None
+        x_adapter = x.to(lora_A.dtype) if (need_A or need_router) else None
         if dropout > 0:
             dh, dlogits = dh_dlogits[:, :r], dh_dlogits[:, r:]
             if need_x:
-                dx = torch.addmm(torch.mm(grad_y, weight), dlogits, router_weight)
+                dx = torch.addmm(base, dlogits, router_weight)
                 dx += dropped(torch.mm(dh, lora_A), dropout_seed, dropout)
+                dx = dx.to(grad_y.dtype)
             if need_A:
-                dA = torch.mm(dh.t(), dropped(x, dropout_seed, dropout))
+                dA = torch.mm(dh.t(), dropped(x_adapter, dropout_seed, dropout))
             if need_router:
-                dWg = torch.mm(dlogits.t(), x)
+                dWg = torch.mm(dlogits.t(), x_adapter)
             return dx, dA, dB, dWg
         if need_x:
-            dx = torch.addmm(torch.mm(grad_y, weight), dh_dlogits,
-                             torch.cat([lora_A, router_weight]))
+            dx = torch.addmm(base, dh_dlogits, torch.cat([lora_A, router_weight])).to(grad_y.dtype)
         if need_A:
-            dA = torch.mm(dh_dlogits[:, :r].t(), x)
+            dA = torch.mm(dh_dlogits[:, :r].t(), x_adapter)
         if need_router:
-            dWg = torch.mm(dh_dlogits[:, r:].t(), x)
+            dWg = torch.mm(dh_dlogits[:, r:].t(), x_adapter)
     return dx, dA, dB, dWg
