@@ -78,7 +78,7 @@ def test_headline_rows_and_profiles(dry_run):
     # peft is a test dependency, but the GPU image may lack it: its rows then carry the error.
     with_peft = {"peft"} if importlib.util.find_spec("peft") is not None else set()
     assert {provider for _, provider, _ in measured} == {
-        "floor", "torch_eager", "addmm", "official", "triton"} | with_peft
+        "floor", "torch_eager", "addmm", "official", "triton", "triton_p0"} | with_peft
     profiled = {(row["op"], row["provider"], row["mode"])
                 for row in _rows(dry_run / "headline" / "profile.csv")}
     assert profiled == measured
