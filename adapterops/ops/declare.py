@@ -53,6 +53,9 @@ class DeclaredOp:
         trained_index = tuple(names.index(n) for n in trained)
         trained_needs = operator.itemgetter(*trained_index)
         options_index, n_inputs = [names.index(n) for n in options], len(names)
+        # The options as a tuple, by one C call (a comprehension costs ~0.3 us per call).
+        options_of = (operator.itemgetter(*options_index) if len(options_index) > 1
+                      else lambda inputs, i=options_index[0]: (inputs[i],))
         backward_names = list(inspect.signature(gradients).parameters)
         # The backward's fake: each gradient has its input's shape.
         shape_index = {n: backward_names.index(n) for n in trained if n != "x"}
@@ -66,7 +69,7 @@ class DeclaredOp:
         self.differentiable = differentiable
 
         def setup_context(ctx, inputs, output):
-            ctx.options, ctx.backend = [inputs[i] for i in options_index], inputs[-1]
+            ctx.options, ctx.backend = options_of(inputs), inputs[-1]
             ctx.save_for_backward(*save(inputs, output, ctx.needs_input_grad))
 
         def setup_custom_op_context(ctx, inputs, output):

@@ -34,10 +34,15 @@ def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, l
     """Returns (y, h1, h2); h2 is None when there is no S (then h2 = h1). Adapters in another
     dtype than x (fp32 on a 16-bit base) compute as PEFT does: x cast to their dtype, the base
     output (rounded to x's dtype) plus the term in their dtype, rounded to x's dtype."""
-    x_adapter = x.to(lora_A.dtype)
+    # The casts only where the dtypes differ: a no-op `.to` still costs ~1 us a call, which
+    # is this backend's whole budget for host overhead (docs/performance.md).
+    mixed = lora_A.dtype != x.dtype
+    x_adapter = x.to(lora_A.dtype) if mixed else x
     h1 = F.linear(dropped(x_adapter, dropout_seed, dropout) if dropout > 0 else x_adapter, lora_A)
     h2 = F.linear(h1, lora_S) if lora_S is not None else h1
     base = F.linear(x, weight, bias)
+    if not mixed:
+        return add_scaled_product(base, h2, lora_B.t(), scaling), h1, (h2 if lora_S is not None else None)
     y = add_scaled_product(base.to(h2.dtype), h2, lora_B.t(), scaling).to(x.dtype)
     return y, h1, (h2 if lora_S is not None else None)
 
@@ -50,18 +55,23 @@ def backward(grad_y: Tensor, x: Optional[Tensor], h1: Optional[Tensor], h2: Opti
 
     Needs x for dA, h2 (h1 without S) for dB and h1 for dS; the caller saves only those.
     """
-    dy = grad_y.to(lora_B.dtype)  # the adapter's dtype (fp32 adapters on a 16-bit base)
+    mixed = lora_B.dtype != grad_y.dtype  # fp32 adapters on a 16-bit base
+    dy = grad_y.to(lora_B.dtype) if mixed else grad_y  # the adapter's dtype
     g = torch.mm(dy, lora_B).mul_(scaling)
     dB = torch.mm(dy.t(), h2).mul_(scaling) if need_B else None
     dS = torch.mm(g.t(), h1) if need_S else None
     gS = torch.mm(g, lora_S) if lora_S is not None else g
-    x_adapter = x.to(lora_A.dtype) if need_A else None
+    x_adapter = (x.to(lora_A.dtype) if mixed else x) if need_A else None
     if dropout > 0:
         dx = (torch.mm(grad_y, weight).to(gS.dtype)
               + dropped(torch.mm(gS, lora_A), dropout_seed, dropout)).to(grad_y.dtype) if need_x else None
         dA = torch.mm(gS.t(), dropped(x_adapter, dropout_seed, dropout)) if need_A else None
         return dx, dA, dB, dS
-    dx = (torch.addmm(torch.mm(grad_y, weight).to(gS.dtype), gS, lora_A).to(grad_y.dtype)
-          if need_x else None)
+    if not need_x:
+        dx = None
+    elif mixed:
+        dx = torch.addmm(torch.mm(grad_y, weight).to(gS.dtype), gS, lora_A).to(grad_y.dtype)
+    else:
+        dx = torch.addmm(torch.mm(grad_y, weight), gS, lora_A)
     dA = torch.mm(gS.t(), x_adapter) if need_A else None
     return dx, dA, dB, dS
