@@ -13,11 +13,12 @@ copies), all or nothing, and freezes every other parameter of the model, as PEFT
 `target_modules=None` ("all-linear") it takes every linear layer except the model's output
 embeddings (a transformers model's `get_output_embeddings()`, often tied to the input
 embeddings) and the output projection of an `nn.MultiheadAttention`, whose forward does not
-call it: PEFT's "all-linear" rule. A model that is a transformers model gets a guard on its
-`save_pretrained`: while adapter layers remain, it raises instead of writing a checkpoint that
-`from_pretrained` would load without them (for PiSSA and LaMDA "svd", with the residual
-weight: neither the trained nor the base model). Use `adapterops.save_adapters`, or
-`merge_and_unload` then `save_pretrained`.
+call it: PEFT's "all-linear" rule. A model that is a transformers model gets its own
+`save_pretrained` while adapter layers remain: `adapterops.save_pretrained` (adapterops.saving),
+a full checkpoint plus the adapter directory, which the HF Trainer resumes from and
+`adapterops.load_pretrained` loads, and which the plain class's `from_pretrained` refuses (it
+would load the model without its adapters: for PiSSA and LaMDA "svd", with the residual weight).
+After `merge_and_unload` the model's own `save_pretrained` is back.
 """
 import contextlib
 from collections.abc import Iterator
@@ -113,8 +114,8 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
 
 def install(model: nn.Module, layers: list[tuple[str, AdapterLayer]], config: Optional[AdapterConfig]) -> None:
     """Puts the built adapter `layers` into `model` at their names, freezes every parameter
-    that is not theirs, records `config` (as `model.adapterops_config`) and guards a
-    transformers model's `save_pretrained` (see the module docstring)."""
+    that is not theirs, records `config` (as `model.adapterops_config`) and gives a
+    transformers model adapterops' `save_pretrained` (see the module docstring)."""
     for name, layer in layers:
         _set_submodule(model, name, layer)
     # Every adapter layer's parameters keep their own settings, those of an earlier inject too.
@@ -124,7 +125,7 @@ def install(model: nn.Module, layers: list[tuple[str, AdapterLayer]], config: Op
             parameter.requires_grad_(False)
     if config is not None:
         model.adapterops_config = config
-    _guard_save_pretrained(model)
+    _attach_save_pretrained(model)
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
@@ -184,27 +185,20 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             layer.adapters_disabled = state
 
 
-class _GuardedSavePretrained:
+class _AdapterSavePretrained:
     """Stands in for a transformers model's `save_pretrained` while it has adapter layers:
-    `from_pretrained` would build the plain model and silently drop them (and for PiSSA and
-    LaMDA "svd" bring back the residual weight)."""
+    `adapterops.save_pretrained` (see the module docstring); the class's own once none is left."""
 
     def __init__(self, model: nn.Module):
         self.model = model
 
     def __call__(self, *args, **kwargs):
-        layers = adapter_layers(self.model)
-        if not layers:
+        if not adapter_layers(self.model):
             return type(self.model).save_pretrained(self.model, *args, **kwargs)
-        raise ValueError(
-            f"save_pretrained: this model has {len(layers)} adapterops adapter layers "
-            f"({layers[0][0]}, ...), which from_pretrained would not rebuild: it would load the "
-            "plain model without them (for PiSSA and LaMDA \"svd\" inits, with the residual "
-            "weight). Save the adapters with adapterops.save_adapters(model, directory) and load "
-            "them with adapterops.load_adapters(base_model, directory), or merge them first: "
-            "adapterops.merge_and_unload(model).save_pretrained(directory)")
+        from .saving import save_pretrained  # saving imports this module: imported on use
+        return save_pretrained(self.model, *args, **kwargs)
 
 
-def _guard_save_pretrained(model: nn.Module) -> None:
+def _attach_save_pretrained(model: nn.Module) -> None:
     if callable(getattr(type(model), "save_pretrained", None)):
-        model.save_pretrained = _GuardedSavePretrained(model)
+        model.save_pretrained = _AdapterSavePretrained(model)

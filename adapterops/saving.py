@@ -1,7 +1,11 @@
-"""Adapter directories: `save_adapters(model, directory)` and `load_adapters(model, directory)`.
+"""Adapter directories (`save_adapters`, `load_adapters`) and whole-model checkpoints of a
+transformers model with adapters (`save_pretrained`, `load_pretrained`).
 
     adapterops.save_adapters(model, "out/")                       # after training
     model = adapterops.load_adapters(base_model, "out/")          # the original base model
+
+    model.save_pretrained("ckpt/")       # an injected transformers model (the Trainer does this)
+    model = adapterops.load_pretrained("ckpt/")                   # the trained model, as saved
 
 A directory holds `adapter_config.json` and `adapter_model.safetensors`, with only what the
 adapters need: for each adapter layer its method, kind (nn.Linear or Conv1D), sizes and
@@ -16,6 +20,29 @@ same device and dtype.
 parameter frozen) and raises, before changing the model, naming every layer that is missing or
 does not match, and every missing or unexpected tensor. The files need `safetensors`
 (`pip install safetensors`). A PEFT adapter directory is read by `adapterops.peft.load`.
+
+`save_pretrained` (what a transformers model with adapter layers runs as `model.save_pretrained`,
+so the HF `Trainer`'s checkpoints and `save_model` too) writes a directory that is both:
+- the model's own full checkpoint (`config.json`, `model.safetensors`, the generation config),
+  with every tensor of the injected model under its state_dict name: the base weights as the
+  adapter layers hold them (a residual for PiSSA and LaMDA "svd", the trained W for HD-PiSSA),
+  the adapter tensors beside them. The Trainer resumes from it (`load_state_dict` of the
+  injected model) exactly, and `load_pretrained(directory)` rebuilds the trained model from it
+  alone;
+- an adapter directory (`adapter_config.json`, `adapter_model.safetensors`), which
+  `load_adapters(original_base_model, directory)` reads.
+
+Why a full checkpoint, not the adapters alone (PEFT's choice): the Trainer resumes into the
+model it trains, and for PiSSA, LaMDA "svd" and HD-PiSSA that model's base weight is not the
+base model's; a full checkpoint restores it bit for bit whatever rebuilt the model. The price
+is disk: each checkpoint holds the whole model (`save_total_limit` bounds how many are kept).
+
+The plain class's `from_pretrained` on such a directory would build the model without its
+adapter layers and, for PiSSA and LaMDA "svd", take the residual for the base weight: a
+different model, silently. So `config.json` carries `transformers_weights` (the config field
+that names the weights file) set to a sentence naming `load_pretrained`, which no
+`from_pretrained` accepts: it raises a ValueError quoting it before loading anything.
+`AutoConfig.from_pretrained` still reads the config.
 """
 import importlib
 import json
@@ -29,6 +56,15 @@ from .inject import _is_base_layer, adapter_layers, install
 from .modules.common import base_features, base_kind
 
 FORMAT = "adapterops"
+MODEL_CONFIG_FILE = "config.json"
+MODEL_WEIGHTS_FILE = "model.safetensors"
+# transformers' from_pretrained refuses a `transformers_weights` that names no safetensors file
+# and quotes it in its error: this sentence is what a user of the plain class reads.
+PLAIN_LOAD_REFUSAL = (
+    "not loadable by from_pretrained: this directory holds a model with adapterops adapter "
+    "layers (adapter_config.json), which from_pretrained would load without them; load it with "
+    "adapterops.load_pretrained(directory), or apply its adapters to the original base model "
+    "with adapterops.load_adapters(base_model, directory)")
 FORMAT_VERSION = 1
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -141,3 +177,76 @@ def load_adapters(model: nn.Module, directory: Union[str, Path],
             AdapterConfig.from_dict(config) if config is not None else None)
     return model
 
+
+
+def save_pretrained(model: nn.Module, directory: Union[str, Path], **kwargs) -> None:
+    """The full checkpoint plus the adapter directory of a transformers model with adapter
+    layers (see the module docstring); `kwargs` go to the model class's `save_pretrained`
+    (the Trainer passes `state_dict` and `is_main_process`). ValueError for `push_to_hub=True`,
+    which would upload the folder before the adapter files and the refusal are written."""
+    if kwargs.get("push_to_hub"):
+        raise ValueError("save_pretrained(push_to_hub=True) of a model with adapterops adapter "
+                         "layers: save it locally, then upload the folder (huggingface_hub's "
+                         "upload_folder)")
+    type(model).save_pretrained(model, directory, **kwargs)
+    if not kwargs.get("is_main_process", True):
+        return
+    save_adapters(model, directory)
+    path = Path(directory) / MODEL_CONFIG_FILE
+    config = json.loads(path.read_text())
+    config["transformers_weights"] = PLAIN_LOAD_REFUSAL
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def load_pretrained(directory: Union[str, Path], model_class=None, *, backend: Optional[str] = None,
+                    **kwargs) -> nn.Module:
+    """The trained model a `save_pretrained` directory (a Trainer checkpoint) holds: the model
+    class (`model_class`, or the transformers class `config.json`'s `architectures` names) built
+    by its `from_pretrained(directory, **kwargs)` (dtype, device_map, ...), its adapter layers
+    rebuilt as `adapter_config.json` describes (on `backend`; None: dispatch picks), every
+    tensor loaded from `model.safetensors`. Equals the saved model bit for bit on the same
+    device and dtype. ValueError for a directory without the adapter files."""
+    description = read_description(directory)
+    transformers = optional_import("transformers", "load_pretrained builds transformers models")
+    directory = Path(directory)
+    config = transformers.AutoConfig.from_pretrained(str(directory))
+    if getattr(config, "transformers_weights", None) == PLAIN_LOAD_REFUSAL:
+        delattr(config, "transformers_weights")
+    if model_class is None:
+        names = getattr(config, "architectures", None) or []
+        model_class = getattr(transformers, names[0], None) if names else None
+        if model_class is None:
+            raise ValueError(f"load_pretrained: {directory / MODEL_CONFIG_FILE} names no "
+                             f"transformers model class (architectures={names!r}); pass "
+                             "model_class=")
+    entries = description["layers"]
+    tensors = safetensors_module().load_file(str(directory / MODEL_WEIGHTS_FILE))
+    # Built from the tensors, not the directory: from_pretrained on it would take
+    # adapter_config.json for a PEFT adapter. The plain model gets the tensors it has (an adapter
+    # layer's weight, in Conv1D's (in, out) layout where the base is one, and bias); the adapter
+    # layers take theirs below.
+    base_tensors = {key: t for key, t in tensors.items()
+                    if not any(key.startswith(_key(name, "")) for name in entries)}
+    for name, entry in entries.items():
+        weight = tensors[_key(name, "weight")]
+        base_tensors[_key(name, "weight")] = weight.t() if entry["base"] == "conv1d" else weight
+        if entry["bias"]:
+            base_tensors[_key(name, "bias")] = tensors[_key(name, "bias")]
+    model = model_class.from_pretrained(None, config=config, state_dict=base_tensors, **kwargs)
+    modules = dict(model.named_modules())
+    problems = [p for name, entry in entries.items()
+                if (p := _check_base(name, modules.get(name), entry)) is not None]
+    if problems:
+        raise ValueError(f"load_pretrained: {model_class.__name__} does not match the adapter: "
+                         + "; ".join(problems))
+    layers = []
+    for name, entry in entries.items():
+        layer = METHODS[entry["method"]].from_linear(modules[name], **entry["options"],
+                                                     backend=backend, initialise=False)
+        prefix = _key(name, "")
+        layer.load_trained_state({key[len(prefix):]: t for key, t in tensors.items()
+                                  if key.startswith(prefix)}, name)
+        layers.append((name, layer))
+    config_dict = description.get("config")
+    install(model, layers, AdapterConfig.from_dict(config_dict) if config_dict is not None else None)
+    return model

@@ -1,6 +1,6 @@
 """The model-level API on config-built tiny transformers models (no downloads): AdapterConfig,
 inject, trainable_parameters, training, generate, gradient checkpointing, save_adapters /
-load_adapters, merge_and_unload, disable_adapters, the save_pretrained guard, torch.compile and
+load_adapters, merge_and_unload, disable_adapters, save_pretrained / load_pretrained, torch.compile and
 bad configs.
 
 Models: a 2-layer LLaMA (nn.Linear projections, no bias, no dropout) and a 2-layer GPT-2
@@ -376,8 +376,8 @@ def test_save_and_load_adapters_reproduce_the_trained_model(trained, tmp_path):
     assert loaded.adapterops_config == t.model.adapterops_config
     for (name, got), (_, want) in zip(adapter_layers(loaded), adapter_layers(t.model)):
         assert got.layer_options() == want.layer_options(), f"{where}: {name} options"
-    with pytest.raises(ValueError, match="save_adapters"):
-        loaded.save_pretrained(tmp_path / "pretrained")  # load_adapters guards it too
+    loaded.save_pretrained(tmp_path / "pretrained")  # adapterops' save_pretrained, as after inject
+    assert (tmp_path / "pretrained" / "adapter_config.json").is_file()
 
 
 def test_hdpissa_virtual_ranks_leave_the_layers_on_their_configured_rank(tmp_path):
@@ -505,8 +505,8 @@ def test_merge_and_unload(trained, tmp_path):
         kept = adapterops.merge_and_unload(model, skip_unmergeable=True)
         assert kept is model and [n for n, _ in adapter_layers(kept)] == target_names(t.arch)
         assert torch.equal(logits_of(kept), t.logits), f"{where}: skipping changed the model"
-        with pytest.raises(ValueError, match="save_adapters"):
-            kept.save_pretrained(tmp_path)  # the hydra layers are still there
+        kept.save_pretrained(tmp_path)  # the hydra layers are still there: adapterops' save
+        assert (tmp_path / "adapter_config.json").is_file()
         return
     merged = adapterops.merge_and_unload(model)
     assert merged is model
@@ -561,12 +561,44 @@ def test_disable_adapters_runs_the_original_base_model(trained):
     assert not any(layer.adapters_disabled for _, layer in layers), f"{where}: not restored"
 
 
-# --- 5. the save_pretrained guard -------------------------------------------------------------
+# --- 5. save_pretrained / load_pretrained --------------------------------------------------------
 
-def test_save_pretrained_refuses_a_model_with_adapters(trained, tmp_path):
-    with pytest.raises(ValueError, match=r"save_adapters.*merge_and_unload"):
-        trained.model.save_pretrained(tmp_path)
-    assert not list(tmp_path.iterdir()), "save_pretrained wrote files before refusing"
+def test_save_pretrained_writes_a_checkpoint_that_load_pretrained_restores(trained, tmp_path):
+    """A full checkpoint plus the adapter directory: load_pretrained rebuilds the trained model
+    bit for bit, load_adapters applies it to the original base, and the plain class's
+    from_pretrained raises naming load_pretrained (it would drop the adapters and, for PiSSA and
+    LaMDA "svd", take the residual for W)."""
+    t, where = trained, f"{trained.case}-{trained.arch}"
+    t.model.save_pretrained(tmp_path)
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"config.json", "model.safetensors", "adapter_config.json",
+            "adapter_model.safetensors"} <= names, f"{where}: wrote {sorted(names)}"
+    loaded = adapterops.load_pretrained(tmp_path)
+    assert type(loaded) is type(t.model)
+    assert [n for n, _ in adapter_layers(loaded)] == target_names(t.arch)
+    want = t.model.state_dict()
+    got = loaded.state_dict()
+    assert got.keys() == want.keys()
+    differ = [k for k in want if not torch.equal(got[k], want[k])]
+    assert not differ, f"{where}: load_pretrained differs in {differ[:4]}"
+    assert torch.equal(logits_of(loaded), t.logits), f"{where}: load_pretrained logits differ"
+    assert adapterops.trainable_parameters(loaded) == adapterops.trainable_parameters(t.model)
+    assert loaded.adapterops_config == t.model.adapterops_config
+    applied = adapterops.load_adapters(build(t.arch), tmp_path)
+    assert torch.equal(logits_of(applied), t.logits), f"{where}: load_adapters logits differ"
+    for loader in (type(t.model), transformers.AutoModelForCausalLM):
+        with pytest.raises(ValueError, match=r"adapterops\.load_pretrained\(directory\)"):
+            loader.from_pretrained(tmp_path)
+    assert transformers.AutoConfig.from_pretrained(tmp_path).vocab_size == VOCAB
+    with pytest.raises(ValueError, match="push_to_hub"):
+        t.model.save_pretrained(tmp_path / "hub", push_to_hub=True)
+    assert not (tmp_path / "hub").exists()
+
+
+def test_load_pretrained_rejects_a_plain_checkpoint(tmp_path):
+    build("llama").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="no adapter_config.json"):
+        adapterops.load_pretrained(tmp_path)
 
 
 # --- 6. torch.compile -------------------------------------------------------------------------

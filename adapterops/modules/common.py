@@ -206,6 +206,14 @@ class AdapterLayer(nn.Module):
         for name, tensor in state.items():
             getattr(self, name).copy_(tensor)
 
+    @torch.no_grad()
+    def load_trained_state(self, state: dict[str, Tensor], layer_name: str = "layer") -> None:
+        """Loads a trained layer's whole `state_dict()`, its base weight as the layer held it
+        included (`adapterops.save_pretrained`'s checkpoint), into a layer built by
+        `from_linear(..., initialise=False)`; ValueError unless the keys and shapes match."""
+        check_adapter_state(layer_name, self.state_dict(), state)
+        self.load_state_dict(state)
+
     def merge(self) -> nn.Module:
         """A plain layer of `base_kind` computing the same function (merge_and_unload)."""
         raise NotImplementedError(f"{type(self).__name__} does not implement merge")

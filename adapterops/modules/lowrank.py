@@ -124,6 +124,12 @@ class _FusedLowRankLinear(AdapterLayer):
                                               self.lora_A0, self.lora_S0))
             self.weight_holds_residual = True
 
+    def load_trained_state(self, state: dict[str, Tensor], layer_name: str = "layer") -> None:
+        """See `AdapterLayer.load_trained_state`; for an init that rewrites W the loaded weight
+        is the trained layer's residual."""
+        super().load_trained_state(state, layer_name)
+        self.weight_holds_residual = self.rewrites_weight
+
     def base_forward(self, x: Tensor) -> Tensor:
         """The base layer alone (W = W_res + s B0 S0 A0 for inits that rewrite W)."""
         if not self.rewrites_weight:
