@@ -81,6 +81,12 @@ def collect_balance_loss(model: nn.Module, reset: bool = True) -> Tensor:
     reset: set every collected `last_balance_loss` back to None, so the same batch cannot be
     added twice and the layers stop keeping its autograd graph alive.
 
+    Called with gradients enabled, a loss that carries no graph while its module has trainable
+    parameters is a RuntimeError naming the module: the layer ran under torch.no_grad, which
+    is what the first pass of reentrant activation checkpointing does, and the router would
+    silently get no balance gradient. Non-reentrant checkpointing (transformers' default)
+    keeps the graph.
+
     Returns a 0-dim tensor; with nothing collected, an fp32 zero on the device of the model's
     first parameter (CPU for a model without parameters).
     """
@@ -95,6 +101,15 @@ def collect_balance_loss(model: nn.Module, reset: bool = True) -> Tensor:
             raise TypeError(f"last_balance_loss of module {name or '<model>'!r} must be None or a "
                             f"0-dim Tensor, got {type(loss).__name__}"
                             + (f" of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else ""))
+        if (torch.is_grad_enabled() and not loss.requires_grad
+                and any(p.requires_grad for p in module.parameters())):
+            raise RuntimeError(
+                f"module {name or '<model>'!r}: its balance loss was computed without autograd "
+                "(the layer ran under torch.no_grad, as the first pass of reentrant activation "
+                "checkpointing runs it), so it cannot train the router. Use non-reentrant "
+                "checkpointing: model.gradient_checkpointing_enable(gradient_checkpointing_kwargs="
+                "{'use_reentrant': False}) (transformers' default) or torch.utils.checkpoint(..., "
+                "use_reentrant=False); or collect under torch.no_grad() when no gradient is wanted")
         total = loss if total is None else total + loss
         if reset:
             module.last_balance_loss = None

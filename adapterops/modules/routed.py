@@ -22,7 +22,10 @@ base's, or fp32 on a 16-bit base.
 
 Balance loss (`balance_loss_weight > 0`, training mode only): each forward stores
 `balance_loss_weight * adapterops.hydra.balance_loss(p, top_k)` in `last_balance_loss` for a
-trainer to add to its loss with `adapterops.hydra.collect_balance_loss(model)`.
+trainer to add to its loss with `adapterops.hydra.collect_balance_loss(model)`. A forward run
+inside a backward pass (activation checkpointing's recompute) computes it again, so that the
+recompute saves what the first pass saved, but does not store it: the first pass's loss is the
+one the trainer added, and nothing stale is left in the layer afterwards.
 """
 import math
 from typing import Optional
@@ -35,6 +38,12 @@ from ..ops import routed_lowrank_linear
 from ..ops.checks import check_top_k
 from .common import (REQUIRED, AdapterLayer, check_layer_args, check_linear, copy_base, is_conv1d, module_tensors,
                      resolve_adapter_dtype)
+
+
+def _in_backward() -> bool:
+    """Whether this forward runs inside a backward pass: activation checkpointing's recompute
+    (the autograd engine is executing a graph task). Compiled code is never a recompute here."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
 class FusedHydraLoRALinear(AdapterLayer):
@@ -122,9 +131,11 @@ class FusedHydraLoRALinear(AdapterLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         want_loss = self.training and self.balance_loss_weight > 0 and not self.adapters_disabled
+        keep_loss = want_loss and not _in_backward()
         # A loss kept from an earlier batch (or from training, before eval()) must not reach
         # the trainer with this batch.
-        self.last_balance_loss = None
+        if keep_loss or not want_loss:
+            self.last_balance_loss = None
         if self.adapters_disabled:
             return self.base_forward(x)
         tensors = module_tensors(self, "weight", "bias", "lora_A", "lora_B", "lora_router")
@@ -137,7 +148,9 @@ class FusedHydraLoRALinear(AdapterLayer):
                                         backend=self.backend)
         y, probs = out if want_loss else (out, None)
         if want_loss and probs.numel() > 0:  # an empty batch has no routing to balance
-            self.last_balance_loss = self.balance_loss_weight * balance_loss(probs, self.top_k)
+            loss = self.balance_loss_weight * balance_loss(probs, self.top_k)
+            if keep_loss:
+                self.last_balance_loss = loss
         return y
 
     def extra_repr(self) -> str:
