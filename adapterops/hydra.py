@@ -82,7 +82,7 @@ def collect_balance_loss(model: nn.Module, reset: bool = True) -> Tensor:
     added twice and the layers stop keeping its autograd graph alive.
 
     Called with gradients enabled, a loss that carries no graph while its module has trainable
-    parameters is a RuntimeError naming the module: the layer ran under torch.no_grad, which
+    parameters of its own is a RuntimeError naming the module: the layer ran under torch.no_grad, which
     is what the first pass of reentrant activation checkpointing does, and the router would
     silently get no balance gradient. Non-reentrant checkpointing (transformers' default)
     keeps the graph.
@@ -102,7 +102,7 @@ def collect_balance_loss(model: nn.Module, reset: bool = True) -> Tensor:
                             f"0-dim Tensor, got {type(loss).__name__}"
                             + (f" of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else ""))
         if (torch.is_grad_enabled() and not loss.requires_grad
-                and any(p.requires_grad for p in module.parameters())):
+                and any(p.requires_grad for p in module.parameters(recurse=False))):
             raise RuntimeError(
                 f"module {name or '<model>'!r}: its balance loss was computed without autograd "
                 "(the layer ran under torch.no_grad, as the first pass of reentrant activation "

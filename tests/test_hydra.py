@@ -202,6 +202,23 @@ def _blobs(sizes, dim=16, spread=12.0, seed=0):
     return x[torch.randperm(len(x), generator=g)]
 
 
+def test_collect_balance_loss_refuses_a_loss_without_its_graph():
+    """A layer that ran under torch.no_grad (reentrant checkpointing's first pass) keeps a loss
+    with no graph: collecting it with gradients on would train nothing, so it raises; under
+    no_grad (no gradient wanted) it is summed."""
+    layer = _FakeLayer(1.0)
+    with torch.no_grad():
+        layer.last_balance_loss = 0.5 * layer.w.sum()
+    model = nn.Sequential(nn.Identity(), layer)
+    with pytest.raises(RuntimeError, match=r"module '1'.*without autograd.*use_reentrant"):
+        collect_balance_loss(model)
+    assert layer.last_balance_loss is not None, "a refused collection cleared the loss"
+    with torch.no_grad():
+        assert collect_balance_loss(model).item() == 1.0
+    layer.w.requires_grad_(False)   # a frozen router: no gradient is lost
+    layer.last_balance_loss = 0.5 * layer.w.sum()
+    assert collect_balance_loss(model).item() == 1.0
+
 @pytest.mark.parametrize("sizes", [[60, 40, 20], [50, 40, 30, 25, 15]])
 def test_suggest_num_heads_finds_planted_clusters(sizes):
     k, found = suggest_num_heads(_blobs(sizes))
