@@ -8,6 +8,10 @@ on a GPU. With a GPU the same tests run on CUDA tensors (`device` fixture), comp
 kernels and the CUDA build of adapterops._C.
 """
 import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import torch
 
@@ -80,3 +84,43 @@ def _fresh_backend_selection():
     each starts without cached selections."""
     from adapterops import dispatch
     dispatch.clear_cache()
+
+
+# --- the kernel report, in the background ------------------------------------------------------
+# `python -m benchmarks.kernel_report` compiles every Triton configuration for sm_90: about 700
+# CPU-seconds, while most of the suite runs on one core (the Triton interpreter is single-threaded
+# Python). When its tests are selected, the report starts as soon as the tests are collected, at
+# the lowest CPU priority (nice 19: it takes what the suite leaves idle and yields to the
+# multi-process and timing tests), and its tests run last, so that they wait only for what is
+# left of it. tests/test_kernel_report.py's `report` fixture reads the result.
+KERNEL_REPORT_TESTS = "tests/test_kernel_report.py"
+
+
+def _start_kernel_report() -> tuple[subprocess.Popen, Path]:
+    directory = Path(tempfile.mkdtemp(prefix="kernel_report_"))
+    # The report needs real JITFunctions: it runs without the interpreter that conftest sets.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    with open(directory / "stdout", "w") as out, open(directory / "stderr", "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.kernel_report", "--arch", "sm_90",
+             "--csv", str(directory / "report.csv")],
+            cwd=Path(__file__).resolve().parents[1], env=env, stdout=out, stderr=err,
+            preexec_fn=lambda: os.nice(19))
+    return proc, directory
+
+
+@pytest.hookimpl(trylast=True)   # after -m / -k have deselected what they deselect
+def pytest_collection_modifyitems(session, config, items):
+    report = [item for item in items if item.nodeid.startswith(KERNEL_REPORT_TESTS)]
+    if not report:
+        return
+    items[:] = [item for item in items if not item.nodeid.startswith(KERNEL_REPORT_TESTS)] + report
+    config.adapterops_kernel_report = _start_kernel_report()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A run stopped early (-x, Ctrl-C) leaves no report compiling behind it."""
+    started = getattr(session.config, "adapterops_kernel_report", None)
+    if started is not None and started[0].poll() is None:
+        started[0].kill()
+        started[0].wait()
