@@ -198,17 +198,34 @@ def save_pretrained(model: nn.Module, directory: Union[str, Path], **kwargs) -> 
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def _model_tensors(directory: Path) -> dict:
+    """Every tensor of a save_pretrained directory: model.safetensors, or the shards its index
+    names (a model above save_pretrained's max_shard_size)."""
+    safetensors = safetensors_module()
+    single, index = directory / MODEL_WEIGHTS_FILE, directory / f"{MODEL_WEIGHTS_FILE}.index.json"
+    if single.is_file():
+        return safetensors.load_file(str(single))
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return {key: t for shard in shards for key, t in safetensors.load_file(str(directory / shard)).items()}
+    raise ValueError(f"load_pretrained: {directory} has no {MODEL_WEIGHTS_FILE} (nor its index): "
+                     "an adapter directory (save_adapters) goes on the original base model with "
+                     "adapterops.load_adapters(base_model, directory)")
+
+
 def load_pretrained(directory: Union[str, Path], model_class=None, *, backend: Optional[str] = None,
                     **kwargs) -> nn.Module:
     """The trained model a `save_pretrained` directory (a Trainer checkpoint) holds: the model
     class (`model_class`, or the transformers class `config.json`'s `architectures` names) built
-    by its `from_pretrained(directory, **kwargs)` (dtype, device_map, ...), its adapter layers
-    rebuilt as `adapter_config.json` describes (on `backend`; None: dispatch picks), every
-    tensor loaded from `model.safetensors`. Equals the saved model bit for bit on the same
-    device and dtype. ValueError for a directory without the adapter files."""
+    by its `from_pretrained` from the directory's config and base tensors (`kwargs`: dtype,
+    device_map, ...), its adapter layers rebuilt as `adapter_config.json` describes (on
+    `backend`; None: dispatch picks) and loaded from `model.safetensors` (or its shards).
+    Equals the saved model bit for bit on the same device and dtype. ValueError for a
+    directory without the adapter files or without the model's tensors."""
     description = read_description(directory)
     transformers = optional_import("transformers", "load_pretrained builds transformers models")
     directory = Path(directory)
+    tensors = _model_tensors(directory)
     config = transformers.AutoConfig.from_pretrained(str(directory))
     if getattr(config, "transformers_weights", None) == PLAIN_LOAD_REFUSAL:
         delattr(config, "transformers_weights")
@@ -220,7 +237,6 @@ def load_pretrained(directory: Union[str, Path], model_class=None, *, backend: O
                              f"transformers model class (architectures={names!r}); pass "
                              "model_class=")
     entries = description["layers"]
-    tensors = safetensors_module().load_file(str(directory / MODEL_WEIGHTS_FILE))
     # Built from the tensors, not the directory: from_pretrained on it would take
     # adapter_config.json for a PEFT adapter. The plain model gets the tensors it has (an adapter
     # layer's weight, in Conv1D's (in, out) layout where the base is one, and bias); the adapter

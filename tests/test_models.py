@@ -595,10 +595,19 @@ def test_save_pretrained_writes_a_checkpoint_that_load_pretrained_restores(train
     assert not (tmp_path / "hub").exists()
 
 
-def test_load_pretrained_rejects_a_plain_checkpoint(tmp_path):
-    build("llama").save_pretrained(tmp_path)
+def test_load_pretrained_reads_shards_and_rejects_what_it_cannot_rebuild(tmp_path):
+    model = adapterops.inject(build("llama"), config_for("pissa"))
+    perturb_adapters(model)
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert not (tmp_path / "sharded" / "model.safetensors").exists()
+    loaded = adapterops.load_pretrained(tmp_path / "sharded")
+    assert torch.equal(logits_of(loaded), logits_of(model))
+    build("llama").save_pretrained(tmp_path / "plain")
     with pytest.raises(ValueError, match="no adapter_config.json"):
-        adapterops.load_pretrained(tmp_path)
+        adapterops.load_pretrained(tmp_path / "plain")
+    adapterops.save_adapters(model, tmp_path / "adapters")
+    with pytest.raises(ValueError, match=r"has no model.safetensors .*load_adapters"):
+        adapterops.load_pretrained(tmp_path / "adapters")
 
 
 # --- 6. torch.compile -------------------------------------------------------------------------
