@@ -19,7 +19,8 @@ transformers = pytest.importorskip("transformers")
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 accelerate = pytest.importorskip("accelerate")
-from adapterops.integrations.transformers import LaMDABFreezeCallback, add_balance_loss  # noqa: E402
+from adapterops.integrations.transformers import (  # noqa: E402
+    BalanceLossMixin, LaMDABFreezeCallback, add_balance_loss)
 
 VOCAB, STEPS, SAVE, BATCH = 64, 4, 2, 4
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -34,14 +35,14 @@ _gen = torch.Generator().manual_seed(3)
 TOKENS = torch.randint(3, VOCAB, (STEPS * BATCH + BATCH, 8), generator=_gen)
 
 
-def build(case: str, **overrides):
+def build(case: str, hook: bool = True, **overrides):
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
                                       num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
     model = transformers.LlamaForCausalLM(config)
     fields = {**CASES[case], **overrides}
     model = adapterops.inject(model, adapterops.AdapterConfig(rank=4, alpha=8, target_modules=TARGETS, **fields))
-    if fields.get("balance_loss_weight", 0) > 0:
+    if hook and fields.get("balance_loss_weight", 0) > 0:
         add_balance_loss(model)
     return model
 
@@ -60,8 +61,12 @@ def training_args(cls, output_dir):
                report_to=[], use_cpu=True, logging_steps=1, seed=0, disable_tqdm=True)
 
 
-def make_trainer(kind: str, case: str, output_dir, **overrides):
-    model = build(case, **overrides)
+class HydraSFTTrainer(BalanceLossMixin, trl.SFTTrainer):
+    pass
+
+
+def make_trainer(kind: str, case: str, output_dir, mixin: bool = False, **overrides):
+    model = build(case, hook=not mixin, **overrides)
     extra = {}
     if case == "hdpissa":
         optimizer = HDPiSSAOptimizer(model, lr=1e-2)
@@ -74,9 +79,9 @@ def make_trainer(kind: str, case: str, output_dir, **overrides):
         return transformers.Trainer(model=model, args=training_args(transformers.TrainingArguments, output_dir),
                                     train_dataset=rows(train), eval_dataset=rows(evaluation), **extra)
     rows = lambda ids: datasets.Dataset.from_dict({"input_ids": ids.tolist()})  # noqa: E731
-    return trl.SFTTrainer(model=model, args=training_args(trl.SFTConfig, output_dir),
-                          train_dataset=rows(train), eval_dataset=rows(evaluation),
-                          processing_class=tokenizer(), **extra)
+    return (HydraSFTTrainer if mixin else trl.SFTTrainer)(
+        model=model, args=training_args(trl.SFTConfig, output_dir),
+        train_dataset=rows(train), eval_dataset=rows(evaluation), processing_class=tokenizer(), **extra)
 
 
 def losses(trainer) -> dict[int, float]:
@@ -89,14 +94,14 @@ def assert_same_tensors(what: str, got: dict, want: dict) -> None:
     assert not differ, f"{what}: {differ[:4]} differ"
 
 
-def check_resume(kind: str, case: str, tmp_path, **overrides):
+def check_resume(kind: str, case: str, tmp_path, **options):
     """The uninterrupted run, then a run resumed from its step-SAVE checkpoint (copied, so the
     first run's later checkpoints cannot leak in): same losses after SAVE, same tensors."""
     import shutil
-    full = make_trainer(kind, case, tmp_path / "full", **overrides)
+    full = make_trainer(kind, case, tmp_path / "full", **options)
     full.train()
     shutil.copytree(tmp_path / "full" / f"checkpoint-{SAVE}", tmp_path / "resumed" / f"checkpoint-{SAVE}")
-    resumed = make_trainer(kind, case, tmp_path / "resumed", **overrides)
+    resumed = make_trainer(kind, case, tmp_path / "resumed", **options)
     resumed.train(resume_from_checkpoint=True)
     after = {s: v for s, v in losses(full).items() if s > SAVE}
     assert after and {s: losses(resumed)[s] for s in after} == after, (
@@ -119,16 +124,22 @@ def test_trainer_checkpoints_and_resumes_exactly(case, tmp_path):
         transformers.LlamaForCausalLM.from_pretrained(full.state.best_model_checkpoint)
 
 
-@pytest.mark.parametrize("case", ["lora", "pissa", "lamda_svd", "hydra", "hdpissa"])
+@pytest.mark.parametrize("case", list(CASES))
 def test_sft_trainer_checkpoints_and_resumes_exactly(case, tmp_path):
-    # TRL's fused LM head drops the output's loss: HydraLoRA trains there without the balance
-    # loss (the hook refuses it, below).
-    check_resume("sft", case, tmp_path, **({"balance_loss_weight": 0.0} if case == "hydra" else {}))
+    # TRL's fused LM head drops the output's loss: HydraLoRA's balance loss comes in through
+    # BalanceLossMixin there.
+    full, _ = check_resume("sft", case, tmp_path, mixin=case == "hydra")
+    if case == "hydra":
+        without = make_trainer("sft", case, tmp_path / "without", balance_loss_weight=0.0)
+        without.train()
+        # The same first batch and weights: the first loss differs by the three layers'
+        # weighted balance losses (each >= 0.05: the Switch loss is >= 1).
+        assert losses(full)[1] - losses(without)[1] >= 3 * 0.05 - 1e-6
 
 
 def test_sft_trainer_refuses_to_drop_the_balance_loss(tmp_path):
     trainer = make_trainer("sft", "hydra", tmp_path)
-    with pytest.raises(RuntimeError, match="SFTTrainer.*balance loss"):
+    with pytest.raises(RuntimeError, match="SFTTrainer.*BalanceLossMixin"):
         trainer.train()
 
 

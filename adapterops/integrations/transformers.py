@@ -6,12 +6,16 @@
                       callbacks=[LaMDABFreezeCallback(eta=0.3)])
     add_balance_loss(hydra_model)      # once, before training: the loss includes the balance loss
 
+    class HydraSFTTrainer(BalanceLossMixin, SFTTrainer):   # TRL computes its own loss
+        pass
+
 - `LaMDABFreezeCallback` runs `adapterops.lamda.BFreezeSchedule` from the Trainer's step
   count, so a resumed run freezes exactly where the uninterrupted one does, and keeps its
   state in the checkpoint's trainer_state.json (a transformers `ExportableState`).
 - `add_balance_loss` makes a model's HydraLoRA balance losses part of its output's `loss`, as
   transformers' MoE models add their router loss, so the Trainer needs no `compute_loss`
-  (TRL's SFTTrainer drops that loss: there the hook raises, see its docstring).
+  (TRL's SFTTrainer drops that loss: there the hook raises, and `BalanceLossMixin` adds the
+  balance loss to the trainer's own).
 
 Checkpoints need nothing here: an injected model's `save_pretrained` is adapterops' (see
 `adapterops.saving`), which the Trainer's checkpoints, `save_model`, `resume_from_checkpoint`
@@ -19,6 +23,7 @@ and `load_best_model_at_end` use as they are. This module imports transformers w
 """
 from typing import Optional
 
+import torch
 from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
@@ -26,7 +31,7 @@ from transformers.trainer_callback import ExportableState
 from ..hydra import collect_balance_loss
 from ..lamda import BFreezeSchedule
 
-__all__ = ["LaMDABFreezeCallback", "add_balance_loss"]
+__all__ = ["LaMDABFreezeCallback", "add_balance_loss", "BalanceLossMixin"]
 
 
 class LaMDABFreezeCallback(TrainerCallback, ExportableState):
@@ -77,6 +82,12 @@ class LaMDABFreezeCallback(TrainerCallback, ExportableState):
                 "attributes": {"steps_taken": self.steps_taken}}
 
 
+def _require_balance_loss(model: nn.Module, who: str) -> None:
+    if not any(getattr(m, "balance_loss_weight", 0) > 0 for m in model.modules()):
+        raise ValueError(f"{who}: the model has no HydraLoRA layer with balance_loss_weight > 0 "
+                         "(AdapterConfig(method='hydra', balance_loss_weight=...))")
+
+
 def add_balance_loss(model: nn.Module):
     """Adds the HydraLoRA layers' balance losses to `model`'s output `loss`, as transformers'
     MoE models add their router loss, so the HF Trainer (which trains on `outputs["loss"]`)
@@ -91,10 +102,10 @@ def add_balance_loss(model: nn.Module):
     Trainer's token-count normalisation leaves it, as it leaves the MoE router loss).
 
     TRL's SFTTrainer computes its own loss from the log-probabilities of its fused LM head and
-    drops the output's `loss` (it adds an auxiliary loss only for MoE configs): on that output
-    the hook raises a RuntimeError rather than let the balance loss vanish. Train HydraLoRA with
-    a balance loss under the Trainer, or add `collect_balance_loss(model)` to SFTTrainer's loss
-    yourself.
+    drops the output's `loss` (it adds an auxiliary loss only for MoE configs): on that output,
+    with gradients enabled, the hook raises a RuntimeError rather than let the balance loss
+    vanish: train with `BalanceLossMixin` there instead. Under no_grad (evaluation) it adds the
+    balance loss as on any output.
 
     Under activation checkpointing, use the non-reentrant kind (transformers' default): the
     reentrant kind's first pass runs without autograd, and the collection raises a
@@ -103,10 +114,7 @@ def add_balance_loss(model: nn.Module):
     ValueError for a model without a HydraLoRA layer that has `balance_loss_weight > 0`. A
     second call returns the first call's handle while it is registered.
     """
-    if not any(getattr(m, "balance_loss_weight", 0) > 0 for m in model.modules()):
-        raise ValueError("add_balance_loss: the model has no HydraLoRA layer with "
-                         "balance_loss_weight > 0 (AdapterConfig(method='hydra', "
-                         "balance_loss_weight=...))")
+    _require_balance_loss(model, "add_balance_loss")
     existing = getattr(model, "_adapterops_balance_hook", None)
     if existing is not None and existing.id in model._forward_hooks:
         return existing
@@ -115,16 +123,41 @@ def add_balance_loss(model: nn.Module):
         if not (hasattr(output, "keys") and output.get("loss") is not None
                 and any(getattr(m, "last_balance_loss", None) is not None for m in module.modules())):
             return output
-        if type(output).__name__ == "FusedCausalLMOutput":
+        if type(output).__name__ == "FusedCausalLMOutput" and torch.is_grad_enabled():
             raise RuntimeError(
                 "add_balance_loss: TRL's SFTTrainer computes its loss from the fused LM head's "
                 "log-probabilities and drops the output's loss, so the HydraLoRA balance loss "
-                "would not train the router. Train under transformers' Trainer, or add "
-                "adapterops.hydra.collect_balance_loss(model) to the loss in a compute_loss of "
-                "your own (and remove this hook)")
+                "would not train the router. Train with adapterops.integrations.transformers."
+                "BalanceLossMixin instead of this hook: class HydraSFTTrainer(BalanceLossMixin, "
+                "SFTTrainer): pass")
         output["loss"] = output["loss"] + collect_balance_loss(module)
         return output
 
     handle = model.register_forward_hook(add_to_output)
     model._adapterops_balance_hook = handle
     return handle
+
+
+
+class BalanceLossMixin:
+    """Adds the HydraLoRA layers' balance losses to the loss a Trainer's `compute_loss`
+    returns, for trainers that compute their own loss (TRL's SFTTrainer: from its fused LM
+    head's log-probabilities, dropping the model's `loss`). Put it first among the bases:
+
+        class HydraSFTTrainer(BalanceLossMixin, SFTTrainer):
+            pass
+
+    The loss is the trainer's own, then `+ adapterops.hydra.collect_balance_loss(model)` (which
+    clears the layers' losses; zero in evaluation, where the layers keep none); the weight
+    applies per forward, as with `add_balance_loss`. Needs no `add_balance_loss` (with it, the
+    model's `loss` already holds the balance and the collection here finds none; under
+    SFTTrainer the hook would refuse TRL's output).
+    """
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # return_outputs as asked: TRL answers True with a second forward, under no_grad.
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                      num_items_in_batch=num_items_in_batch)
+        loss = result[0] if return_outputs else result
+        loss = loss + collect_balance_loss(model).to(loss.device)
+        return (loss, result[1]) if return_outputs else loss
