@@ -22,21 +22,12 @@ After `merge_and_unload` the model's own `save_pretrained` is back.
 """
 import contextlib
 from collections.abc import Iterator
-from typing import Optional
 
 from torch import nn
 
 from .config import AdapterConfig, matches
-from .modules.common import AdapterLayer, is_conv1d
-
-
-def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
-    """(qualified name, layer) of every adapterops adapter layer in `model`, in module order."""
-    return [(name, module) for name, module in model.named_modules() if isinstance(module, AdapterLayer)]
-
-
-def _is_base_layer(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_conv1d(module)
+from .modules.common import adapter_layers, is_base_layer
+from .saving import install
 
 
 def _excluded_from_all_linear(model: nn.Module) -> set[int]:
@@ -63,7 +54,7 @@ def find_targets(model: nn.Module, target_modules) -> list[tuple[str, nn.Module]
     for name, module in model.named_modules():
         if not name or id(module) in inside_adapter or not matches(name, target_modules):
             continue
-        if _is_base_layer(module):
+        if is_base_layer(module):
             if id(module) not in excluded:
                 chosen.append((name, module))
         elif target_modules not in (None, "all-linear"):
@@ -79,11 +70,6 @@ def find_targets(model: nn.Module, target_modules) -> list[tuple[str, nn.Module]
     return chosen
 
 
-def _set_submodule(model: nn.Module, name: str, layer: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
-
-
 def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
     """Replaces the linear layers `config.target_modules` selects with `config.method`'s
     adapter layer, in place, all or nothing, and freezes every other parameter; returns the
@@ -95,7 +81,7 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
                         f"{type(config).__name__}")
     targets = find_targets(model, config.target_modules)
     if not targets:
-        linear = [name for name, m in model.named_modules() if name and _is_base_layer(m)]
+        linear = [name for name, m in model.named_modules() if name and is_base_layer(m)]
         raise ValueError(f"inject: no nn.Linear or Conv1D in the model matches target_modules="
                          f"{config.target_modules!r}; its linear layers: "
                          f"{', '.join(linear[:12]) or 'none'}{' ...' if len(linear) > 12 else ''}")
@@ -110,22 +96,6 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
             raise type(exc)(f"inject: layer {name}: {exc}") from exc
     install(model, replacements, config)
     return model
-
-
-def install(model: nn.Module, layers: list[tuple[str, AdapterLayer]], config: Optional[AdapterConfig]) -> None:
-    """Puts the built adapter `layers` into `model` at their names, freezes every parameter
-    that is not theirs, records `config` (as `model.adapterops_config`) and gives a
-    transformers model adapterops' `save_pretrained` (see the module docstring)."""
-    for name, layer in layers:
-        _set_submodule(model, name, layer)
-    # Every adapter layer's parameters keep their own settings, those of an earlier inject too.
-    adapters = {id(p) for _, layer in adapter_layers(model) for p in layer.parameters()}
-    for parameter in model.parameters():
-        if id(parameter) not in adapters:
-            parameter.requires_grad_(False)
-    if config is not None:
-        model.adapterops_config = config
-    _attach_save_pretrained(model)
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
@@ -155,7 +125,7 @@ def merge_and_unload(model: nn.Module, skip_unmergeable: bool = False) -> nn.Mod
         merged = layer.merge()
         merged.requires_grad_(False)
         if name:
-            _set_submodule(model, name, merged)
+            model.set_submodule(name, merged)
         else:
             merged_root = merged
     if merged_root is not None:
@@ -183,22 +153,3 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for (_, layer), state in zip(layers, previous):
             layer.adapters_disabled = state
-
-
-class _AdapterSavePretrained:
-    """Stands in for a transformers model's `save_pretrained` while it has adapter layers:
-    `adapterops.save_pretrained` (see the module docstring); the class's own once none is left."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def __call__(self, *args, **kwargs):
-        if not adapter_layers(self.model):
-            return type(self.model).save_pretrained(self.model, *args, **kwargs)
-        from .saving import save_pretrained  # saving imports this module: imported on use
-        return save_pretrained(self.model, *args, **kwargs)
-
-
-def _attach_save_pretrained(model: nn.Module) -> None:
-    if callable(getattr(type(model), "save_pretrained", None)):
-        model.save_pretrained = _AdapterSavePretrained(model)

@@ -52,13 +52,13 @@ import torch
 from torch import Tensor, nn
 
 from .config import AdapterConfig
-from .inject import adapter_layers, install
+from .modules.common import adapter_layers
 from .modules import FusedLaMDALinear, FusedLoRALinear
 from .modules.common import base_features, base_kind
 from .ops import lowrank_linear
 from .ops.checks import SIXTEEN_BIT, autocast_on
 from .pissa import factor_dtype
-from .saving import optional_import, safetensors_module
+from .saving import install, optional_import, safetensors_module
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

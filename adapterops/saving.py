@@ -1,5 +1,7 @@
-"""Adapter directories (`save_adapters`, `load_adapters`) and whole-model checkpoints of a
-transformers model with adapters (`save_pretrained`, `load_pretrained`).
+"""Adapter directories (`save_adapters`, `load_adapters`), whole-model checkpoints of a
+transformers model with adapters (`save_pretrained`, `load_pretrained`), and `install`, which
+puts built adapter layers into a model for `inject` and the loaders (and gives a transformers
+model this module's `save_pretrained`).
 
     adapterops.save_adapters(model, "out/")                       # after training
     model = adapterops.load_adapters(base_model, "out/")          # the original base model
@@ -52,8 +54,7 @@ from typing import Optional, Union
 from torch import nn
 
 from .config import METHODS, AdapterConfig
-from .inject import _is_base_layer, adapter_layers, install
-from .modules.common import base_features, base_kind
+from .modules.common import AdapterLayer, adapter_layers, base_features, base_kind, is_base_layer
 
 FORMAT = "adapterops"
 MODEL_CONFIG_FILE = "config.json"
@@ -132,7 +133,7 @@ def _check_base(name: str, module: Optional[nn.Module], entry: dict) -> Optional
     """Why the model's layer `name` cannot take the saved adapter `entry`, or None."""
     if module is None:
         return f"{name}: not in the model"
-    if not _is_base_layer(module):
+    if not is_base_layer(module):
         return f"{name}: a {type(module).__name__}, not an nn.Linear or Conv1D"
     in_features, out_features = base_features(module)
     found = (base_kind(module), in_features, out_features, module.bias is not None)
@@ -266,3 +267,38 @@ def load_pretrained(directory: Union[str, Path], model_class=None, *, backend: O
     config_dict = description.get("config")
     install(model, layers, AdapterConfig.from_dict(config_dict) if config_dict is not None else None)
     return model
+
+
+def install(model: nn.Module, layers: list[tuple[str, AdapterLayer]], config: Optional[AdapterConfig]) -> None:
+    """Puts the built adapter `layers` into `model` at their names, freezes every parameter
+    that is not theirs, records `config` (as `model.adapterops_config`) and gives a
+    transformers model adapterops' `save_pretrained` while it has adapter layers (see the
+    module docstring). Shared by `inject`, the loaders here and `adapterops.peft.load`."""
+    for name, layer in layers:
+        model.set_submodule(name, layer)
+    # Every adapter layer's parameters keep their own settings, those of an earlier inject too.
+    adapters = {id(p) for _, layer in adapter_layers(model) for p in layer.parameters()}
+    for parameter in model.parameters():
+        if id(parameter) not in adapters:
+            parameter.requires_grad_(False)
+    if config is not None:
+        model.adapterops_config = config
+    _attach_save_pretrained(model)
+
+
+class _AdapterSavePretrained:
+    """Stands in for a transformers model's `save_pretrained` while it has adapter layers:
+    `save_pretrained` (see the module docstring); the class's own once none is left."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        if not adapter_layers(self.model):
+            return type(self.model).save_pretrained(self.model, *args, **kwargs)
+        return save_pretrained(self.model, *args, **kwargs)
+
+
+def _attach_save_pretrained(model: nn.Module) -> None:
+    if callable(getattr(type(model), "save_pretrained", None)):
+        model.save_pretrained = _AdapterSavePretrained(model)

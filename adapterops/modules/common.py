@@ -246,3 +246,14 @@ def zero_gradient_for(x: Tensor, parameter: Tensor) -> Tensor:
     if not (parameter.requires_grad and torch.is_grad_enabled()):
         return x
     return _ZeroGradientFor.apply(x, parameter)
+
+
+def adapter_layers(model: nn.Module) -> list[tuple[str, "AdapterLayer"]]:
+    """(qualified name, layer) of every adapterops adapter layer in `model`, in module order."""
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, AdapterLayer)]
+
+
+def is_base_layer(module: nn.Module) -> bool:
+    """Whether an adapter layer can replace `module`: an nn.Linear (or subclass) or a
+    transformers Conv1D."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
