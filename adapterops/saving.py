@@ -273,7 +273,8 @@ def install(model: nn.Module, layers: list[tuple[str, AdapterLayer]], config: Op
     """Puts the built adapter `layers` into `model` at their names, freezes every parameter
     that is not theirs, records `config` (as `model.adapterops_config`) and gives a
     transformers model adapterops' `save_pretrained` while it has adapter layers (see the
-    module docstring). Shared by `inject`, the loaders here and `adapterops.peft.load`."""
+    module docstring), and a `load_state_dict` check (`_refuse_partial_adapter_load`). Shared
+    by `inject`, the loaders here and `adapterops.peft.load`."""
     for name, layer in layers:
         model.set_submodule(name, layer)
     # Every adapter layer's parameters keep their own settings, those of an earlier inject too.
@@ -284,6 +285,28 @@ def install(model: nn.Module, layers: list[tuple[str, AdapterLayer]], config: Op
     if config is not None:
         model.adapterops_config = config
     _attach_save_pretrained(model)
+    if _refuse_partial_adapter_load not in model._load_state_dict_post_hooks.values():
+        model.register_load_state_dict_post_hook(_refuse_partial_adapter_load)
+
+
+def _refuse_partial_adapter_load(model: nn.Module, incompatible) -> None:
+    """A `load_state_dict` that leaves adapter tensors unloaded, or brings adapter tensors the
+    model has no place for, raises even with strict=False (how the HF Trainer resumes and
+    loads the best model): training on would silently run another model than the one saved,
+    e.g. a checkpoint of another target_modules or method."""
+    layers = adapter_layers(model)
+    prefixes = tuple(_key(name, "") for name, _ in layers)
+    adapter_tensors = {key for _, layer in layers for key in layer.adapter_state()}
+    missing = [k for k in incompatible.missing_keys
+               if k.startswith(prefixes) and k.rpartition(".")[2] in adapter_tensors]
+    unexpected = [k for k in incompatible.unexpected_keys if k.rpartition(".")[2] in adapter_tensors]
+    if missing or unexpected:
+        raise RuntimeError(
+            f"load_state_dict: the state does not match the model's adapter layers: adapter tensors "
+            f"missing {missing[:6] or 'none'}{' ...' if len(missing) > 6 else ''}, unexpected "
+            f"{unexpected[:6] or 'none'}{' ...' if len(unexpected) > 6 else ''}; load it into a model "
+            "injected with the same adapterops.AdapterConfig (adapter_config.json beside the "
+            "checkpoint records it)")
 
 
 class _AdapterSavePretrained:

@@ -40,8 +40,8 @@ def build(case: str, hook: bool = True, **overrides):
     config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
                                       num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
     model = transformers.LlamaForCausalLM(config)
-    fields = {**CASES[case], **overrides}
-    model = adapterops.inject(model, adapterops.AdapterConfig(rank=4, alpha=8, target_modules=TARGETS, **fields))
+    fields = {"target_modules": TARGETS, **CASES[case], **overrides}
+    model = adapterops.inject(model, adapterops.AdapterConfig(rank=4, alpha=8, **fields))
     if hook and fields.get("balance_loss_weight", 0) > 0:
         add_balance_loss(model)
     return model
@@ -234,3 +234,19 @@ def test_accelerate_save_state_and_load_state_resume_exactly(case, tmp_path):
     resumed_losses, resumed_state = run(resume=True)
     assert resumed_losses == full_losses[SAVE:], f"{case}: {resumed_losses} vs {full_losses}"
     assert_same_tensors(f"accelerate/{case}", resumed_state, full_state)
+
+
+def test_resuming_into_a_model_with_other_adapters_raises(tmp_path):
+    """The Trainer loads a checkpoint with strict=False: adapter tensors of other layers (or
+    none at all) must not pass as a resume."""
+    trainer = make_trainer("trainer", "lora", tmp_path / "run")
+    trainer.train()
+    checkpoint = str(tmp_path / "run" / f"checkpoint-{SAVE}")
+    other = make_trainer("trainer", "lora", tmp_path / "other", target_modules=["q_proj", "k_proj"])
+    with pytest.raises(RuntimeError, match=r"missing \[.*k_proj.lora_A.*unexpected \[.*v_proj.lora_A"):
+        other.train(resume_from_checkpoint=checkpoint)
+    model = build("lora")
+    model.load_state_dict(trainer.model.state_dict())   # the same layout loads as before
+    base = transformers.LlamaForCausalLM(build("lora").config).state_dict()
+    with pytest.raises(RuntimeError, match="adapter tensors missing"):
+        model.load_state_dict(base, strict=False)       # a plain model's state: no adapters
