@@ -1,6 +1,6 @@
 """adapterops under the HF `Trainer` and TRL's `SFTTrainer`.
 
-    from adapterops.integrations.transformers import LaMDABFreezeCallback, add_balance_loss
+    from adapterops.integrations.transformers import BalanceLossMixin, LaMDABFreezeCallback, add_balance_loss
 
     trainer = Trainer(model=lamda_model, args=args, train_dataset=data,
                       callbacks=[LaMDABFreezeCallback(eta=0.3)])
