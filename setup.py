@@ -91,8 +91,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["adapterops", "adapterops.ops", "adapterops.backends", "adapterops.backends.reference",
-              "adapterops.backends.triton", "adapterops.backends.cuda", "adapterops.modules", "adapterops.integrations",
-              "adapterops.kernels", "adapterops.csrc"],
+              "adapterops.backends.triton", "adapterops.backends.cuda", "adapterops.modules",
+              "adapterops.integrations", "adapterops.kernels", "adapterops.csrc"],
     # csrc/ ships as data (no Python in it): the just-in-time build compiles it from there.
     package_dir={"adapterops.csrc": "csrc"},
     package_data={"adapterops.csrc": ["*.cpp", "*.cu", "*.h"], "adapterops": ["methods.md"]},
@@ -103,8 +103,10 @@ setup(
         "hf": HF,
         # ninja: torch's just-in-time C++ build (the tests build csrc for CPU tensors); ruff: the
         # linter make test runs; the HF stack: the model-level tests build tiny transformers
-        # models and PEFT adapters.
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "ninja", "ruff", "trl>=1.16", "accelerate>=1.16"] + HF,
+        # models and PEFT adapters; trl and accelerate: tests/test_trainers.py checkpoints and
+        # resumes under TRL's SFTTrainer and accelerate (oldest passed: 1.16 and 1.16, 2026-12-08).
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "ninja", "ruff", "trl>=1.16",
+                 "accelerate>=1.16"] + HF,
         "plot": ["matplotlib"],
     },
     **_cuda_extension_kwargs(),

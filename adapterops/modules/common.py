@@ -248,7 +248,7 @@ def zero_gradient_for(x: Tensor, parameter: Tensor) -> Tensor:
     return _ZeroGradientFor.apply(x, parameter)
 
 
-def adapter_layers(model: nn.Module) -> list[tuple[str, "AdapterLayer"]]:
+def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
     """(qualified name, layer) of every adapterops adapter layer in `model`, in module order."""
     return [(name, module) for name, module in model.named_modules() if isinstance(module, AdapterLayer)]
 
