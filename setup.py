@@ -104,9 +104,11 @@ setup(
         # ninja: torch's just-in-time C++ build (the tests build csrc for CPU tensors); ruff: the
         # linter make test runs; the HF stack: the model-level tests build tiny transformers
         # models and PEFT adapters; trl and accelerate: tests/test_trainers.py checkpoints and
-        # resumes under TRL's SFTTrainer and accelerate (oldest passed: 1.16 and 1.16, 2026-12-08).
+        # resumes under TRL's SFTTrainer and accelerate (oldest passed: 1.16 and 1.16, 2026-12-08);
+        # bitsandbytes: tests/test_base_weight.py decodes its 4-bit layout and builds real
+        # Linear4bit layers on CPU (0.50.2 on 2026-12-08).
         "test": ["pytest", "pytest-benchmark", "hypothesis", "ninja", "ruff", "trl>=1.16",
-                 "accelerate>=1.16"] + HF,
+                 "accelerate>=1.16", "bitsandbytes>=0.50"] + HF,
         "plot": ["matplotlib"],
     },
     **_cuda_extension_kwargs(),

@@ -81,8 +81,23 @@ def base_features(linear) -> tuple[int, int]:
     return linear.in_features, linear.out_features
 
 
-def check_linear(linear) -> None:
+def check_linear(linear, trains_weight: bool = False) -> None:
+    """TypeError unless `linear` is an nn.Linear or a Conv1D with a floating-point weight. A
+    quantized base (bitsandbytes' Linear4bit / Linear8bitLt hold uint8 / int8 weights) is named
+    as such: the fused adapters read a dense W (quantized bases are not served yet), and a
+    method that trains W itself (`trains_weight`, HD-PiSSA) can never take one."""
     base_kind(linear)
+    weight = linear.weight
+    if not weight.is_floating_point():
+        in_features, out_features = base_features(linear)
+        what = (f"a {type(linear).__name__} with a {weight.dtype} weight of {weight.numel()} "
+                f"elements for {out_features} x {in_features}: a quantized base")
+        if trains_weight:
+            raise TypeError(f"{what}; HD-PiSSA trains W itself and cannot train a quantized "
+                            "weight: convert a model in fp32, fp16 or bf16")
+        raise TypeError(f"{what}; adapterops' fused adapters take a floating-point base weight "
+                        "(fp32, fp16, bf16): 4-bit and 8-bit bitsandbytes bases are not served "
+                        "yet (PEFT's QLoRA layers run them)")
 
 
 @torch.no_grad()

@@ -80,7 +80,7 @@ class HDPiSSALinear(AdapterLayer):
         """An HD-PiSSA layer on `linear`'s weight (an nn.Linear or a transformers Conv1D;
         copied, `linear` is left untouched). initialise=False computes no factors, for
         `load_adapter_state`."""
-        check_linear(linear)
+        check_linear(linear, trains_weight=True)
         in_features, out_features = base_features(linear)
         layer = cls(in_features, out_features, rank, alpha, world_size, rank_index,
                     bias=linear.bias is not None, svd=svd, niter=niter,

@@ -1,0 +1,90 @@
+"""Quantized base weights: `adapterops.ops.base_weight.NF4Weight` decodes bitsandbytes' 4-bit
+layout bit for bit as `bitsandbytes.functional.dequantize_4bit` does (NF4 and FP4, with and
+without double quantization, every output dtype, sizes that leave a partial block and an odd
+element count), and `inject` refuses a 4-bit base with an error that names it (HD-PiSSA
+permanently: it trains W).
+"""
+import pytest
+import torch
+from torch import nn
+
+import adapterops
+from adapterops.ops.base_weight import NF4Weight
+
+
+
+@pytest.fixture(scope="module")
+def bnb():
+    """bitsandbytes, imported by the tests that use it, not at collection (it registers its
+    own torch ops and looks for HF kernels when imported)."""
+    return pytest.importorskip("bitsandbytes")
+
+
+@pytest.fixture(scope="module")
+def bnb_functional(bnb):
+    import bitsandbytes.functional
+    return bitsandbytes.functional
+
+
+@pytest.mark.parametrize("shape", [(33, 70), (1, 1), (7, 9), (64, 128)])
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dequantize_matches_bitsandbytes_bit_for_bit(bnb_functional, shape, double_quant, quant_type, dtype):
+    W = torch.randn(shape, generator=torch.Generator().manual_seed(shape[0] * 100 + shape[1])).to(dtype)
+    packed, state = bnb_functional.quantize_4bit(W, blocksize=64, quant_type=quant_type,
+                                                 compress_statistics=double_quant)
+    weight = NF4Weight(packed=packed.reshape(-1), absmax=state.absmax, code=state.code,
+                       shape=tuple(state.shape), blocksize=state.blocksize, dtype=state.dtype,
+                       quant_type=quant_type,
+                       absmax_code=state.state2.code if double_quant else None,
+                       absmax_scale=state.state2.absmax if double_quant else None,
+                       offset=float(state.offset) if double_quant else 0.0)
+    want = bnb_functional.dequantize_4bit(packed, state)
+    got = weight.dequantize()
+    assert got.dtype == want.dtype == dtype and got.shape == want.shape
+    assert torch.equal(got, want), f"max difference {(got.float() - want.float()).abs().max()}"
+    assert (got.float() - W.float()).abs().max() <= W.float().abs().max() / 4   # it did quantize
+
+
+@pytest.mark.parametrize("blocksize", [64, 128, 256])
+def test_from_bnb_reads_a_linear4bit(bnb, bnb_functional, blocksize):
+    layer = bnb.nn.Linear4bit(70, 33, compute_dtype=torch.bfloat16, quant_type="nf4",
+                              compress_statistics=True, quant_storage=torch.uint8)
+    layer.weight = bnb.nn.Params4bit(torch.randn(33, 70), requires_grad=False, quant_type="nf4",
+                                     blocksize=blocksize, compress_statistics=True).to("cpu")
+    weight = NF4Weight.from_bnb(layer.weight)
+    assert weight.double_quant and weight.blocksize == blocksize and weight.shape == (33, 70)
+    assert weight.packed.data_ptr() == layer.weight.data_ptr(), "from_bnb copied the packed weight"
+    assert torch.equal(weight.dequantize(), bnb_functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state))
+    with pytest.raises(TypeError, match="Params4bit"):
+        NF4Weight.from_bnb(torch.randn(3, 3))
+
+
+def test_nf4_weight_names_what_does_not_fit(bnb_functional):
+    packed, state = bnb_functional.quantize_4bit(torch.randn(8, 16), blocksize=64, quant_type="nf4")
+    fields = dict(packed=packed.reshape(-1), absmax=state.absmax, code=state.code, shape=(8, 16),
+                  blocksize=64, dtype=torch.float32)
+    NF4Weight(**fields)
+    for change, match in [(dict(shape=(8, 18)), "packed must be torch.uint8 with 72 elements"),
+                          (dict(blocksize=48), "blocksize must be one of"),
+                          (dict(absmax=state.absmax.half()), "absmax must be torch.float32"),
+                          (dict(absmax_code=state.code), "needs both absmax_code and absmax_scale"),
+                          (dict(dtype=torch.int8), "dtype must be one of"),
+                          (dict(quant_type="int4"), "quant_type")]:
+        with pytest.raises(ValueError, match=match):
+            NF4Weight(**{**fields, **change})
+
+
+@pytest.mark.parametrize("config,match", [
+    (dict(method="lora"), "4-bit and 8-bit bitsandbytes bases are not served yet"),
+    (dict(method="hydra", num_heads=2), "4-bit and 8-bit bitsandbytes bases are not served yet"),
+    (dict(method="hdpissa", world_size=1, rank_index=0), "HD-PiSSA trains W itself"),
+])
+def test_inject_refuses_a_4bit_base_naming_it(bnb, config, match):
+    quantized = bnb.nn.Linear4bit(70, 33, quant_type="nf4").to("cpu")
+    model = nn.Sequential(nn.Linear(70, 70), quantized)
+    named = r"layer 1: a Linear4bit with a torch.uint8 weight .* 33 x 70: a quantized base; .*"
+    with pytest.raises(TypeError, match=named + match):
+        adapterops.inject(model, adapterops.AdapterConfig(rank=4, alpha=8, **config))
+    assert type(model[0]) is nn.Linear and model[0].weight.requires_grad, "inject changed the model"
