@@ -24,7 +24,7 @@
   set_adapter keep working: only the layers' forward changes, and per call it falls back to
   PEFT's own forward whenever the fused op cannot give the same result (adapters disabled or
   merged, several active adapters, a DoRA or other variant, a lora_dropout that is not an
-  nn.Dropout, a lora_B bias, mixed dtypes, extra forward arguments). PEFT's `lora_dropout`
+  nn.Dropout, a lora_B bias, a quantized base weight, mixed dtypes, extra forward arguments). PEFT's `lora_dropout`
   (an nn.Dropout on the adapter's input) runs fused, drawn in the kernels (`lowrank_linear`'s
   `dropout`): the same distribution, not PEFT's mask bit for bit. Returns {layer name:
   reason} for the LoRA layers it left on PEFT's path for good (not a Linear LoRA layer, DoRA,
@@ -230,6 +230,8 @@ def _fallback_reason(layer, x: Tensor, args, kwargs) -> Optional[str]:
     if type(dropout) not in (nn.Identity, nn.Dropout) and dropout.training:
         return f"lora_dropout is a {type(dropout).__name__}, not nn.Dropout, in training"
     weight, lora_A, lora_B = layer.base_layer.weight, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    if not weight.is_floating_point():
+        return _quantized_base(weight)
     # Under autocast the op casts x, W, A and B to the autocast dtype, as PEFT's F.linear calls do.
     if not (_served_dtypes(x.dtype, weight, lora_A, lora_B) or autocast_on(x)):
         return (f"mixed dtypes (x {x.dtype}, weight {weight.dtype}, lora_A {lora_A.dtype}, "
@@ -283,11 +285,21 @@ def fallbacks(model: nn.Module) -> dict[str, dict[str, int]]:
             if module.__dict__.get(_FALLBACKS)}
 
 
+def _quantized_base(weight) -> str:
+    """The reason for a base layer whose weight is not floating point: a bitsandbytes 4-bit or
+    8-bit layer, which PEFT's forward runs and the fused op does not read (not even under
+    autocast: it would take the packed bytes for weights)."""
+    return (f"a quantized base weight ({type(weight).__name__}, {weight.dtype}): adapterops does "
+            "not serve quantized bases yet")
+
+
 def _every_call_reason(layer) -> Optional[str]:
     """Why a fused layer's configuration sends every call (or every training call) to PEFT's
     forward, or None. fuse reports these with the layers it leaves."""
     adapter = layer.active_adapters[0]
     weight, lora_A, lora_B = layer.base_layer.weight, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    if not weight.is_floating_point():
+        return f"{_quantized_base(weight)}: every call runs PEFT's forward"
     if not _served_dtypes(weight.dtype, weight, lora_A, lora_B):
         return (f"mixed dtypes (weight {weight.dtype}, lora_A {lora_A.dtype}, lora_B "
                 f"{lora_B.dtype}): every call outside autocast runs PEFT's forward")

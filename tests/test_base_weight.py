@@ -88,3 +88,36 @@ def test_inject_refuses_a_4bit_base_naming_it(bnb, config, match):
     with pytest.raises(TypeError, match=named + match):
         adapterops.inject(model, adapterops.AdapterConfig(rank=4, alpha=8, **config))
     assert type(model[0]) is nn.Linear and model[0].weight.requires_grad, "inject changed the model"
+
+
+def test_fuse_leaves_a_peft_layer_on_a_4bit_base_to_peft_even_under_autocast(bnb):
+    """PEFT wraps a Linear4bit base (on CPU in its generic LoRA Linear): fuse reports it and
+    every call, autocast included (the usual bf16 QLoRA recipe), runs PEFT's forward, with
+    PEFT's result, instead of handing the packed bytes to the fused op."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    import warnings
+
+    import adapterops.peft as fused_peft
+
+    def qlora_model():
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+            num_attention_heads=4, num_key_value_heads=2))
+        attention = model.model.layers[0].self_attn
+        quantized = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+        quantized.weight = bnb.nn.Params4bit(attention.q_proj.weight.data.clone(), requires_grad=False,
+                                             quant_type="nf4").to("cpu")
+        attention.q_proj = quantized
+        return peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
+    reference, fused = qlora_model(), qlora_model()
+    left = fused_peft.fuse(fused)
+    name = "base_model.model.model.layers.0.self_attn.q_proj"
+    assert list(left) == [name] and "a quantized base weight" in left[name], left
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)   # fuse's one-time fallback notice
+        assert torch.equal(fused(input_ids=ids).logits, reference(input_ids=ids).logits)
+    assert list(fused_peft.fallbacks(fused)) == [name], "v_proj (dense) ran fused, q_proj fell back"
