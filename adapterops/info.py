@@ -8,7 +8,6 @@ import torch
 
 from . import __version__
 from .backends import BACKENDS
-from .backends.base import FAMILIES
 from .backends.cuda import extension as cuda_extension
 
 
@@ -59,7 +58,7 @@ def report() -> str:
             lines.append(f"  {name}: unavailable: {reason}")
             continue
         lines.append(f"  {name}: available")
-        for op in FAMILIES:
+        for op in backend.families:
             lines.append(f"    {op}: {backend.family(op).LIMITS}")
             for device in devices:
                 for dtype in (torch.float32, torch.bfloat16):

@@ -61,12 +61,13 @@ ROUTED_SHRINK_FINISH = "routed_shrink_finish_kernel"
 GATE_GRAD = "routed_gate_grad_kernel"
 UPDATE = "lowrank_update_kernel"
 GRAD_A = "lowrank_grad_a_kernel"
+DEQUANT = "nf4_dequantize_kernel"
 
 
 @dataclasses.dataclass(frozen=True)
 class Check:
     name: str
-    op: str                    # "lowrank", "routed", "hdpissa" or "update" (smoke.BUILDERS)
+    op: str                    # "lowrank", "routed", "hdpissa", "update" or "dequant" (smoke.BUILDERS)
     dtype: torch.dtype
     sizes: dict                # device type -> {M, K (in), N (out), r, E (heads), P (inner)}
     forward: tuple             # the Triton kernels the forward launches (the update: the call)
@@ -99,7 +100,7 @@ def sizes(shape: dict, **more) -> dict:
 # The table: one check per line or two (name, op, dtype, sizes per device, the Triton kernels
 # its forward and its backward must launch, exactly). Distinct kernel compiles on a GPU
 # (ADAPTEROPS_AUTOTUNE=0; a specialization an earlier check compiled is a cache hit):
-# 4 + 4 + 4 + 2 + 3 + 5 + 4 + 1 + 1 = 28, and 4 with dropout (the masked shrink, the two masked
+# 4 + 4 + 4 + 2 + 3 + 5 + 4 + 1 + 1 + 1 = 29, and 4 with dropout (the masked shrink, the two masked
 # dx GEMMs, the dA kernel); at 0.4-1.9 s each on triton 3.6, 11-53 s, about 20 s typically (the
 # GEMMs cost the most, the finishing kernels the least).
 CHECKS = (
@@ -140,6 +141,9 @@ CHECKS = (
     Check("update_copy_highest", "update", FP32, sizes(NOSPLIT, P=64), (UPDATE,), (),
           dict(copy=BF16), "highest"),
     Check("update_nocopy_high", "update", FP32, sizes(NOSPLIT, P=40), (UPDATE,), (), {}, "high"),
+    # A 4-bit weight dequantized into bf16 (odd element count on a GPU: 401 x 273).
+    Check("nf4_dequant", "dequant", BF16, {"cuda": dict(N=401, K=273), "cpu": dict(N=40, K=49)},
+          (DEQUANT,)),
 )
 
 

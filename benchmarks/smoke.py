@@ -138,8 +138,31 @@ def update_inputs(s: dict, dtype, device, copy: Optional[torch.dtype] = None):
     return inputs, run
 
 
+def dequant_inputs(s: dict, dtype, device):
+    """`NF4Weight.dequantize` of an N x K 4-bit weight in bitsandbytes' layout (random codes,
+    an odd element count where N K is odd, one scale per 64 elements; a 16-entry table standing
+    in for NF4's, whose values the kernel does not depend on) into `dtype`. The inputs are the
+    codes and scales as floats, so that the float64 reference run takes them too: it
+    dequantizes to fp32, where every product is exact."""
+    N, K = s["N"], s["K"]
+    numel = N * K
+    inputs = {"codes": torch.randint(0, 16, (numel,), device=device).to(torch.float32),
+              "scales": torch.rand(-(-numel // 64), device=device) + 0.5}
+    code = torch.linspace(-1, 1, 16, device=device)
+
+    def run(v, backend):
+        nibbles = torch.cat([v["codes"].to(torch.uint8), v["codes"].new_zeros(numel % 2, dtype=torch.uint8)])
+        weight = adapterops.NF4Weight(packed=(nibbles[0::2] << 4) | nibbles[1::2],
+                                      absmax=v["scales"].float(), code=code, shape=(N, K),
+                                      blocksize=64, dtype=dtype)
+        exact = v["scales"].dtype == torch.float64
+        return {"weight": weight.dequantize(torch.float32 if exact else dtype, backend=backend)}
+    return inputs, run
+
+
 BUILDERS: dict[str, Callable] = {"lowrank": lowrank_inputs, "routed": routed_inputs,
-                                 "hdpissa": hdpissa_inputs, "update": update_inputs}
+                                 "hdpissa": hdpissa_inputs, "update": update_inputs,
+                                 "dequant": dequant_inputs}
 
 
 def _case(op: str, dtype: torch.dtype = torch.bfloat16, sizes: Optional[dict] = None, **options):

@@ -1,8 +1,9 @@
 """Quantized base weights: `adapterops.ops.base_weight.NF4Weight` decodes bitsandbytes' 4-bit
-layout bit for bit as `bitsandbytes.functional.dequantize_4bit` does (NF4 and FP4, with and
-without double quantization, every output dtype, sizes that leave a partial block and an odd
-element count), and `inject` refuses a 4-bit base with an error that names it (HD-PiSSA
-permanently: it trains W).
+layout bit for bit as `bitsandbytes.functional.dequantize_4bit` does, on the Triton kernel
+(under the interpreter on CPU) and in PyTorch (NF4 and FP4, with and without double
+quantization, every output dtype, sizes that leave a partial block and an odd element count).
+`inject` refuses a 4-bit base with an error that names it (HD-PiSSA for good: it trains W), and
+`fuse` leaves a PEFT layer on one to PEFT.
 """
 import pytest
 import torch
@@ -30,7 +31,9 @@ def bnb_functional(bnb):
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_dequantize_matches_bitsandbytes_bit_for_bit(bnb_functional, shape, double_quant, quant_type, dtype):
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_dequantize_matches_bitsandbytes_bit_for_bit(bnb_functional, shape, double_quant, quant_type, dtype,
+                                                     backend):
     W = torch.randn(shape, generator=torch.Generator().manual_seed(shape[0] * 100 + shape[1])).to(dtype)
     packed, state = bnb_functional.quantize_4bit(W, blocksize=64, quant_type=quant_type,
                                                  compress_statistics=double_quant)
@@ -41,7 +44,7 @@ def test_dequantize_matches_bitsandbytes_bit_for_bit(bnb_functional, shape, doub
                        absmax_scale=state.state2.absmax if double_quant else None,
                        offset=float(state.offset) if double_quant else 0.0)
     want = bnb_functional.dequantize_4bit(packed, state)
-    got = weight.dequantize()
+    got = weight.dequantize(backend=backend)
     assert got.dtype == want.dtype == dtype and got.shape == want.shape
     assert torch.equal(got, want), f"max difference {(got.float() - want.float()).abs().max()}"
     assert (got.float() - W.float()).abs().max() <= W.float().abs().max() / 4   # it did quantize
@@ -59,6 +62,10 @@ def test_from_bnb_reads_a_linear4bit(bnb, bnb_functional, blocksize):
     assert torch.equal(weight.dequantize(), bnb_functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state))
     with pytest.raises(TypeError, match="Params4bit"):
         NF4Weight.from_bnb(torch.randn(3, 3))
+    with pytest.raises(ValueError, match="backend 'cuda' was forced for dequant .*does not implement op 'dequant'"):
+        weight.dequantize(backend="cuda")
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        weight.dequantize(torch.int8)
 
 
 def test_nf4_weight_names_what_does_not_fit(bnb_functional):

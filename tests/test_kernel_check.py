@@ -84,11 +84,11 @@ os.environ.pop("TRITON_INTERPRET", None)
 os.environ["ADAPTEROPS_AUTOTUNE"] = "0"
 sys.path.insert(0, sys.argv[1])
 import torch
-from adapterops.backends.triton import lowrank, routed, update
+from adapterops.backends.triton import dequant, lowrank, routed, update
 from benchmarks import kernel_check
 
 log = []
-for module in (lowrank, routed, update):
+for module in (lowrank, routed, update, dequant):
     assert hasattr(module, "launch") and hasattr(module, "device_reasons"), module
     module.launch = lambda kernel, grid, args, config, **constexprs: log.append(kernel.fn.__name__)
     module.device_reasons = lambda device, kernel: []

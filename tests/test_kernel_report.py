@@ -68,7 +68,7 @@ def test_every_configuration_compiles(report):
 
 # Kernels whose work is elementwise (no `tl.dot`): they have no matrix instruction to check.
 # The low-rank finishing kernels have one only with S (h1 S^T, g S).
-NO_DOT_KERNELS = {"routed_gate_grad_kernel", "routed_shrink_finish_kernel"}
+NO_DOT_KERNELS = {"routed_gate_grad_kernel", "routed_shrink_finish_kernel", "nf4_dequantize_kernel"}
 FINISH_KERNELS = {"lowrank_shrink_finish_kernel", "lowrank_grad_pass_finish_kernel"}
 
 

@@ -1,9 +1,10 @@
 """What every backend provides, and how it says what it cannot serve.
 
-A backend is a package with one module per op family it serves (`FAMILIES`): `lowrank`,
-`routed`, `hdpissa` and `update`. Each family module holds `LIMITS` (what it serves, as data:
-a `Limits`) and the family's functions, `forward` and `backward` (the update: `update_`, in
-place). The ops reach them as attributes of the backend (`FUNCTIONS`: `backend.lowrank_forward`,
+A backend is a package with one module per op family it serves (`FAMILIES`, or its own
+`families`): `lowrank`, `routed`, `hdpissa`, `update` and `dequant`. Each family module holds
+`LIMITS` (what it serves, as data: a `Limits`) and the family's functions, `forward` and
+`backward` (the update: `update_`, in place; the dequantization: `dequantize_nf4`). The ops
+reach them as attributes of the backend (`FUNCTIONS`: `backend.lowrank_forward`,
 ..., `backend.update_`), each bound once from its module on first use (so a backend whose
 modules import triton imports it only when asked to serve).
 
@@ -18,12 +19,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-FAMILIES = ("lowrank", "routed", "hdpissa", "update")
+FAMILIES = ("lowrank", "routed", "hdpissa", "update", "dequant")
 # The functions a backend provides, by the names the ops call them: (family, function of its
-# module). The update (in place, not differentiable) has no backward.
+# module). The update (in place, not differentiable) has no backward; nor has the
+# dequantization of a 4-bit weight (a frozen base).
 FUNCTIONS = {**{f"{family}_{function}": (family, function) for family in FAMILIES[:3]
                 for function in ("forward", "backward")},
-             "update_": ("update", "update_")}
+             "update_": ("update", "update_"), "dequantize_nf4": ("dequant", "dequantize_nf4")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +80,7 @@ def limit_reasons(limits: Limits, who: str, family: str, inputs: dict) -> list[s
 class Backend:
     name: str = ""
     who: str = ""  # the kernels, as the reasons name them ("the Triton kernels")
+    families: tuple[str, ...] = FAMILIES  # the op families it implements
 
     def unavailable_reason(self) -> Optional[str]:
         """Why this backend cannot run at all in this process (None when it can)."""
@@ -101,7 +104,7 @@ class Backend:
         reason = self.unavailable_reason()
         if reason is not None:
             return [reason]
-        if op not in FAMILIES:
+        if op not in self.families:
             return [f"backend {self.name!r} does not implement op {op!r}"]
         device = (inputs["x"] if "x" in inputs else inputs["weight"]).device
         out = self.device_reasons(op, device) + limit_reasons(self.family(op).LIMITS, self.who, op,

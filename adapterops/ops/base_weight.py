@@ -13,13 +13,19 @@ Layout (bitsandbytes `Params4bit` + `QuantState`, checked against bitsandbytes 0
     W[i] = code[nibble(i)] * absmax[i // blocksize]        (fp32 products, then W's dtype)
 
 which reproduces `bitsandbytes.functional.dequantize_4bit` bit for bit (tests/test_base_weight.py).
-`dequantize()` computes it in PyTorch: the oracle of the dequantizing kernels to come.
+`dequantize()` runs it on the `dequant` op family's backends: the Triton kernel
+(`adapterops.kernels.dequant`; CUDA sm_80+, or CPU under the interpreter), else PyTorch (the
+oracle); the cuda backend has none. Under double quantization the per-block scales are decoded
+first by two small PyTorch ops, as bitsandbytes does (a fused multiply-add would round them
+differently).
 """
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor
+
+from .. import dispatch
 
 # The blocksizes bitsandbytes quantizes 4-bit weights with.
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -81,16 +87,17 @@ class NF4Weight:
         outer = torch.arange(self.absmax.numel(), device=self.device) // self.absmax_blocksize
         return self.absmax_code[self.absmax.long()] * self.absmax_scale[outer] + self.offset
 
-    def dequantize(self, dtype: Optional[torch.dtype] = None) -> Tensor:
-        """The dense (out, in) W in `dtype` (default: `self.dtype`), computed in PyTorch."""
+    def dequantize(self, dtype: Optional[torch.dtype] = None, *, backend: Optional[str] = None) -> Tensor:
+        """A new dense (out, in) W in `dtype` (default: `self.dtype`); `backend` forces one
+        ("triton" or "torch"; None: dispatch picks)."""
         dtype = self.dtype if dtype is None else dtype
         if dtype not in FLOATING:
             raise ValueError(f"dequantize: dtype must be one of {FLOATING}, got {dtype}")
-        numel = self.shape[0] * self.shape[1]
-        nibbles = torch.stack([self.packed >> 4, self.packed & 15], dim=1).reshape(-1)[:numel]
-        blocks = torch.arange(numel, device=self.device) // self.blocksize
-        values = self.code[nibbles.long()] * self.block_scales()[blocks]
-        return values.reshape(self.shape).to(dtype)
+        dispatch.check_backend_name(backend)
+        out = torch.empty(self.shape, dtype=dtype, device=self.device)
+        chosen = dispatch.select("dequant", backend, weight=out, signature=(out.device, dtype))
+        chosen.dequantize_nf4(self.packed, self.block_scales(), self.code, self.blocksize, out)
+        return out
 
 
 def _check(w: NF4Weight) -> None:

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from ..base import Backend
+from ..base import FAMILIES, Backend
 from . import extension
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -28,6 +28,8 @@ def _not_available(ext: extension.Extension) -> Optional[str]:
 class CudaBackend(Backend):
     name = "cuda"
     who = "the CUDA C++ kernels"
+    # csrc/ has no 4-bit dequantization (yet): the Triton kernel or PyTorch serve it.
+    families = tuple(f for f in FAMILIES if f != "dequant")
 
     def unavailable_reason(self) -> Optional[str]:
         """Only what is known without loading: the extension loads at the first servable input."""

@@ -1,8 +1,8 @@
 """The `triton` backend: CUDA tensors on sm_80 or newer, or CPU tensors under the Triton
 interpreter (`TRITON_INTERPRET=1` set before adapterops first imports its kernels).
 
-One module per op family (`lowrank`, `routed`, `hdpissa`, `update`), each with its `LIMITS`,
-`reasons_on(device)`, its launchers and its tile configurations (data). Nothing here imports
+One module per op family (`lowrank`, `routed`, `hdpissa`, `update`, `dequant`), each with its
+`LIMITS`, `reasons_on(device)`, its launchers and its tile configurations (data). Nothing here imports
 triton until a call needs it, so `import adapterops` stays light.
 """
 import functools
@@ -41,6 +41,6 @@ def kernel_configurations():
 
     Returns a list of `KernelConfig`s; see `adapterops.backends.triton.common`.
     """
-    from . import lowrank, routed, update
+    from . import dequant, lowrank, routed, update
     return (lowrank.kernel_configurations() + routed.kernel_configurations()
-            + update.kernel_configurations())
+            + update.kernel_configurations() + dequant.kernel_configurations())

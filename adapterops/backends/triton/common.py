@@ -12,7 +12,7 @@ import triton
 MIN_CAPABILITY = (8, 0)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
-                      torch.int64: "i64"}
+                      torch.int64: "i64", torch.uint8: "u8"}
 
 
 def interpreting(kernel) -> bool:
