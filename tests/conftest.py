@@ -8,6 +8,7 @@ on a GPU. With a GPU the same tests run on CUDA tensors (`device` fixture), comp
 kernels and the CUDA build of adapterops._C.
 """
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -119,8 +120,12 @@ def pytest_collection_modifyitems(session, config, items):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """A run stopped early (-x, Ctrl-C) leaves no report compiling behind it."""
+    """A run stopped early (-x, Ctrl-C) leaves no report compiling behind it, nor its files."""
     started = getattr(session.config, "adapterops_kernel_report", None)
-    if started is not None and started[0].poll() is None:
-        started[0].kill()
-        started[0].wait()
+    if started is None:
+        return
+    proc, directory = started
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    shutil.rmtree(directory, ignore_errors=True)
