@@ -484,21 +484,29 @@ def test_eager_door_and_custom_op_agree_bit_for_bit(backend, top_k, dropout, dev
     ("triton", 1, 0.0), ("triton", 2, 0.25), ("cuda", None, 0.0), ("cuda", 2, 0.0),
     ("cuda", None, 0.25)])
 def test_opcheck(backend, top_k, dropout, device):
-    x, W, b, A, B, Wg = _op_samples(device, top_k)
+    _opcheck_ops(_op_samples(device, top_k), top_k, dropout, backend, device)
+
+
+def _opcheck_ops(samples, top_k, dropout, backend, device) -> tuple:
+    """torch.library.opcheck of the forward and backward custom ops on `samples` (x, W, bias,
+    A, B, Wg), the backward given the forward's outputs on `backend`; returns both ops'
+    outputs there."""
+    x, W, b, A, B, Wg = samples
     drop = _dropout_args(dropout, device)
     for t in (x, A, B, Wg):
         t.requires_grad_()
     torch.library.opcheck(torch.ops.adapterops.routed_lowrank_linear_fwd.default,
                           (x, W, b, A, B, Wg, 0.5, top_k, *drop, backend))
     with torch.no_grad():
-        _, h, hg, probs, gates = torch.ops.adapterops.routed_lowrank_linear_fwd(
-            x, W, b, A, B, Wg, 0.5, top_k, *drop, "torch")
-    grad_y = torch.randn(x.shape[0], W.shape[0], device=device)
-    grad_probs = torch.randn_like(probs)
-    torch.library.opcheck(torch.ops.adapterops.routed_lowrank_linear_bwd.default,
-                          (grad_y, grad_probs, x.detach(), h, hg, probs,
-                           gates if top_k is not None else None, W, A.detach(), B.detach(),
-                           Wg.detach(), drop[1], 0.5, drop[0], True, True, True, True, backend))
+        outputs = torch.ops.adapterops.routed_lowrank_linear_fwd(
+            x, W, b, A, B, Wg, 0.5, top_k, *drop, backend)
+    _, h, hg, probs, gates = outputs
+    grad_y = torch.randn(x.shape[0], W.shape[0], device=device).to(x.dtype)
+    args = (grad_y, torch.randn_like(probs), x.detach(), h, hg, probs,
+            gates if top_k is not None else None, W, A.detach(), B.detach(), Wg.detach(),
+            drop[1], 0.5, drop[0], True, True, True, True, backend)
+    torch.library.opcheck(torch.ops.adapterops.routed_lowrank_linear_bwd.default, args)
+    return outputs, torch.ops.adapterops.routed_lowrank_linear_bwd(*args)
 
 
 class _Hydra(torch.nn.Module):
@@ -712,24 +720,10 @@ def _mixed_op_samples(device):
 def test_fp32_adapters_opcheck(backend, top_k, dropout, device):
     """The custom ops' fakes give h and hg in fp32 and the adapter's gradients in fp32 (dx in
     x's dtype), as each backend returns them."""
-    x, W, b, A, B, Wg = _mixed_op_samples(device)
-    drop = _dropout_args(dropout, device)
-    for t in (x, A, B, Wg):
-        t.requires_grad_()
-    torch.library.opcheck(torch.ops.adapterops.routed_lowrank_linear_fwd.default,
-                          (x, W, b, A, B, Wg, 0.5, top_k, *drop, backend))
-    with torch.no_grad():
-        y, h, hg, probs, gates = torch.ops.adapterops.routed_lowrank_linear_fwd(
-            x, W, b, A, B, Wg, 0.5, top_k, *drop, backend)
+    (y, h, hg, probs, _), (dx, dA, dB, dWg) = _opcheck_ops(_mixed_op_samples(device), top_k,
+                                                          dropout, backend, device)
     assert y.dtype == torch.bfloat16
     assert h.dtype == hg.dtype == probs.dtype == torch.float32
-    grad_y = torch.randn(x.shape[0], W.shape[0], device=device).to(torch.bfloat16)
-    grad_probs = torch.randn_like(probs)
-    args = (grad_y, grad_probs, x.detach(), h, hg, probs, gates if top_k is not None else None,
-            W, A.detach(), B.detach(), Wg.detach(), drop[1], 0.5, drop[0], True, True, True, True,
-            backend)
-    torch.library.opcheck(torch.ops.adapterops.routed_lowrank_linear_bwd.default, args)
-    dx, dA, dB, dWg = torch.ops.adapterops.routed_lowrank_linear_bwd(*args)
     assert dx.dtype == torch.bfloat16 and dA.dtype == dB.dtype == dWg.dtype == torch.float32
 
 
