@@ -242,8 +242,8 @@ def load_pretrained(directory: Union[str, Path], model_class=None, *, backend: O
     # adapter_config.json for a PEFT adapter. The plain model gets the tensors it has (an adapter
     # layer's weight, in Conv1D's (in, out) layout where the base is one, and bias); the adapter
     # layers take theirs below.
-    base_tensors = {key: t for key, t in tensors.items()
-                    if not any(key.startswith(_key(name, "")) for name in entries)}
+    prefixes = tuple(_key(name, "") for name in entries)
+    base_tensors = {key: t for key, t in tensors.items() if not key.startswith(prefixes)}
     for name, entry in entries.items():
         weight = tensors[_key(name, "weight")]
         base_tensors[_key(name, "weight")] = weight.t() if entry["base"] == "conv1d" else weight
