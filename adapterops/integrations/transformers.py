@@ -82,12 +82,6 @@ class LaMDABFreezeCallback(TrainerCallback, ExportableState):
                 "attributes": {"steps_taken": self.steps_taken}}
 
 
-def _require_balance_loss(model: nn.Module, who: str) -> None:
-    if not any(getattr(m, "balance_loss_weight", 0) > 0 for m in model.modules()):
-        raise ValueError(f"{who}: the model has no HydraLoRA layer with balance_loss_weight > 0 "
-                         "(AdapterConfig(method='hydra', balance_loss_weight=...))")
-
-
 def add_balance_loss(model: nn.Module):
     """Adds the HydraLoRA layers' balance losses to `model`'s output `loss`, as transformers'
     MoE models add their router loss, so the HF Trainer (which trains on `outputs["loss"]`)
@@ -114,7 +108,10 @@ def add_balance_loss(model: nn.Module):
     ValueError for a model without a HydraLoRA layer that has `balance_loss_weight > 0`. A
     second call returns the first call's handle while it is registered.
     """
-    _require_balance_loss(model, "add_balance_loss")
+    if not any(getattr(m, "balance_loss_weight", 0) > 0 for m in model.modules()):
+        raise ValueError("add_balance_loss: the model has no HydraLoRA layer with "
+                         "balance_loss_weight > 0 (AdapterConfig(method='hydra', "
+                         "balance_loss_weight=...))")
     existing = getattr(model, "_adapterops_balance_hook", None)
     if existing is not None and existing.id in model._forward_hooks:
         return existing
